@@ -1,0 +1,1 @@
+"""The ``tuneq`` command line: a thin skin over ``tuneq.worker``."""

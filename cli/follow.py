@@ -1,0 +1,81 @@
+"""Following a job until it ends: a one-line progress display, then the outcome."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import click
+from tuneq.schemas.tables import FINISHED, Job, JobStatus
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+POLL_S = 0.5
+BAR_WIDTH = 24
+
+
+def progress_line(job: Job) -> str:
+    """``training [#####-----] 12/63 steps  epoch 0.19  loss 0.6931  ETA 40s``"""
+    progress: dict[str, Any] = job.progress or {}
+    phase = progress.get("phase") or job.status
+    step, total = progress.get("step"), progress.get("total")
+    if step is None or not total:
+        return f"{job.id} {phase}…"
+    filled = int(BAR_WIDTH * step / total)
+    parts = [f"{phase} [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {step}/{total} steps"]
+    if progress.get("epoch") is not None:
+        parts.append(f"epoch {progress['epoch']:.2f}")
+    if progress.get("loss") is not None:
+        parts.append(f"loss {progress['loss']:.4f}")
+    if progress.get("eta_s") is not None:
+        parts.append(f"ETA {format_seconds(progress['eta_s'])}")
+    return "  ".join(parts)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def follow_job(engine: Engine, job_id: str, *, timeout_s: float | None = None) -> Job:
+    """Print progress until job ``job_id`` ends; fail (exit 1) unless it succeeded."""
+    from tuneq.worker.store import get_job
+
+    interactive = sys.stderr.isatty()
+    last_line = ""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        job = get_job(engine, job_id)
+        line = progress_line(job)
+        if line != last_line:
+            if interactive:
+                click.echo("\r" + line.ljust(len(last_line)), nl=False, err=True)
+            elif _worth_printing(line, last_line):
+                click.echo(line, err=True)
+            last_line = line
+        if JobStatus(job.status) in FINISHED:
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            raise click.ClickException(f"job {job_id} did not finish in {timeout_s:.0f}s")
+        time.sleep(POLL_S)
+    if interactive:
+        click.echo(err=True)
+    if job.status != JobStatus.succeeded.value:
+        raise click.ClickException(f"job {job.id} {job.status}: {job.error or 'no reason given'}")
+    return job
+
+
+def _worth_printing(line: str, last_line: str) -> bool:
+    """Without a terminal, print phase changes and every tenth of the steps, not every poll."""
+    if line.split(" ")[0] != last_line.split(" ")[0] or "[" not in line:
+        return True
+    filled = line.count("#")
+    return filled != last_line.count("#") and filled % max(1, BAR_WIDTH // 10) == 0

@@ -1,0 +1,60 @@
+"""``tuneq jobs`` and ``tuneq show``: what is queued, running and done."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from tuneq.cli.context import engine
+from tuneq.cli.render import JOB_HEADERS, describe_job, job_json, job_row, model_json, table
+from tuneq.schemas.tables import JobStatus
+
+
+@click.command()
+@click.option(
+    "--status", type=click.Choice([s.value for s in JobStatus]), help="Only jobs in this state."
+)
+@click.option("--limit", default=50, show_default=True, help="Show at most this many jobs.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def jobs(status: str | None, limit: int, as_json: bool) -> None:
+    """List jobs, newest first.
+
+    \b
+    Examples:
+      tuneq jobs
+      tuneq jobs --status failed --json
+    """
+    from tuneq.worker.store import list_jobs
+
+    rows = list_jobs(engine(), limit=limit, status=status)
+    if as_json:
+        click.echo(json.dumps([job_json(job) for job in rows], indent=2))
+    elif rows:
+        click.echo(table(JOB_HEADERS, [job_row(job) for job in rows]))
+    else:
+        click.echo("no jobs yet; submit one with `tuneq finetune --data FILE`")
+
+
+@click.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def show(job_id: str, as_json: bool) -> None:
+    """Show a job: spec, state, timings, metrics, error and model.
+
+    JOB_ID may be the first characters of an id, if they are unique.
+
+    \b
+    Example:
+      tuneq show 3f2a9c1d0b7e
+    """
+    from tuneq.worker.store import get_job, job_model, list_events
+
+    db = engine()
+    job = get_job(db, job_id)
+    model = job_model(db, job)
+    if as_json:
+        data = job_json(job)
+        data["model"] = model_json(model) if model else None
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(describe_job(job, model, list_events(db, job.id)))

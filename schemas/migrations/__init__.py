@@ -1,0 +1,1 @@
+"""Alembic migrations of the tables in :mod:`tuneq.schemas.tables`."""

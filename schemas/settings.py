@@ -1,0 +1,95 @@
+"""One settings object, read from ``TUNEQ_*`` environment variables at the edges.
+
+The CLI entry point and the worker start-up call :func:`load_settings`; everything below them
+receives plain values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from tuneq.schemas.errors import ConfigError
+
+ENV_PREFIX = "TUNEQ_"
+
+
+def default_data_dir(env: Mapping[str, str]) -> Path:
+    """``$XDG_DATA_HOME/tuneq``, or ``~/.local/share/tuneq``."""
+    base = env.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "tuneq"
+
+
+class Settings(BaseModel):
+    """Where tuneq keeps its state; every field is set by ``TUNEQ_<FIELD>``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data_dir: Path = Field(description="Folder for the default database, broker and artifacts.")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL of the job database; default: SQLite in data_dir."
+    )
+    broker_url: str = Field(
+        "", description="Celery broker URL (redis://…); default: an embedded SQLite broker."
+    )
+    artifact_dir: Path = Field(
+        Path(), description="Folder where models and outputs are written; default: data_dir."
+    )
+    worker_threads: int = Field(
+        0, ge=0, description="torch threads per worker process; 0 means the cores / concurrency."
+    )
+
+    @field_validator("database_url", "broker_url")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+    def model_post_init(self, _context: object) -> None:
+        data_dir = self.data_dir.expanduser().resolve()
+        object.__setattr__(self, "data_dir", data_dir)
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'tuneq.db'}")
+        if not self.broker_url:
+            object.__setattr__(self, "broker_url", f"sqla+sqlite:///{data_dir / 'broker.db'}")
+        artifact_dir = self.artifact_dir if str(self.artifact_dir) not in ("", ".") else None
+        resolved = (artifact_dir or data_dir / "artifacts").expanduser().resolve()
+        object.__setattr__(self, "artifact_dir", resolved)
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.broker_url.startswith("sqla+sqlite")
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from ``TUNEQ_*`` variables; fail loudly on unknown or bad ones."""
+    env = os.environ if env is None else env
+    values: dict[str, str] = {}
+    known = set(Settings.model_fields)
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        field = key[len(ENV_PREFIX) :].lower()
+        if field not in known:
+            names = ", ".join(ENV_PREFIX + name.upper() for name in sorted(known))
+            raise ConfigError(f"unknown setting {key}; tuneq reads {names}")
+        values[field] = value
+    values.setdefault("data_dir", str(default_data_dir(env)))
+    try:
+        return Settings(**values)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{str(err['loc'][0]).upper()}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid setting: {problems}") from None
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password hidden, for messages and logs."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.rsplit("@", 1)[-1]

@@ -1,0 +1,102 @@
+"""The database tables: jobs, their events, and registered models.
+
+A job is a row: the broker carries only its id. Status changes are compare-and-set updates made
+by the worker's runner (``tuneq.worker.runner``); nothing else changes a job's state.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobStatus(str, enum.Enum):
+    """Where a job is in its life: queued → running → succeeded | failed | cancelled."""
+
+    queued = "queued"
+    running = "running"
+    retrying = "retrying"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED
+
+
+FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Job(Base):
+    """One fine-tune (or later scoring) job and everything known about its run."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True, default=JobStatus.queued.value)
+    queue: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict[str, Any]]
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    progress: Mapped[dict[str, Any] | None]
+    metrics: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
+
+
+class JobEvent(Base):
+    """Something that happened to a job: a state change, a warning, a phase with its time."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    attempt: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+
+
+class Model(Base):
+    """A registered fine-tuned model: ``name:version`` points at a folder in the artifact store."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str] = mapped_column(String(512))
+    labels: Mapped[list[str]] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any]]
+    data_fingerprint: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    job_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,61 @@
+"""The Celery app: JSON messages that carry only a job id, late acks, one job at a time."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from tuneq.schemas.settings import Settings
+
+RUN_JOB = "tuneq.run_job"
+# Above the longest job: kombu redelivers unacked Redis messages older than this even while
+# they run (celery#5935). The job row's lease, not this timeout, is what prevents double runs.
+VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app for ``settings``; the same app sends jobs (CLI) and runs them (worker)."""
+    if settings.uses_embedded_broker:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = Celery("tuneq", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue="cpu",
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=transport_options(settings),
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        enable_utc=True,
+    )
+
+    @app.task(name=RUN_JOB, ignore_result=True)
+    def run_job(job_id: str) -> str | None:
+        from tuneq.worker.runner import run_job as run
+
+        return run(settings, job_id, worker=worker_name())
+
+    return app
+
+
+def transport_options(settings: Settings) -> dict[str, object]:
+    """Broker options: the embedded SQLite broker passes them to ``create_engine``."""
+    if settings.uses_embedded_broker:
+        return {"connect_args": {"timeout": 60}}
+    return {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+
+
+def worker_name() -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def send_job(app: Celery, job_id: str, queue: str) -> None:
+    """Publish a job's id to ``queue``."""
+    app.send_task(RUN_JOB, args=[job_id], queue=queue)

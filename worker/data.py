@@ -1,0 +1,316 @@
+"""Loading training data: Hub data sets or local files, columns mapped, labels encoded,
+rows selected by a seeded shuffle before anything is tokenized."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tuneq.schemas.errors import DataError, DataUnavailable
+from tuneq.schemas.specs import FinetuneSpec
+
+SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+TRAIN_NAMES = ("train",)
+EVAL_NAMES = ("test", "eval", "evaluation", "validation", "val", "dev")
+DEFAULT_HOLDOUT = 0.2
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Texts and their label ids, ready to tokenize."""
+
+    texts: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    train: Examples
+    eval: Examples
+    label_names: list[str]
+    fingerprint: str
+    summary: dict[str, Any]
+
+
+def data_suffix(path: Path) -> str:
+    """The data format of ``path`` (``.csv``, ``.tsv``, …), looking through ``.gz``."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def is_local(source: str) -> bool:
+    """Whether ``source`` names a file or folder rather than a Hub data set."""
+    path = Path(source).expanduser()
+    return (
+        path.exists()
+        or source.startswith((".", "/", "~"))
+        or data_suffix(path) in SUFFIXES
+        or source.endswith(".gz")
+    )
+
+
+def read_table(path: Path) -> pa.Table:
+    """Read one CSV, TSV, JSON lines or Parquet file (optionally gzipped) into a table."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; pass a file, or a folder of data files as --data")
+    suffix = data_suffix(path)
+    if suffix not in SUFFIXES:
+        raise DataError(f"{path}: unknown format; use .csv, .tsv, .jsonl or .parquet (or .gz)")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty")
+    try:
+        table = _read(path, suffix)
+    except pa.ArrowInvalid as exc:
+        message = str(exc).replace("\n", " ")
+        if "Empty CSV file" in message:
+            raise DataError(f"{path} is empty") from None
+        raise DataError(f"{path}: cannot be read as {suffix[1:].upper()}: {message}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot be read: {exc}") from None
+    if table.num_rows == 0:
+        raise DataError(f"{path} has no rows")
+    return table
+
+
+def _read(path: Path, suffix: str) -> pa.Table:
+    if suffix in (".csv", ".tsv"):
+        from pyarrow import csv
+
+        delimiter = "\t" if suffix == ".tsv" else ","
+        return csv.read_csv(
+            path,
+            parse_options=csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+            read_options=csv.ReadOptions(block_size=1 << 24),
+        )
+    if suffix in (".jsonl", ".json"):
+        from pyarrow import json
+
+        return json.read_json(path, read_options=json.ReadOptions(block_size=1 << 24))
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+def read_folder(folder: Path) -> tuple[pa.Table, pa.Table | None]:
+    """A folder's training table and, if it has one, its evaluation table.
+
+    ``train.*`` and ``test.*`` (or eval, validation, dev) are splits; otherwise every data
+    file in the folder is one data set.
+    """
+    files = sorted(p for p in folder.iterdir() if p.is_file() and data_suffix(p) in SUFFIXES)
+    if not files:
+        raise DataError(f"{folder} holds no data files (.csv, .tsv, .jsonl, .parquet, or .gz)")
+    by_stem = {p.name.split(".")[0].lower(): p for p in files}
+    train = next((by_stem[n] for n in TRAIN_NAMES if n in by_stem), None)
+    if train is None:
+        return concat_tables([read_table(p) for p in files], folder), None
+    evaluation = next((by_stem[n] for n in EVAL_NAMES if n in by_stem), None)
+    return read_table(train), read_table(evaluation) if evaluation else None
+
+
+def concat_tables(tables: list[pa.Table], source: Path) -> pa.Table:
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowInvalid as exc:
+        raise DataError(f"the files in {source} do not share columns: {exc}") from None
+
+
+def load_hub(name: str) -> tuple[pa.Table, pa.Table | None, list[str] | None]:
+    """A Hub data set's train split, its test split if any, and its label names."""
+    import datasets
+
+    try:
+        splits = datasets.load_dataset(name)
+    except Exception as exc:  # the Hub raises many kinds: offline, unknown, gated
+        raise DataUnavailable(
+            f"cannot load data set {name!r} from the Hugging Face Hub ({type(exc).__name__}); "
+            "if this machine is offline, pass a local file or folder with --data PATH "
+            "(CSV, TSV, JSON lines or Parquet, e.g. --data reviews.csv)"
+        ) from None
+    if "train" not in splits:
+        raise DataError(f"Hub data set {name!r} has no train split (it has {list(splits)})")
+    evaluation = next((splits[n] for n in EVAL_NAMES if n in splits), None)
+    names = None
+    for feature in splits["train"].features.values():
+        if isinstance(feature, datasets.ClassLabel):
+            names = list(feature.names)
+    return (
+        splits["train"].data.table,
+        evaluation.data.table if evaluation is not None else None,
+        names,
+    )
+
+
+def load_source(source: str) -> tuple[pa.Table, pa.Table | None, list[str] | None]:
+    """Read ``source`` (file, folder or Hub name) into train and optional eval tables."""
+    if not is_local(source):
+        return load_hub(source)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"{source}: no such file or folder")
+    if path.is_dir():
+        train, evaluation = read_folder(path)
+        return train, evaluation, None
+    return read_table(path), None, None
+
+
+def column_values(table: pa.Table, column: str, option: str, source: str) -> list[Any]:
+    if column not in table.column_names:
+        columns = ", ".join(table.column_names)
+        raise DataError(
+            f"{source} has no column {column!r} (its columns: {columns}); "
+            f"name the right one with {option}"
+        )
+    return table.column(column).to_pylist()
+
+
+def encode_labels(
+    raw: list[Any], label_names: list[str] | None, source: str, column: str
+) -> tuple[list[int], list[str]]:
+    """Label ids and names: integers keep their values, strings are numbered in sorted order."""
+    distinct = sorted(set(raw), key=lambda v: (isinstance(v, str), v))
+    if len(distinct) < 2:
+        shown = ", ".join(repr(v) for v in distinct) or "none"
+        raise DataError(
+            f"label column {column!r} in {source} has a single class ({shown}); "
+            "a classifier needs examples of at least two labels"
+        )
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in distinct):
+        ints = [int(v) for v in raw]
+        if min(ints) < 0:
+            raise DataError(f"label column {column!r} in {source} has negative labels")
+        if label_names is None:
+            label_names = [str(i) for i in range(max(ints) + 1)]
+        if max(ints) >= len(label_names):
+            raise DataError(
+                f"label {max(ints)} in {source} has no name: --label-names gives "
+                f"{len(label_names)} names for labels 0..{len(label_names) - 1}"
+            )
+        return ints, label_names
+    strings = [str(v) for v in raw]
+    names = label_names or sorted(set(strings))
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(strings) - set(index))
+    if unknown:
+        raise DataError(f"labels {unknown} in {source} are not in --label-names {names}")
+    return [index[s] for s in strings], names
+
+
+def clean_rows(texts: list[Any], labels: list[Any]) -> tuple[list[str], list[Any], int]:
+    """Drop rows whose text or label is missing; return how many were dropped."""
+    kept_texts, kept_labels = [], []
+    for text, label in zip(texts, labels, strict=True):
+        if text is None or label is None or (isinstance(text, str) and not text.strip()):
+            continue
+        kept_texts.append(str(text))
+        kept_labels.append(label)
+    return kept_texts, kept_labels, len(texts) - len(kept_texts)
+
+
+def sample(n: int, size: int | None, rng: np.random.Generator) -> np.ndarray:
+    order = rng.permutation(n)
+    return order if size is None else order[: min(size, n)]
+
+
+def load_training_data(spec: FinetuneSpec) -> TrainingData:
+    """Load, select and encode the rows a fine-tune will use: at most train_size + eval_size."""
+    train_table, eval_table, hub_names = load_source(spec.data)
+    if spec.eval_data is not None:
+        eval_table, _, _ = load_source(spec.eval_data)
+    eval_source = spec.eval_data or spec.data
+    texts = column_values(train_table, spec.text_column, "--text-column", spec.data)
+    raw_labels = column_values(train_table, spec.label_column, "--label-column", spec.data)
+    texts, raw_labels, dropped = clean_rows(texts, raw_labels)
+    if not texts:
+        raise DataError(f"{spec.data} has no rows with both a text and a label")
+    rng = np.random.default_rng(spec.seed)
+
+    if eval_table is None:
+        order = rng.permutation(len(texts))
+        eval_size = spec.eval_size or max(1, int(len(texts) * DEFAULT_HOLDOUT))
+        if eval_size >= len(texts) - 1:
+            raise DataError(
+                f"{spec.data} has {len(texts)} usable rows: too few to hold out {eval_size} "
+                "for evaluation; pass --eval-data or a smaller --eval-size"
+            )
+        eval_idx, rest = order[:eval_size], order[eval_size:]
+        train_idx = rest if spec.train_size is None else rest[: spec.train_size]
+        eval_texts = [texts[i] for i in eval_idx]
+        eval_raw = [raw_labels[i] for i in eval_idx]
+    else:
+        train_idx = sample(len(texts), spec.train_size, rng)
+        e_texts = column_values(eval_table, spec.text_column, "--text-column", eval_source)
+        e_labels = column_values(eval_table, spec.label_column, "--label-column", eval_source)
+        e_texts, e_labels, e_dropped = clean_rows(e_texts, e_labels)
+        dropped += e_dropped
+        if not e_texts:
+            raise DataError(f"{eval_source} has no rows with both a text and a label")
+        eval_idx = sample(len(e_texts), spec.eval_size, rng)
+        eval_texts = [e_texts[i] for i in eval_idx]
+        eval_raw = [e_labels[i] for i in eval_idx]
+
+    train_texts = [texts[i] for i in train_idx]
+    train_raw = [raw_labels[i] for i in train_idx]
+    names = spec.label_names or hub_names
+    train_labels, label_names = encode_labels(train_raw, names, spec.data, spec.label_column)
+    eval_labels, _ = encode_labels_like(eval_raw, label_names, eval_source, spec.label_column)
+    train = Examples(train_texts, train_labels)
+    evaluation = Examples(eval_texts, eval_labels)
+    return TrainingData(
+        train=train,
+        eval=evaluation,
+        label_names=label_names,
+        fingerprint=fingerprint(train, evaluation),
+        summary={
+            "train_rows": len(train),
+            "eval_rows": len(evaluation),
+            "dropped_rows": dropped,
+            "train_label_counts": label_counts(train_labels, label_names),
+            "eval_label_counts": label_counts(eval_labels, label_names),
+        },
+    )
+
+
+def encode_labels_like(
+    raw: list[Any], label_names: list[str], source: str, column: str
+) -> tuple[list[int], list[str]]:
+    """Encode evaluation labels with the training set's names."""
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw):
+        ids = [int(v) for v in raw]
+        bad = sorted({i for i in ids if not 0 <= i < len(label_names)})
+    else:
+        index = {name: i for i, name in enumerate(label_names)}
+        bad = sorted({str(v) for v in raw if str(v) not in index})
+        ids = [index.get(str(v), -1) for v in raw]
+    if bad:
+        raise DataError(
+            f"{source}: labels {bad[:5]} in column {column!r} do not occur in the training data "
+            f"(its labels: {', '.join(label_names)})"
+        )
+    return ids, label_names
+
+
+def label_counts(labels: list[int], names: list[str]) -> dict[str, int]:
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(names))
+    return {name: int(counts[i]) for i, name in enumerate(names)}
+
+
+def fingerprint(train: Examples, evaluation: Examples) -> str:
+    """A SHA-256 over the selected rows, in order: equal fingerprints mean equal data."""
+    digest = hashlib.sha256()
+    for part, examples in (("train", train), ("eval", evaluation)):
+        digest.update(part.encode())
+        for text, label in zip(examples.texts, examples.labels, strict=True):
+            digest.update(f"{label}\x1f{text}\x1e".encode())
+    return digest.hexdigest()

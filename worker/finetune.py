@@ -1,0 +1,238 @@
+"""Fine-tuning: a spec and an output folder in, a saved classifier and its metrics out.
+
+Knows nothing of Celery or the database; progress goes to an ``on_progress`` callback.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import PrinterCallback, TrainerCallback
+from tuneq.schemas.specs import FinetuneSpec
+from tuneq.worker.data import Examples, TrainingData, load_training_data
+from tuneq.worker.metrics import classification_metrics
+from tuneq.worker.models import load_classifier, load_tokenizer, resolve_model_source
+
+Progress = Callable[[dict[str, Any]], None]
+MANIFEST = "tuneq.json"
+TRAINER_DIR = ".trainer"
+
+
+@dataclass
+class FinetuneResult:
+    """What a finished fine-tune produced: metrics, labels and the data's fingerprint."""
+
+    metrics: dict[str, Any]
+    label_names: list[str]
+    fingerprint: str
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PhaseTimer:
+    """Wall time per phase of a job, in seconds."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def finetune(
+    spec: FinetuneSpec, out_dir: Path, on_progress: Progress | None = None
+) -> FinetuneResult:
+    """Fine-tune ``spec.model`` on ``spec.data`` and save the classifier into ``out_dir``."""
+    report = on_progress or (lambda _progress: None)
+    timer = PhaseTimer()
+    with timer.phase("load_data"):
+        report({"phase": "loading data"})
+        data = load_training_data(spec)
+    with timer.phase("load_model"):
+        report({"phase": "loading model"})
+        source = resolve_model_source(spec.model)
+        tokenizer = load_tokenizer(spec.model, source)
+        model = load_classifier(
+            spec.model,
+            source,
+            num_labels=len(data.label_names),
+            id2label=dict(enumerate(data.label_names)),
+            label2id={name: i for i, name in enumerate(data.label_names)},
+        )
+    with timer.phase("tokenize"):
+        report({"phase": "tokenizing"})
+        train_set = tokenize(tokenizer, data.train, spec.max_length)
+        eval_set = tokenize(tokenizer, data.eval, spec.max_length, sort_by_length=True)
+    trainer, loss_curve = build_trainer(spec, model, tokenizer, train_set, out_dir, report)
+    with timer.phase("train"):
+        train_output = trainer.train()
+    with timer.phase("eval"):
+        report({"phase": "evaluating"})
+        prediction = trainer.predict(eval_set)
+    with timer.phase("save"):
+        report({"phase": "saving"})
+        shutil.rmtree(out_dir / TRAINER_DIR, ignore_errors=True)
+        # save_pretrained rather than Trainer.save_model, which adds a pickled training_args.bin
+        trainer.model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+    metrics = classification_metrics(
+        np.argmax(prediction.predictions, axis=-1), prediction.label_ids, data.label_names
+    )
+    metrics.update(
+        eval_loss=float(prediction.metrics["test_loss"]),
+        train_loss=float(train_output.training_loss),
+        train_steps=int(train_output.global_step),
+        train_samples_per_second=float(train_output.metrics.get("train_samples_per_second", 0)),
+        loss_curve=loss_curve,
+        data=data.summary,
+    )
+    result = FinetuneResult(metrics, data.label_names, data.fingerprint, timer.seconds)
+    write_manifest(out_dir, spec, result, data)
+    return result
+
+
+class ExampleSet:
+    """Tokenized examples as the Trainer wants them: a list of dicts (unpadded)."""
+
+    def __init__(self, features: list[dict[str, Any]]) -> None:
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.features[index]
+
+
+def tokenize(
+    tokenizer: Any, examples: Examples, max_length: int, sort_by_length: bool = False
+) -> ExampleSet:
+    """Truncate to ``max_length``; padding happens per batch in the collator."""
+    encoded = tokenizer(examples.texts, truncation=True, max_length=max_length)
+    features = [
+        {"input_ids": ids, "attention_mask": mask, "labels": label}
+        for ids, mask, label in zip(
+            encoded["input_ids"], encoded["attention_mask"], examples.labels, strict=True
+        )
+    ]
+    if sort_by_length:  # evaluation order does not matter; sorted batches waste no padding
+        features.sort(key=lambda f: len(f["input_ids"]))
+    return ExampleSet(features)
+
+
+def build_trainer(
+    spec: FinetuneSpec,
+    model: Any,
+    tokenizer: Any,
+    train_set: ExampleSet,
+    out_dir: Path,
+    report: Progress,
+) -> tuple[Any, list[dict[str, float]]]:
+    """A Trainer that saves nothing by itself and reports progress through ``report``."""
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    steps_per_epoch = -(-len(train_set) // spec.batch_size)
+    args = TrainingArguments(
+        output_dir=str(out_dir / TRAINER_DIR),
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size * 2,
+        num_train_epochs=spec.epochs,
+        learning_rate=spec.learning_rate,
+        warmup_steps=spec.warmup if spec.warmup < 1 else int(spec.warmup),
+        weight_decay=spec.weight_decay,
+        seed=spec.seed,
+        data_seed=spec.seed,
+        train_sampling_strategy="group_by_length",
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="steps",
+        logging_steps=max(1, min(50, steps_per_epoch // 5)),
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    loss_curve: list[dict[str, float]] = []
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        callbacks=[ProgressCallback(report, loss_curve)],
+    )
+    trainer.remove_callback(PrinterCallback)  # progress goes to the job row, not to stdout
+    return trainer, loss_curve
+
+
+class ProgressCallback(TrainerCallback):  # type: ignore[misc]
+    """Reports steps and losses to tuneq while the Trainer runs."""
+
+    def __init__(self, report: Progress, loss_curve: list[dict[str, float]]) -> None:
+        self.report = report
+        self.loss_curve = loss_curve
+        self.started = time.monotonic()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started = time.monotonic()
+        self.report({"phase": "training", "step": 0, "total": state.max_steps})
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        elapsed = time.monotonic() - self.started
+        step, total = state.global_step, state.max_steps
+        eta = elapsed / step * (total - step) if step else None
+        self.report(
+            {
+                "phase": "training",
+                "step": step,
+                "total": total,
+                "epoch": round(float(state.epoch or 0), 3),
+                "loss": self.loss_curve[-1]["loss"] if self.loss_curve else None,
+                "eta_s": round(eta, 1) if eta is not None else None,
+            }
+        )
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.loss_curve.append(
+                {"step": state.global_step, "loss": round(float(logs["loss"]), 5)}
+            )
+
+
+def write_manifest(
+    out_dir: Path, spec: FinetuneSpec, result: FinetuneResult, data: TrainingData
+) -> None:
+    """``tuneq.json``: how the model was made, so the folder explains itself."""
+    import torch
+    import transformers
+
+    manifest = {
+        "name": spec.model_name(),
+        "base_model": spec.model,
+        "spec": spec.model_dump(mode="json"),
+        "labels": result.label_names,
+        "metrics": {k: v for k, v in result.metrics.items() if k != "loss_curve"},
+        "loss_curve": result.metrics.get("loss_curve", []),
+        "data_fingerprint": data.fingerprint,
+        "phases": result.phases,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

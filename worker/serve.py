@@ -1,0 +1,50 @@
+"""Running a worker process: migrations first, then Celery consuming the chosen queues."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+from tuneq.schemas.settings import Settings
+from tuneq.worker.app import create_app
+from tuneq.worker.db import forget_engines, get_engine
+from tuneq.worker.threads import configure_torch, share_of_cores
+
+
+def run_worker(
+    settings: Settings,
+    *,
+    queues: list[str],
+    concurrency: int = 1,
+    jobs_per_child: int = 0,
+    hostname: str | None = None,
+    loglevel: str = "INFO",
+) -> int:
+    """Consume ``queues`` until stopped; blocks, then returns the worker's exit code.
+
+    Each pool process runs one job at a time."""
+    logging.basicConfig(level=loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
+    get_engine(settings.database_url)  # create or migrate the database before any job runs
+    settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+    threads = settings.worker_threads or share_of_cores(concurrency)
+
+    def init_child(**_kwargs: Any) -> None:
+        forget_engines()
+        configure_torch(threads)
+
+    signals.worker_process_init.connect(init_child, weak=False)
+    app = create_app(settings)
+    options: dict[str, Any] = {
+        "queues": queues,
+        "concurrency": concurrency,
+        "pool": "prefork",
+        "loglevel": loglevel,
+        "hostname": hostname,
+        "max_tasks_per_child": jobs_per_child or None,
+        "without_gossip": True,
+        "without_mingle": True,
+    }
+    worker = app.Worker(**{k: v for k, v in options.items() if v is not None})
+    worker.start()
+    return int(worker.exitcode or 0)

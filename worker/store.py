@@ -1,0 +1,293 @@
+"""Reading and writing jobs, events and models: one short transaction per function.
+
+Every change to a running job is a compare-and-set on ``(id, status, attempt)``, so a stale or
+duplicate worker changes nothing; callers learn whether their write landed from the result.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from tuneq.schemas.errors import JobNotFound, ModelNotFound
+from tuneq.schemas.specs import JobSpec
+from tuneq.schemas.tables import Job, JobEvent, JobStatus, Model, utcnow
+
+CLAIMABLE = (JobStatus.queued.value, JobStatus.retrying.value)
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def create_job(engine: Engine, *, spec: JobSpec) -> Job:
+    """Insert a queued job for ``spec`` and return it."""
+    job = Job(
+        id=new_job_id(),
+        kind=spec.kind,
+        status=JobStatus.queued.value,
+        queue=spec.queue,
+        spec=spec.model_dump(mode="json"),
+        attempt=0,
+        created_at=utcnow(),
+    )
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        session.add(job)
+        session.add(JobEvent(job_id=job.id, attempt=0, kind="queued", message="job queued"))
+    return job
+
+
+def get_job(engine: Engine, job_id: str) -> Job:
+    """The job with id ``job_id`` (or a unique prefix of one of at least 4 characters)."""
+    with Session(engine) as session:
+        job = session.get(Job, job_id)
+        if job is None and len(job_id) >= 4:
+            matches = session.scalars(
+                select(Job).where(Job.id.startswith(job_id, autoescape=True)).limit(2)
+            ).all()
+            job = matches[0] if len(matches) == 1 else None
+        if job is None:
+            raise JobNotFound(f"no job {job_id!r}; `tuneq jobs` lists them")
+        return job
+
+
+def list_jobs(engine: Engine, *, limit: int = 50, status: str | None = None) -> list[Job]:
+    """The newest jobs first."""
+    query = select(Job).order_by(Job.created_at.desc(), Job.id).limit(limit)
+    if status:
+        query = query.where(Job.status == status)
+    with Session(engine) as session:
+        return list(session.scalars(query))
+
+
+def list_events(engine: Engine, job_id: str) -> list[JobEvent]:
+    with Session(engine) as session:
+        query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+        return list(session.scalars(query))
+
+
+def claim_job(engine: Engine, *, job_id: str, worker: str) -> int | None:
+    """Move a queued job to running under a new attempt; ``None`` if someone else has it."""
+    now = utcnow()
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(CLAIMABLE))
+            .values(
+                status=JobStatus.running.value,
+                attempt=Job.attempt + 1,
+                worker=worker,
+                started_at=now,
+                heartbeat_at=now,
+                error=None,
+                traceback=None,
+            )
+        )
+        if result.rowcount != 1:
+            return None
+        attempt = conn.execute(select(Job.attempt).where(Job.id == job_id)).scalar_one()
+        conn.execute(
+            JobEvent.__table__.insert().values(
+                job_id=job_id,
+                at=now,
+                attempt=attempt,
+                kind="running",
+                message=f"started on {worker}",
+            )
+        )
+        return int(attempt)
+
+
+def _running(job_id: str, attempt: int) -> Any:
+    return (Job.id == job_id, Job.status == JobStatus.running.value, Job.attempt == attempt)
+
+
+def record_progress(engine: Engine, *, job_id: str, attempt: int, progress: dict[str, Any]) -> bool:
+    """Store the running job's progress and heartbeat; ``False`` if the lease was lost."""
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(Job)
+            .where(*_running(job_id, attempt))
+            .values(progress=progress, heartbeat_at=utcnow())
+        )
+        return result.rowcount == 1
+
+
+def fail_unsent(engine: Engine, *, job_id: str, error: str) -> None:
+    """Fail a queued job whose message never reached the broker."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.queued.value)
+            .values(status=JobStatus.failed.value, finished_at=utcnow(), error=error)
+        )
+
+
+def add_event(engine: Engine, *, job_id: str, attempt: int, kind: str, message: str) -> None:
+    with Session(engine) as session, session.begin():
+        session.add(JobEvent(job_id=job_id, attempt=attempt, kind=kind, message=message))
+
+
+def mark_failed(
+    engine: Engine, *, job_id: str, attempt: int, error: str, traceback: str | None = None
+) -> bool:
+    """End a running job as failed with ``error``; ``False`` if the lease was lost."""
+    now = utcnow()
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(Job)
+            .where(*_running(job_id, attempt))
+            .values(
+                status=JobStatus.failed.value, finished_at=now, error=error, traceback=traceback
+            )
+        )
+        if result.rowcount != 1:
+            return False
+        conn.execute(
+            JobEvent.__table__.insert().values(
+                job_id=job_id, at=now, attempt=attempt, kind="failed", message=error
+            )
+        )
+        return True
+
+
+def register_model(
+    engine: Engine,
+    *,
+    job_id: str,
+    attempt: int,
+    staged_dir: Path,
+    models_dir: Path,
+    model: dict[str, Any],
+    metrics: dict[str, Any],
+) -> Model | None:
+    """Move ``staged_dir`` into place as the next version of ``model['name']``, register it,
+    and mark the job succeeded, all in one transaction.
+
+    Returns ``None`` (and deletes ``staged_dir``) if the job's lease was lost.
+    """
+    for _ in range(5):
+        try:
+            return _register_once(
+                engine,
+                job_id=job_id,
+                attempt=attempt,
+                staged_dir=staged_dir,
+                models_dir=models_dir,
+                model=model,
+                metrics=metrics,
+            )
+        except IntegrityError:
+            continue  # another job took the same version at the same moment: take the next
+    raise RuntimeError(f"could not allocate a version for model {model['name']!r}")
+
+
+def _register_once(
+    engine: Engine,
+    *,
+    job_id: str,
+    attempt: int,
+    staged_dir: Path,
+    models_dir: Path,
+    model: dict[str, Any],
+    metrics: dict[str, Any],
+) -> Model | None:
+    final_dir: Path | None = None
+    try:
+        with Session(engine, expire_on_commit=False) as session, session.begin():
+            still_ours = session.execute(
+                select(Job.id).where(*_running(job_id, attempt)).with_for_update()
+            ).first()
+            if still_ours is None:
+                shutil.rmtree(staged_dir, ignore_errors=True)
+                return None
+            latest = session.scalar(
+                select(func.max(Model.version)).where(Model.name == model["name"])
+            )
+            version = (latest or 0) + 1
+            final_dir = models_dir / model["name"] / str(version)
+            final_dir.parent.mkdir(parents=True, exist_ok=True)
+            staged_dir.rename(final_dir)
+            row = Model(
+                version=version,
+                path=str(final_dir),
+                job_id=job_id,
+                metrics=metrics,
+                created_at=utcnow(),
+                **model,
+            )
+            session.add(row)
+            session.flush()
+            now = utcnow()
+            session.execute(
+                update(Job)
+                .where(*_running(job_id, attempt))
+                .values(
+                    status=JobStatus.succeeded.value,
+                    finished_at=now,
+                    metrics=metrics,
+                    model_id=row.id,
+                )
+            )
+            session.add(
+                JobEvent(
+                    job_id=job_id,
+                    attempt=attempt,
+                    kind="succeeded",
+                    message=f"registered {row.name}:{row.version}",
+                )
+            )
+        return row
+    except BaseException:
+        if final_dir is not None and final_dir.exists() and not staged_dir.exists():
+            final_dir.rename(staged_dir)  # the row was not written: the folder is not a model
+        raise
+
+
+def list_models(engine: Engine, *, name: str | None = None) -> list[Model]:
+    query = select(Model).order_by(Model.name, Model.version.desc())
+    if name:
+        query = query.where(Model.name == name)
+    with Session(engine) as session:
+        return list(session.scalars(query))
+
+
+def find_model(engine: Engine, ref: str) -> Model:
+    """The registered model ``name`` (its latest version) or ``name:version``."""
+    name, _, version = ref.partition(":")
+    query = select(Model).where(Model.name == name)
+    if version:
+        if not version.isdigit():
+            raise ModelNotFound(f"{ref!r}: a version is a number, like {name}:2")
+        query = query.where(Model.version == int(version))
+    with Session(engine) as session:
+        row = session.scalars(query.order_by(Model.version.desc()).limit(1)).first()
+    if row is None:
+        raise ModelNotFound(
+            f"no registered model {ref!r}; `tuneq models` lists them, or pass a model folder"
+        )
+    return row
+
+
+def job_model(engine: Engine, job: Job) -> Model | None:
+    if job.model_id is None:
+        return None
+    with Session(engine) as session:
+        return session.get(Model, job.model_id)
+
+
+def elapsed(start: datetime | None, end: datetime | None) -> float | None:
+    """Seconds between two stored timestamps (SQLite returns them without a zone)."""
+    if start is None or end is None:
+        return None
+    return (end.replace(tzinfo=None) - start.replace(tzinfo=None)).total_seconds()
+
+
+OnProgress = Callable[[dict[str, Any]], None]
