@@ -1,9 +1,11 @@
-"""What every command needs: the settings (read once, at the edge) and the database."""
+"""What every command needs: the settings (read once per invocation, at the edge) and the
+database."""
 
 from __future__ import annotations
 
-from functools import cache
 from typing import TYPE_CHECKING
+
+import click
 
 from tuneq.schemas.settings import Settings, load_settings
 
@@ -11,10 +13,12 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
 
-@cache
 def settings() -> Settings:
-    """Settings from the ``TUNEQ_*`` environment of this command."""
-    return load_settings()
+    """Settings from the ``TUNEQ_*`` environment, read once per ``tuneq`` invocation."""
+    root = click.get_current_context().find_root()
+    if not isinstance(root.obj, Settings):
+        root.obj = load_settings()
+    return root.obj
 
 
 def engine() -> Engine:

@@ -175,10 +175,15 @@ def column_values(table: pa.Table, column: str, option: str, source: str) -> lis
     return table.column(column).to_pylist()
 
 
-def encode_labels(
-    raw: list[Any], label_names: list[str] | None, source: str, column: str
-) -> tuple[list[int], list[str]]:
-    """Label ids and names: integers keep their values, strings are numbered in sorted order."""
+def is_integer_labels(raw: list[Any]) -> bool:
+    return all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw)
+
+
+def choose_label_names(
+    raw: list[Any], given: list[str] | None, source: str, column: str
+) -> list[str]:
+    """Label names from the training labels: integers 0..K-1 take ``given`` names (or their
+    digits), strings are sorted unless ``given`` fixes the order."""
     distinct = sorted(set(raw), key=lambda v: (isinstance(v, str), v))
     if len(distinct) < 2:
         shown = ", ".join(repr(v) for v in distinct) or "none"
@@ -186,36 +191,43 @@ def encode_labels(
             f"label column {column!r} in {source} has a single class ({shown}); "
             "a classifier needs examples of at least two labels"
         )
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in distinct):
-        ints = [int(v) for v in raw]
-        if min(ints) < 0:
+    if is_integer_labels(distinct):
+        if min(distinct) < 0:
             raise DataError(f"label column {column!r} in {source} has negative labels")
-        if label_names is None:
-            label_names = [str(i) for i in range(max(ints) + 1)]
-        if max(ints) >= len(label_names):
-            raise DataError(
-                f"label {max(ints)} in {source} has no name: --label-names gives "
-                f"{len(label_names)} names for labels 0..{len(label_names) - 1}"
-            )
-        return ints, label_names
-    strings = [str(v) for v in raw]
-    names = label_names or sorted(set(strings))
-    index = {name: i for i, name in enumerate(names)}
-    unknown = sorted(set(strings) - set(index))
+        return given or [str(i) for i in range(int(max(distinct)) + 1)]
+    return given or sorted(str(v) for v in distinct)
+
+
+def encode_labels(raw: list[Any], names: list[str], source: str, column: str) -> list[int]:
+    """Label ids for ``raw`` labels (integers, or strings among ``names``)."""
+    if is_integer_labels(raw):
+        ids = [int(v) for v in raw]
+        unknown: list[Any] = sorted({i for i in ids if not 0 <= i < len(names)})
+    else:
+        index = {name: i for i, name in enumerate(names)}
+        ids = [index.get(str(v), -1) for v in raw]
+        unknown = sorted({str(v) for v in raw if str(v) not in index})
     if unknown:
-        raise DataError(f"labels {unknown} in {source} are not in --label-names {names}")
-    return [index[s] for s in strings], names
+        raise DataError(
+            f"{source}: labels {unknown[:5]} in column {column!r} are not among the labels "
+            f"{', '.join(names)}; check the data or --label-names"
+        )
+    return ids
 
 
 def clean_rows(texts: list[Any], labels: list[Any]) -> tuple[list[str], list[Any], int]:
     """Drop rows whose text or label is missing; return how many were dropped."""
     kept_texts, kept_labels = [], []
     for text, label in zip(texts, labels, strict=True):
-        if text is None or label is None or (isinstance(text, str) and not text.strip()):
+        if _blank(text) or _blank(label):
             continue
         kept_texts.append(str(text))
         kept_labels.append(label)
     return kept_texts, kept_labels, len(texts) - len(kept_texts)
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def sample(n: int, size: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -262,9 +274,11 @@ def load_training_data(spec: FinetuneSpec) -> TrainingData:
 
     train_texts = [texts[i] for i in train_idx]
     train_raw = [raw_labels[i] for i in train_idx]
-    names = spec.label_names or hub_names
-    train_labels, label_names = encode_labels(train_raw, names, spec.data, spec.label_column)
-    eval_labels, _ = encode_labels_like(eval_raw, label_names, eval_source, spec.label_column)
+    label_names = choose_label_names(
+        train_raw, spec.label_names or hub_names, spec.data, spec.label_column
+    )
+    train_labels = encode_labels(train_raw, label_names, spec.data, spec.label_column)
+    eval_labels = encode_labels(eval_raw, label_names, eval_source, spec.label_column)
     train = Examples(train_texts, train_labels)
     evaluation = Examples(eval_texts, eval_labels)
     return TrainingData(
@@ -280,25 +294,6 @@ def load_training_data(spec: FinetuneSpec) -> TrainingData:
             "eval_label_counts": label_counts(eval_labels, label_names),
         },
     )
-
-
-def encode_labels_like(
-    raw: list[Any], label_names: list[str], source: str, column: str
-) -> tuple[list[int], list[str]]:
-    """Encode evaluation labels with the training set's names."""
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw):
-        ids = [int(v) for v in raw]
-        bad = sorted({i for i in ids if not 0 <= i < len(label_names)})
-    else:
-        index = {name: i for i, name in enumerate(label_names)}
-        bad = sorted({str(v) for v in raw if str(v) not in index})
-        ids = [index.get(str(v), -1) for v in raw]
-    if bad:
-        raise DataError(
-            f"{source}: labels {bad[:5]} in column {column!r} do not occur in the training data "
-            f"(its labels: {', '.join(label_names)})"
-        )
-    return ids, label_names
 
 
 def label_counts(labels: list[int], names: list[str]) -> dict[str, int]:

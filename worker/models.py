@@ -40,11 +40,18 @@ def quiet_transformers() -> None:
 
 def load_error(name: str, exc: BaseException) -> ModelError:
     """The message for a model that would not load, whatever ``from_pretrained`` raised."""
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = str(exc)
+    cause = type(exc.__cause__ or exc.__context__ or exc).__name__
+    if "couldn't connect" in text or cause in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+        reason = "it is not in the local cache, and the Hugging Face Hub cannot be reached"
+    elif "not a valid model identifier" in text or cause == "RepositoryNotFoundError":
+        reason = "the Hugging Face Hub has no model of that name"
+    else:
+        reason = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
     return ModelError(
-        f"cannot load model {name!r}: it is not a local model folder, and the Hugging Face Hub "
-        f"did not provide it ({reason[:200]}). Use minilm (packaged, works offline), a Hub name "
-        "such as bert-base-uncased, or a folder with config.json and model.safetensors"
+        f"cannot load model {name!r}: it is not a local model folder, and {reason}. Use minilm "
+        "(packaged, works offline), a Hub name such as bert-base-uncased, or a folder with "
+        "config.json and model.safetensors"
     )
 
 

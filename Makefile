@@ -1,0 +1,37 @@
+# Two commands for a fresh machine:  make demo  and  make test.
+# TORCH picks the torch build. The default is the CPU wheel on these machines; see README.md for
+# a CPU-only machine elsewhere (TORCH_INDEX) and for CUDA.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+PG_TEST_URL ?= postgresql://postgres@127.0.0.1:5432/test
+ARGS ?=
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install -e ".[test]"
+	touch $@
+
+demo: install
+	$(BIN)/tuneq demo $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy schemas worker cli
+
+# The whole suite on SQLite, then again (all but the minutes-long real-model test) on PostgreSQL.
+test: install lint
+	$(BIN)/pytest
+	TUNEQ_DATABASE_URL=$(PG_TEST_URL) $(BIN)/pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

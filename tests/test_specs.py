@@ -1,0 +1,45 @@
+import pytest
+from pydantic import ValidationError
+
+from tuneq.schemas.specs import FinetuneSpec, parse_spec
+
+
+def test_defaults_are_the_documented_recipe() -> None:
+    spec = FinetuneSpec(data="reviews.csv")
+    assert (spec.model, spec.epochs, spec.batch_size, spec.max_length) == ("minilm", 1.0, 16, 256)
+    assert spec.queue == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("data", "name"),
+    [
+        ("imdb", "imdb-classifier"),
+        ("../shared/data/imdb/", "imdb-classifier"),
+        ("/data/Reviews 2024.csv.gz", "reviews-2024-classifier"),
+        ("cardiffnlp/tweet_sentiment_multilingual", "tweet_sentiment_multilingual-classifier"),
+    ],
+)
+def test_model_name_derives_from_the_data(data: str, name: str) -> None:
+    assert FinetuneSpec(data=data).model_name() == name
+
+
+def test_explicit_name_must_be_a_registry_name() -> None:
+    with pytest.raises(ValidationError, match="lower-case letters"):
+        FinetuneSpec(data="x.csv", name="My Model")
+
+
+def test_unknown_fields_are_refused() -> None:
+    with pytest.raises(ValidationError, match="extra"):
+        parse_spec({"data": "x.csv", "epoch": 3})
+
+
+def test_label_names_need_two_distinct_names() -> None:
+    with pytest.raises(ValidationError, match="at least two"):
+        FinetuneSpec(data="x.csv", label_names=["positive"])
+    with pytest.raises(ValidationError, match="different"):
+        FinetuneSpec(data="x.csv", label_names=["a", "a"])
+
+
+def test_every_field_is_documented() -> None:
+    undocumented = [n for n, f in FinetuneSpec.model_fields.items() if not f.description]
+    assert undocumented == ["kind"]
