@@ -10,6 +10,7 @@ import sys
 import time
 
 import click
+
 from tuneq.cli.context import engine, settings
 from tuneq.cli.follow import follow_job
 from tuneq.cli.render import describe_metrics, table

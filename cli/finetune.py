@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from tuneq.cli.context import engine, settings
 from tuneq.cli.follow import follow_job
 from tuneq.cli.spec_options import build_spec, read_job_file, spec_options

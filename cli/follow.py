@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import click
+
 from tuneq.schemas.tables import FINISHED, Job, JobStatus
 
 if TYPE_CHECKING:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import click
+
 from tuneq.cli.context import engine
 from tuneq.cli.render import JOB_HEADERS, describe_job, job_json, job_row, model_json, table
 from tuneq.schemas.tables import JobStatus

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import click
+
 from tuneq.cli.db import db
 from tuneq.cli.demo import demo
 from tuneq.cli.finetune import finetune

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import click
+
 from tuneq.cli.context import engine
 from tuneq.cli.render import table
 

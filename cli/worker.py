@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from tuneq.cli.context import settings
 
 

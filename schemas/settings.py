@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from tuneq.schemas.errors import ConfigError
 
 ENV_PREFIX = "TUNEQ_"

@@ -23,9 +23,9 @@ SHARED_DATA = Path(os.environ.get("TUNEQ_TEST_SHARED_DATA", REPO.parent / "share
 REDIS_URL = os.environ.get("TUNEQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 OUTER_DATABASE_URL = os.environ.get("TUNEQ_DATABASE_URL", "")
 
-POSITIVE = "great wonderful superb loved excellent moving brilliant".split()
-NEGATIVE = "awful terrible boring hated worst dull painful".split()
-FILLER = "the a movie film plot actor story scene ending music".split()
+POSITIVE = ["great", "wonderful", "superb", "loved", "excellent", "moving", "brilliant"]
+NEGATIVE = ["awful", "terrible", "boring", "hated", "worst", "dull", "painful"]
+FILLER = ["the", "a", "movie", "film", "plot", "actor", "story", "scene", "ending", "music"]
 
 # The tests run offline: fail fast instead of retrying the Hub for half a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -84,7 +84,10 @@ def test_job_file_with_overrides(env: dict[str, str], tmp_path: Path) -> None:
 
 def test_unknown_job_and_model(env: dict[str, str]) -> None:
     result = CliRunner().invoke(cli, ["show", "abcdef"], env=env)
-    assert (result.exit_code, result.stderr) == (1, "Error: no job 'abcdef'; `tuneq jobs` lists them\n")
+    assert (result.exit_code, result.stderr) == (
+        1,
+        "Error: no job 'abcdef'; `tuneq jobs` lists them\n",
+    )
     result = CliRunner().invoke(cli, ["predict", "nothing-here", "text"], env=env)
     assert (result.exit_code, result.stderr) == (
         1,

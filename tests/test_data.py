@@ -66,7 +66,10 @@ def test_columns_are_mapped_and_integer_labels_named(tmp_path: Path) -> None:
     )
     assert data.label_names == ["negative", "positive"]
     counts = data.summary["train_label_counts"]
-    assert counts == {"negative": data.train.labels.count(0), "positive": data.train.labels.count(1)}
+    assert counts == {
+        "negative": data.train.labels.count(0),
+        "positive": data.train.labels.count(1),
+    }
     assert sum(counts.values()) == 40
 
 
@@ -123,7 +126,10 @@ def test_malformed_csv_names_the_file(tmp_path: Path) -> None:
 def test_eval_labels_must_occur_in_training(tmp_path: Path) -> None:
     train = write_csv(tmp_path / "train.csv", ["text", "label"], ROWS)
     evaluation = write_csv(tmp_path / "eval.csv", ["text", "label"], [("meh", "neutral")])
-    with pytest.raises(DataError, match=r"labels \['neutral'\] in column 'label' are not among the labels negative, positive"):
+    with pytest.raises(
+        DataError,
+        match=r"labels \['neutral'\] in column 'label' are not among the labels negative, positive",
+    ):
         load_training_data(spec(train, eval_data=str(evaluation)))
 
 

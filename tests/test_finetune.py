@@ -17,13 +17,22 @@ def test_finetune_saves_a_labelled_safetensors_model(
     out.mkdir()
     progress: list[dict] = []
     spec = FinetuneSpec(
-        data=str(reviews_csv), model=str(tiny_model), epochs=8, learning_rate=2e-3,
-        train_size=120, eval_size=40, name="tiny",
+        data=str(reviews_csv),
+        model=str(tiny_model),
+        epochs=8,
+        learning_rate=2e-3,
+        train_size=120,
+        eval_size=40,
+        name="tiny",
     )
     result = finetune(spec, out, on_progress=progress.append)
 
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MANIFEST,
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        MANIFEST,
     ]
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {"0": "negative", "1": "positive"}
@@ -39,7 +48,11 @@ def test_finetune_saves_a_labelled_safetensors_model(
     steps = [p["step"] for p in progress if p.get("phase") == "training"]
     assert steps[0] == 0 and steps[-1] == metrics["train_steps"]
     assert [p["phase"] for p in progress if "step" not in p] == [
-        "loading data", "loading model", "tokenizing", "evaluating", "saving",
+        "loading data",
+        "loading model",
+        "tokenizing",
+        "evaluating",
+        "saving",
     ]
 
     manifest = json.loads((out / MANIFEST).read_text())

@@ -11,7 +11,10 @@ def test_metrics_of_a_known_confusion() -> None:
     assert metrics["confusion_matrix"] == [[3, 1, 0], [1, 3, 0], [0, 1, 1]]
     assert metrics["accuracy"] == pytest.approx(0.7)
     assert metrics["per_class"]["neg"] == {
-        "precision": 0.75, "recall": 0.75, "f1": 0.75, "support": 4,
+        "precision": 0.75,
+        "recall": 0.75,
+        "f1": 0.75,
+        "support": 4,
     }
     assert metrics["per_class"]["pos"]["precision"] == pytest.approx(0.6)
     assert metrics["per_class"]["neutral"]["recall"] == pytest.approx(0.5)

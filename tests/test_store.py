@@ -26,8 +26,12 @@ def staged(tmp_path: Path, name: str = "staged") -> Path:
     return folder
 
 
-MODEL = {"name": "reviews", "base_model": "minilm", "labels": ["neg", "pos"],
-         "data_fingerprint": "f" * 64}
+MODEL = {
+    "name": "reviews",
+    "base_model": "minilm",
+    "labels": ["neg", "pos"],
+    "data_fingerprint": "f" * 64,
+}
 
 
 def test_the_database_is_migrated_on_first_use(engine: Engine) -> None:
@@ -65,8 +69,13 @@ def test_registration_moves_the_folder_and_ends_the_job_in_one_step(
         attempt = store.claim_job(engine, job_id=job.id, worker="w")
         assert attempt is not None
         row = store.register_model(
-            engine, job_id=job.id, attempt=attempt, staged_dir=staged(tmp_path, f"s{i}"),
-            models_dir=models_dir, model=MODEL, metrics={"accuracy": 0.5 + i / 10},
+            engine,
+            job_id=job.id,
+            attempt=attempt,
+            staged_dir=staged(tmp_path, f"s{i}"),
+            models_dir=models_dir,
+            model=MODEL,
+            metrics={"accuracy": 0.5 + i / 10},
         )
         assert row is not None
         versions.append(row.version)
@@ -84,8 +93,13 @@ def test_a_job_that_lost_its_lease_registers_nothing(engine: Engine, tmp_path: P
     store.claim_job(engine, job_id=job.id, worker="w")
     folder = staged(tmp_path)
     row = store.register_model(
-        engine, job_id=job.id, attempt=7, staged_dir=folder,
-        models_dir=tmp_path / "models", model=MODEL, metrics={},
+        engine,
+        job_id=job.id,
+        attempt=7,
+        staged_dir=folder,
+        models_dir=tmp_path / "models",
+        model=MODEL,
+        metrics={},
     )
     assert row is None
     assert not folder.exists() and not (tmp_path / "models" / "reviews").exists()

@@ -18,8 +18,22 @@ def invoke(env: dict[str, str], *args: str) -> object:
 
 def submit_tiny(env: dict[str, str], queue: str, data: Path, model: Path, *extra: str) -> object:
     return invoke(
-        env, "finetune", "--data", str(data), "--model", str(model), "--queue", queue,
-        "--epochs", "8", "--learning-rate", "0.002", "--name", "tiny-sentiment", "--wait", *extra,
+        env,
+        "finetune",
+        "--data",
+        str(data),
+        "--model",
+        str(model),
+        "--queue",
+        queue,
+        "--epochs",
+        "8",
+        "--learning-rate",
+        "0.002",
+        "--name",
+        "tiny-sentiment",
+        "--wait",
+        *extra,
     )
 
 

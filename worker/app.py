@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+
 from tuneq.schemas.settings import Settings
 
 RUN_JOB = "tuneq.run_job"

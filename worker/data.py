@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
 from tuneq.schemas.errors import DataError, DataUnavailable
 from tuneq.schemas.specs import FinetuneSpec
 

@@ -7,11 +7,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import tuneq.schemas.migrations as migrations_package
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.engine import Connection
+
+import tuneq.schemas.migrations as migrations_package
 from tuneq.schemas.errors import ConfigError
 
 SQLITE_BUSY_TIMEOUT_S = 60

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from transformers import PrinterCallback, TrainerCallback
+
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.worker.data import Examples, TrainingData, load_training_data
 from tuneq.worker.metrics import classification_metrics

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
+
 from tuneq.schemas.errors import ModelError
 from tuneq.worker.store import find_model
 
@@ -53,6 +54,7 @@ def has_model(engine: Engine, ref: str) -> bool:
 def load_for_inference(folder: str) -> tuple[Any, Any, Any]:
     """Model, tokenizer and device for ``folder``, loaded once per process."""
     import torch
+
     from tuneq.worker.models import load_classifier, load_tokenizer, quiet_transformers
 
     quiet_transformers()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
+
 from tuneq.schemas.errors import TuneqError
 from tuneq.schemas.settings import Settings
 from tuneq.schemas.specs import FinetuneSpec, parse_spec

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from celery import signals
+
 from tuneq.schemas.settings import Settings
 from tuneq.worker.app import create_app
 from tuneq.worker.db import forget_engines, get_engine

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+
 from tuneq.schemas.errors import JobNotFound, ModelNotFound
 from tuneq.schemas.specs import JobSpec
 from tuneq.schemas.tables import Job, JobEvent, JobStatus, Model, utcnow
@@ -281,13 +280,3 @@ def job_model(engine: Engine, job: Job) -> Model | None:
         return None
     with Session(engine) as session:
         return session.get(Model, job.model_id)
-
-
-def elapsed(start: datetime | None, end: datetime | None) -> float | None:
-    """Seconds between two stored timestamps (SQLite returns them without a zone)."""
-    if start is None or end is None:
-        return None
-    return (end.replace(tzinfo=None) - start.replace(tzinfo=None)).total_seconds()
-
-
-OnProgress = Callable[[dict[str, Any]], None]

@@ -21,6 +21,7 @@ def configure_torch(threads: int | None) -> None:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(threads)
     import torch
+
     from tuneq.worker.models import quiet_transformers
 
     if threads:

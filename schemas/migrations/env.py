@@ -1,6 +1,7 @@
 """Alembic environment: runs on the connection that ``tuneq.worker.db`` hands in."""
 
 from alembic import context
+
 from tuneq.schemas.tables import Base
 
 connection = context.config.attributes["connection"]
