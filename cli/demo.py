@@ -110,7 +110,7 @@ def demo(
             f"Queued fine-tune job {job.id}: {model} on {spec.data}, "
             f"{train_size} train / {eval_size} eval reviews"
         )
-        finished = follow_job(db, job.id)
+        finished = follow_job(db, job.id, watch=lambda: worker_gone(worker))
     finally:
         stop_worker(worker)
     from tuneq.worker.store import job_model
@@ -133,8 +133,8 @@ def demo(
 
 def start_worker() -> subprocess.Popen[bytes]:
     """A worker process for the demo's queue, with this process's settings."""
-    log = settings().data_dir / "demo-worker.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    log = worker_log()
+    settings().data_dir.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,
         "-m",
@@ -147,6 +147,16 @@ def start_worker() -> subprocess.Popen[bytes]:
     ]
     with open(log, "ab") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+
+def worker_log() -> str:
+    return str(settings().data_dir / "demo-worker.log")
+
+
+def worker_gone(process: subprocess.Popen[bytes]) -> str | None:
+    if process.poll() is None:
+        return None
+    return f"the demo's worker stopped (exit code {process.returncode}); see {worker_log()}"
 
 
 def stop_worker(process: subprocess.Popen[bytes], timeout_s: float = 30) -> None:

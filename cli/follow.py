@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -46,8 +47,17 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def follow_job(engine: Engine, job_id: str, *, timeout_s: float | None = None) -> Job:
-    """Print progress until job ``job_id`` ends; fail (exit 1) unless it succeeded."""
+def follow_job(
+    engine: Engine,
+    job_id: str,
+    *,
+    timeout_s: float | None = None,
+    watch: Callable[[], str | None] | None = None,
+) -> Job:
+    """Print progress until job ``job_id`` ends; fail (exit 1) unless it succeeded.
+
+    ``watch``, called at every poll, may return a reason to stop waiting (a dead worker).
+    """
     from tuneq.worker.store import get_job
 
     interactive = sys.stderr.isatty()
@@ -64,6 +74,9 @@ def follow_job(engine: Engine, job_id: str, *, timeout_s: float | None = None) -
             last_line = line
         if JobStatus(job.status) in FINISHED:
             break
+        problem = watch() if watch else None
+        if problem:
+            raise click.ClickException(f"job {job_id} is {job.status}, but {problem}")
         if deadline is not None and time.monotonic() > deadline:
             raise click.ClickException(f"job {job_id} did not finish in {timeout_s:.0f}s")
         time.sleep(POLL_S)

@@ -54,7 +54,7 @@ class FinetuneSpec(BaseModel):
     )
     max_length: int = Field(256, ge=8, le=8192, description="Truncate texts to this many tokens.")
     epochs: float = Field(1.0, gt=0, le=100, description="Training epochs.")
-    batch_size: int = Field(16, ge=1, le=4096, description="Training batch size.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Training batch size.")
     learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak learning rate.")
     warmup: float = Field(
         0.1, ge=0, description="Warm-up: a fraction of the steps (< 1) or a number of steps."

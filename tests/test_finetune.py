@@ -23,6 +23,7 @@ def test_finetune_saves_a_labelled_safetensors_model(
         learning_rate=2e-3,
         train_size=120,
         eval_size=40,
+        batch_size=16,
         name="tiny",
     )
     result = finetune(spec, out, on_progress=progress.append)

@@ -30,6 +30,8 @@ def submit_tiny(env: dict[str, str], queue: str, data: Path, model: Path, *extra
         "8",
         "--learning-rate",
         "0.002",
+        "--batch-size",
+        "16",
         "--name",
         "tiny-sentiment",
         "--wait",
