@@ -22,15 +22,20 @@ def progress_line(job: Job) -> str:
     """``training [#####-----] 12/63 steps  epoch 0.19  loss 0.6931  ETA 40s``"""
     progress: dict[str, Any] = job.progress or {}
     phase = progress.get("phase") or job.status
-    step, total = progress.get("step"), progress.get("total")
+    if "total_rows" in progress:
+        step, total, unit = progress.get("rows"), progress["total_rows"], "rows"
+    else:
+        step, total, unit = progress.get("step"), progress.get("total"), "steps"
     if step is None or not total:
         return f"{job.id} {phase}…"
     filled = int(BAR_WIDTH * step / total)
-    parts = [f"{phase} [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {step}/{total} steps"]
+    parts = [f"{phase} [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {step}/{total} {unit}"]
     if progress.get("epoch") is not None:
         parts.append(f"epoch {progress['epoch']:.2f}")
     if progress.get("loss") is not None:
         parts.append(f"loss {progress['loss']:.4f}")
+    if progress.get("rows_per_s") is not None:
+        parts.append(f"{progress['rows_per_s']:.1f} rows/s")
     if progress.get("eta_s") is not None:
         parts.append(f"ETA {format_seconds(progress['eta_s'])}")
     return "  ".join(parts)

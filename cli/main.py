@@ -12,6 +12,7 @@ from tuneq.cli.finetune import finetune
 from tuneq.cli.jobs import jobs, show
 from tuneq.cli.models import models
 from tuneq.cli.predict import predict
+from tuneq.cli.score import score
 from tuneq.cli.worker import worker
 from tuneq.schemas.errors import TuneqError
 
@@ -29,7 +30,8 @@ class TuneqGroup(click.Group):
 @click.group(cls=TuneqGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tuneq")
 def cli() -> None:
-    """Queue fine-tune jobs for Hugging Face text classifiers and run them on workers.
+    """Queue fine-tune and batch-scoring jobs for Hugging Face text classifiers and run them
+    on workers.
 
     \b
     Try it (fine-tunes MiniLM on IMDB reviews through a worker it starts):
@@ -39,11 +41,12 @@ def cli() -> None:
       tuneq worker &
       tuneq finetune --data reviews.csv --name reviews --wait
       tuneq predict reviews "What a wonderful film."
+      tuneq score reviews big.csv --output big.scored.parquet --wait
 
     Settings come from TUNEQ_DATA_DIR, TUNEQ_DATABASE_URL, TUNEQ_BROKER_URL and
     TUNEQ_ARTIFACT_DIR; with none set, everything lives under ~/.local/share/tuneq.
     """
 
 
-for command in (demo, finetune, jobs, show, models, predict, worker, db):
+for command in (demo, finetune, score, jobs, show, models, predict, worker, db):
     cli.add_command(command)

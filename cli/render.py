@@ -87,10 +87,14 @@ def describe_job(job: Job, model: Model | None, events: list[JobEvent]) -> str:
         lines.append(f"progress  {progress_line(job)}")
     lines.append("spec")
     lines += [f"  {key}: {value}" for key, value in job.spec.items() if value is not None]
-    if job.metrics:
+    if job.metrics and job.kind == "score":
+        lines += describe_scoring(job.metrics)
+    elif job.metrics:
         lines += describe_metrics(job.metrics)
     if model is not None:
         lines.append(f"model     {model.name}:{model.version}  {model.path}")
+    if job.output_path:
+        lines.append(f"output    {job.output_path}")
     if job.error:
         lines.append(f"error     {job.error}")
     if events:
@@ -132,6 +136,16 @@ def describe_metrics(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def describe_scoring(metrics: dict[str, Any]) -> list[str]:
+    return [
+        "metrics",
+        f"  rows       {metrics.get('rows')} ({metrics.get('empty_rows')} with empty text)",
+        f"  shards     {metrics.get('shards')} on {metrics.get('workers')} worker(s)",
+        f"  speed      {metrics.get('rows_per_second')} rows/s over {metrics.get('seconds')}s "
+        f"({metrics.get('precision')})",
+    ]
+
+
 MODEL_HEADERS = ["model", "base", "labels", "accuracy", "macro-F1", "created", "path"]
 
 
@@ -163,6 +177,7 @@ def job_json(job: Job) -> dict[str, Any]:
         "metrics": job.metrics,
         "error": job.error,
         "model_id": job.model_id,
+        "output_path": job.output_path,
     }
 
 

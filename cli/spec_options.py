@@ -39,13 +39,20 @@ def spec_options(
             if name in exclude:
                 continue
             default = "" if field.is_required() else f" [default: {field.default}]"
-            function = click.option(
-                option_name(name),
-                name,
-                type=_click_type(field.annotation),
-                default=None,
-                help=(field.description or "") + default,
-            )(function)
+            help_text = (field.description or "") + default
+            if field.annotation is bool:
+                flag = option_name(name)
+                declaration = f"{flag}/--no-{flag[2:]}"
+                option = click.option(declaration, name, default=None, help=help_text)
+            else:
+                option = click.option(
+                    option_name(name),
+                    name,
+                    type=_click_type(field.annotation),
+                    default=None,
+                    help=help_text,
+                )
+            function = option(function)
         return function
 
     return decorate

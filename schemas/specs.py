@@ -100,12 +100,70 @@ class FinetuneSpec(BaseModel):
         return f"{stem[:50]}-classifier"
 
 
-JobSpec = FinetuneSpec
+class ScoreSpec(BaseModel):
+    """A batch-predict job: label every row of a file with a fine-tuned model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["score"] = "score"
+    model: str = Field(
+        description="Model: a registered name (its latest version), name:version, or a folder."
+    )
+    input: str = Field(
+        description="File to score: CSV, TSV, JSON lines or Parquet, optionally .gz."
+    )
+    output: str = Field(
+        description="Scored file; its suffix (.csv, .tsv, .jsonl, .parquet, + .gz) sets the "
+        "format. Every input row and column, in order, plus label and score."
+    )
+    text_column: str = Field("text", description="Column that holds the text to label.")
+    id_column: str | None = Field(
+        None, description="Column that identifies rows; named in messages about bad rows."
+    )
+    encoding: str = Field("utf-8", description="Text encoding of a CSV or TSV input.")
+    probabilities: bool = Field(
+        False, description="Add one probability column per label (prob_<label>)."
+    )
+    precision: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32",
+        description="Numeric mode: fp32; bf16 autocast (CPUs with bf16, GPUs); int8 dynamic "
+        "quantisation (CPU). Check agreement with fp32 before trusting a faster mode.",
+    )
+    max_length: int = Field(512, ge=8, le=8192, description="Truncate texts to this many tokens.")
+    batch_tokens: int = Field(
+        8192, ge=64, description="Token budget of a batch (rows × padded length)."
+    )
+    shard_rows: int = Field(
+        1000, ge=1, description="Rows per shard; shards are scored by any listening worker."
+    )
+    queue: str = Field("cpu", description="Worker queue to send the job to.")
+    model_path: str | None = Field(
+        None, description="Model folder, resolved when the job is submitted (set by tuneq)."
+    )
+
+    @field_validator("output")
+    @classmethod
+    def _check_output(cls, value: str) -> str:
+        name = value.lower().removesuffix(".gz")
+        if not name.endswith(OUTPUT_SUFFIXES):
+            raise ValueError(f"must end in {', '.join(OUTPUT_SUFFIXES)} (optionally + .gz)")
+        if value.lower().endswith(".parquet.gz"):
+            raise ValueError("Parquet is compressed already: use .parquet")
+        return value
 
 
-def parse_spec(raw: dict[str, Any]) -> JobSpec:
+OUTPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
+
+JobSpec = Annotated[FinetuneSpec | ScoreSpec, Field(discriminator="kind")]
+SPEC_CLASSES: dict[str, type[FinetuneSpec] | type[ScoreSpec]] = {
+    "finetune": FinetuneSpec,
+    "score": ScoreSpec,
+}
+
+
+def parse_spec(raw: dict[str, Any]) -> FinetuneSpec | ScoreSpec:
     """Validate a spec read from a job file or a database row."""
     kind = raw.get("kind", "finetune")
-    if kind != "finetune":
-        raise ValueError(f"unknown job kind {kind!r}; tuneq runs: finetune")
-    return FinetuneSpec.model_validate(raw)
+    if kind not in SPEC_CLASSES:
+        raise ValueError(f"unknown job kind {kind!r}; tuneq runs: {', '.join(SPEC_CLASSES)}")
+    return SPEC_CLASSES[kind].model_validate(raw)

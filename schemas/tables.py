@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -45,7 +46,11 @@ FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+    type_annotation_map = {
+        dict[str, Any]: JSON,
+        datetime: DateTime(timezone=True),
+        float: Float,
+    }
 
 
 class Job(Base):
@@ -69,6 +74,34 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     traceback: Mapped[str | None] = mapped_column(Text)
     model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
+    output_path: Mapped[str | None] = mapped_column(Text)
+
+
+class ShardStatus(str, enum.Enum):
+    """A shard of a scoring job: queued → running → done (or failed)."""
+
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+class Shard(Base):
+    """A range of rows of a scoring job's input, scored by whichever worker claims it."""
+
+    __tablename__ = "shards"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    row_start: Mapped[int] = mapped_column(Integer)
+    row_count: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=ShardStatus.queued.value)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    empty_rows: Mapped[int] = mapped_column(Integer, default=0)
+    seconds: Mapped[float | None]
 
 
 class JobEvent(Base):

@@ -200,3 +200,29 @@ def start_worker(tmp_path: Path) -> Iterator[object]:
 def queue_name() -> str:
     """A queue of this test's own, so tests never take each other's jobs on a shared Redis."""
     return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_model(
+    tiny_model: Path, reviews_csv: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny BERT fine-tuned on the synthetic reviews: labels negative/positive."""
+    from tuneq.schemas.specs import FinetuneSpec
+    from tuneq.worker.finetune import finetune
+
+    folder = tmp_path_factory.mktemp("trained-tiny")
+    spec = FinetuneSpec(
+        data=str(reviews_csv), model=str(tiny_model), epochs=8, learning_rate=2e-3, batch_size=16
+    )
+    finetune(spec, folder)
+    return folder
+
+
+def scoring_input(path: Path, rows: int, seed: int = 1) -> Path:
+    """A CSV of reviews with an id, a rating and some empty texts, of varied lengths."""
+    rng = random.Random(seed)
+    records = []
+    for i, (text, label) in enumerate(synthetic_reviews(rows, seed)):
+        padding = " ".join(rng.choices(FILLER, k=rng.randint(0, 60)))
+        records.append((f"r{i:05d}", "" if i % 37 == 5 else f"{text} {padding}", label, i % 10))
+    return write_csv(path, ["id", "text", "truth", "rating"], records)

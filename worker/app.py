@@ -9,6 +9,7 @@ from celery import Celery
 from tuneq.schemas.settings import Settings
 
 RUN_JOB = "tuneq.run_job"
+RUN_SHARD = "tuneq.run_shard"
 # Above the longest job: kombu redelivers unacked Redis messages older than this even while
 # they run (celery#5935). The job row's lease, not this timeout, is what prevents double runs.
 VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
@@ -39,7 +40,16 @@ def create_app(settings: Settings) -> Celery:
     def run_job(job_id: str) -> str | None:
         from tuneq.worker.runner import run_job as run
 
-        return run(settings, job_id, worker=worker_name())
+        def publish_shard(index: int, queue: str) -> None:
+            send_shard(app, job_id, index, queue)
+
+        return run(settings, job_id, worker=worker_name(), publish_shard=publish_shard)
+
+    @app.task(name=RUN_SHARD, ignore_result=True)
+    def run_shard(job_id: str, index: int) -> str | None:
+        from tuneq.worker.runner import run_shard as run
+
+        return run(settings, job_id, index, worker=worker_name())
 
     return app
 
@@ -60,3 +70,8 @@ def worker_name() -> str:
 def send_job(app: Celery, job_id: str, queue: str) -> None:
     """Publish a job's id to ``queue``."""
     app.send_task(RUN_JOB, args=[job_id], queue=queue)
+
+
+def send_shard(app: Celery, job_id: str, index: int, queue: str) -> None:
+    """Publish one shard of a scoring job to ``queue``."""
+    app.send_task(RUN_SHARD, args=[job_id, index], queue=queue)

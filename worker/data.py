@@ -13,8 +13,8 @@ import pyarrow as pa
 
 from tuneq.schemas.errors import DataError, DataUnavailable
 from tuneq.schemas.specs import FinetuneSpec
+from tuneq.worker.files import SUFFIXES, data_suffix, read_table
 
-SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 TRAIN_NAMES = ("train",)
 EVAL_NAMES = ("test", "eval", "evaluation", "validation", "val", "dev")
 DEFAULT_HOLDOUT = 0.2
@@ -40,14 +40,6 @@ class TrainingData:
     summary: dict[str, Any]
 
 
-def data_suffix(path: Path) -> str:
-    """The data format of ``path`` (``.csv``, ``.tsv``, …), looking through ``.gz``."""
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    return suffixes[-1] if suffixes else ""
-
-
 def is_local(source: str) -> bool:
     """Whether ``source`` names a file or folder rather than a Hub data set."""
     path = Path(source).expanduser()
@@ -57,50 +49,6 @@ def is_local(source: str) -> bool:
         or data_suffix(path) in SUFFIXES
         or source.endswith(".gz")
     )
-
-
-def read_table(path: Path) -> pa.Table:
-    """Read one CSV, TSV, JSON lines or Parquet file (optionally gzipped) into a table."""
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if path.is_dir():
-        raise DataError(f"{path} is a folder; pass a file, or a folder of data files as --data")
-    suffix = data_suffix(path)
-    if suffix not in SUFFIXES:
-        raise DataError(f"{path}: unknown format; use .csv, .tsv, .jsonl or .parquet (or .gz)")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path} is empty")
-    try:
-        table = _read(path, suffix)
-    except pa.ArrowInvalid as exc:
-        message = str(exc).replace("\n", " ")
-        if "Empty CSV file" in message:
-            raise DataError(f"{path} is empty") from None
-        raise DataError(f"{path}: cannot be read as {suffix[1:].upper()}: {message}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot be read: {exc}") from None
-    if table.num_rows == 0:
-        raise DataError(f"{path} has no rows")
-    return table
-
-
-def _read(path: Path, suffix: str) -> pa.Table:
-    if suffix in (".csv", ".tsv"):
-        from pyarrow import csv
-
-        delimiter = "\t" if suffix == ".tsv" else ","
-        return csv.read_csv(
-            path,
-            parse_options=csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            read_options=csv.ReadOptions(block_size=1 << 24),
-        )
-    if suffix in (".jsonl", ".json"):
-        from pyarrow import json
-
-        return json.read_json(path, read_options=json.ReadOptions(block_size=1 << 24))
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path)
 
 
 def read_folder(folder: Path) -> tuple[pa.Table, pa.Table | None]:

@@ -1,4 +1,5 @@
-"""Labelling texts with a fine-tuned classifier: length-sorted batches, no gradients."""
+"""Labelling texts with a fine-tuned classifier: length-sorted batches under a token budget,
+no gradients, each model loaded once per process, in fp32, bf16 or int8."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Engine
 
 from tuneq.schemas.errors import ModelError
 from tuneq.worker.store import find_model
+
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,17 @@ class Prediction:
 
     label: str
     score: float
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A loaded model, ready to label texts."""
+
+    model: Any
+    tokenizer: Any
+    device: Any
+    precision: str
+    labels: list[str]
 
 
 def model_folder(engine: Engine, ref: str) -> Path:
@@ -51,8 +66,8 @@ def has_model(engine: Engine, ref: str) -> bool:
 
 
 @lru_cache(maxsize=4)
-def load_for_inference(folder: str) -> tuple[Any, Any, Any]:
-    """Model, tokenizer and device for ``folder``, loaded once per process."""
+def load_for_inference(folder: str, precision: str = "fp32") -> Classifier:
+    """The classifier in ``folder``, loaded once per process and precision."""
     import torch
 
     from tuneq.worker.models import load_classifier, load_tokenizer, quiet_transformers
@@ -60,28 +75,63 @@ def load_for_inference(folder: str) -> tuple[Any, Any, Any]:
     quiet_transformers()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(folder, folder)
-    model = load_classifier(folder, folder).to(device).eval()
-    return model, tokenizer, device
+    model = load_classifier(folder, folder).eval()
+    if precision == "int8":
+        if device.type != "cpu":
+            raise ModelError("int8 scoring runs on a CPU; use --precision bf16 on a GPU")
+        from torch.ao.quantization import quantize_dynamic
+
+        model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    model = model.to(device)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    return Classifier(model, tokenizer, device, precision, labels)
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length whose padded size (rows × longest)
+    stays within ``batch_tokens``; short texts share big batches, long ones small ones."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        if current and (len(current) + 1) * lengths[index] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def classify(
+    classifier: Classifier, texts: list[str], *, max_length: int = 512, batch_tokens: int = 8192
+) -> np.ndarray:
+    """Probabilities, one row per text in the given order, one column per label."""
+    import torch
+
+    encoded = classifier.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    probabilities = np.zeros((len(texts), len(classifier.labels)), dtype=np.float32)
+    autocast = classifier.precision == "bf16"
+    with torch.inference_mode():
+        for batch in length_batches([len(ids) for ids in encoded], batch_tokens):
+            padded = classifier.tokenizer.pad(
+                {"input_ids": [encoded[i] for i in batch]}, return_tensors="pt"
+            )
+            inputs = {k: v.to(classifier.device) for k, v in padded.items()}
+            with torch.autocast(classifier.device.type, torch.bfloat16, enabled=autocast):
+                logits = classifier.model(**inputs).logits
+            probabilities[batch] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    return probabilities
 
 
 def predict_texts(
-    folder: Path, texts: list[str], *, batch_size: int = 32, max_length: int = 512
+    folder: Path, texts: list[str], *, precision: str = "fp32", max_length: int = 512
 ) -> list[Prediction]:
-    """Label ``texts`` in their order; batches are formed from length-sorted texts."""
-    import torch
-
-    model, tokenizer, device = load_for_inference(str(folder))
-    id2label = model.config.id2label
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    results: list[Prediction | None] = [None] * len(texts)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
-            logits = model(**{k: v.to(device) for k, v in padded.items()}).logits
-            probabilities = torch.softmax(logits.float(), dim=-1)
-            scores, labels = probabilities.max(dim=-1)
-            for i, label, score in zip(batch, labels.tolist(), scores.tolist(), strict=True):
-                results[i] = Prediction(label=id2label[label], score=score)
-    return [r for r in results if r is not None]
+    """Label ``texts`` in their order."""
+    classifier = load_for_inference(str(folder), precision)
+    probabilities = classify(classifier, texts, max_length=max_length)
+    best = probabilities.argmax(axis=1)
+    return [
+        Prediction(label=classifier.labels[i], score=float(probabilities[row, i]))
+        for row, i in enumerate(best)
+    ]

@@ -10,6 +10,8 @@ import logging
 import shutil
 import time
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ from sqlalchemy import Engine
 
 from tuneq.schemas.errors import TuneqError
 from tuneq.schemas.settings import Settings
-from tuneq.schemas.specs import FinetuneSpec, parse_spec
+from tuneq.schemas.specs import FinetuneSpec, ScoreSpec, parse_spec
+from tuneq.schemas.tables import utcnow
 from tuneq.worker import store
 from tuneq.worker.db import get_engine
 
@@ -47,24 +50,46 @@ class ProgressRecorder:
             )
 
 
-def run_job(settings: Settings, job_id: str, *, worker: str) -> str | None:
-    """Claim job ``job_id`` and run it to an end state; returns that state, or ``None`` when
-    another delivery owns the job."""
+PublishShard = Callable[[int, str], None]  # shard index, queue
+
+
+def run_job(
+    settings: Settings, job_id: str, *, worker: str, publish_shard: PublishShard
+) -> str | None:
+    """Claim job ``job_id`` and run it; returns its state afterwards, or ``None`` when another
+    delivery owns the job. A scoring job stays ``running`` while its shards are scored."""
     engine = get_engine(settings.database_url)
     attempt = store.claim_job(engine, job_id=job_id, worker=worker)
     if attempt is None:
         log.info("job %s is not claimable (already taken or finished); skipping", job_id)
         return None
     job = store.get_job(engine, job_id)
+    spec = parse_spec(job.spec)
+    if isinstance(spec, ScoreSpec):
+        folder = scoring_folder(settings, job_id)
+        with failures_recorded(engine, job_id, attempt, cleanup=folder):
+            return start_scoring(engine, job_id, attempt, spec, folder, publish_shard)
+        return "failed"
     staging = settings.artifact_dir / "staging" / f"{job_id}-{attempt}"
     try:
-        spec = parse_spec(job.spec)
-        assert isinstance(spec, FinetuneSpec)
-        return run_finetune(settings, engine, job_id, attempt, spec, staging)
+        with failures_recorded(engine, job_id, attempt, cleanup=staging):
+            return run_finetune(settings, engine, job_id, attempt, spec, staging)
+        return "failed"
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def failures_recorded(
+    engine: Engine, job_id: str, attempt: int, *, cleanup: Path | None = None
+) -> Iterator[None]:
+    """Fail the job on any error: a ``TuneqError`` with its message, anything else as an
+    internal error with its traceback. The worker carries on either way."""
+    try:
+        yield
     except TuneqError as exc:
         log.warning("job %s failed: %s", job_id, exc)
         store.mark_failed(engine, job_id=job_id, attempt=attempt, error=str(exc))
-        return "failed"
     except Exception as exc:
         log.exception("job %s crashed", job_id)
         store.mark_failed(
@@ -74,9 +99,10 @@ def run_job(settings: Settings, job_id: str, *, worker: str) -> str | None:
             error=f"internal error: {type(exc).__name__}: {exc}",
             traceback=traceback.format_exc(),
         )
-        return "failed"
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        return
+    if cleanup is not None:
+        shutil.rmtree(cleanup, ignore_errors=True)
 
 
 def run_finetune(
@@ -114,4 +140,94 @@ def run_finetune(
         log.warning("job %s lost its lease before registering; result discarded", job_id)
         return "lost"
     log.info("job %s succeeded: %s:%s at %s", job_id, model.name, model.version, model.path)
+    return "succeeded"
+
+
+def scoring_folder(settings: Settings, job_id: str) -> Path:
+    """Where a scoring job keeps its staged input and scored parts (in the shared store)."""
+    return settings.artifact_dir / "scoring" / job_id
+
+
+def start_scoring(
+    engine: Engine,
+    job_id: str,
+    attempt: int,
+    spec: ScoreSpec,
+    folder: Path,
+    publish_shard: PublishShard,
+) -> str:
+    """Stage the input as shards, record them, and queue one message per shard."""
+    from tuneq.worker.score import stage_input
+
+    store.record_progress(engine, job_id=job_id, attempt=attempt, progress={"phase": "staging"})
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    staged = stage_input(spec, folder)
+    if not store.create_shards(engine, job_id=job_id, attempt=attempt, sizes=staged.shard_sizes):
+        shutil.rmtree(folder, ignore_errors=True)
+        return "lost"
+    for index in range(len(staged.shard_sizes)):
+        publish_shard(index, spec.queue)
+    return "running"
+
+
+def run_shard(settings: Settings, job_id: str, index: int, *, worker: str) -> str | None:
+    """Score one shard; the worker that finishes the last shard assembles the output."""
+    from tuneq.worker.score import score_shard
+
+    engine = get_engine(settings.database_url)
+    shard_attempt = store.claim_shard(engine, job_id=job_id, index=index, worker=worker)
+    if shard_attempt is None:
+        log.info("shard %s/%s is not claimable; skipping", job_id, index)
+        return None
+    job = store.get_job(engine, job_id)
+    spec = parse_spec(job.spec)
+    assert isinstance(spec, ScoreSpec)
+    folder = scoring_folder(settings, job_id)
+    with failures_recorded(engine, job_id, job.attempt, cleanup=folder):
+        result = score_shard(spec, folder, index)
+        left = store.finish_shard(
+            engine,
+            job_id=job_id,
+            index=index,
+            attempt=shard_attempt,
+            empty_rows=result.empty_rows,
+            seconds=result.seconds,
+        )
+        if left == 0:
+            return finish_scoring(engine, job_id, job.attempt, spec, folder)
+        return "running"
+    return "failed"
+
+
+def finish_scoring(engine: Engine, job_id: str, attempt: int, spec: ScoreSpec, folder: Path) -> str:
+    """Assemble the parts into the output, then mark the job succeeded pointing at it."""
+    from tuneq.worker.score import assemble_output
+
+    shards = store.list_shards(engine, job_id)
+    job = store.get_job(engine, job_id)
+    store.record_progress(
+        engine, job_id=job_id, attempt=attempt, progress=dict(job.progress or {}, phase="writing")
+    )
+    output = Path(spec.output)
+    assemble_output(folder, len(shards), output)
+    rows = sum(s.row_count for s in shards)
+    wall = max(1e-6, (utcnow() - store.aware(job.started_at or utcnow())).total_seconds())
+    metrics = {
+        "rows": rows,
+        "empty_rows": sum(s.empty_rows for s in shards),
+        "shards": len(shards),
+        "workers": len({s.worker for s in shards}),
+        "precision": spec.precision,
+        "seconds": round(wall, 3),
+        "rows_per_second": round(rows / wall, 2),
+        "scoring_seconds": round(sum(s.seconds or 0 for s in shards), 3),
+    }
+    if not store.mark_scored(
+        engine, job_id=job_id, attempt=attempt, output_path=str(output), metrics=metrics
+    ):
+        log.warning("job %s lost its lease before finishing; output left in place", job_id)
+        return "lost"
+    shutil.rmtree(folder, ignore_errors=True)
+    log.info("job %s succeeded: %d rows scored into %s", job_id, rows, output)
     return "succeeded"

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tuneq.schemas.errors import JobNotFound, ModelNotFound
 from tuneq.schemas.specs import JobSpec
-from tuneq.schemas.tables import Job, JobEvent, JobStatus, Model, utcnow
+from tuneq.schemas.tables import Job, JobEvent, JobStatus, Model, Shard, ShardStatus, utcnow
 
 CLAIMABLE = (JobStatus.queued.value, JobStatus.retrying.value)
 
@@ -280,3 +281,164 @@ def job_model(engine: Engine, job: Job) -> Model | None:
         return None
     with Session(engine) as session:
         return session.get(Model, job.model_id)
+
+
+def create_shards(engine: Engine, *, job_id: str, attempt: int, sizes: list[int]) -> bool:
+    """Record the shards of a running scoring job; ``False`` if the lease was lost."""
+    now = utcnow()
+    with Session(engine) as session, session.begin():
+        if session.execute(select(Job.id).where(*_running(job_id, attempt))).first() is None:
+            return False
+        session.execute(delete(Shard).where(Shard.job_id == job_id))
+        start = 0
+        for index, size in enumerate(sizes):
+            session.add(
+                Shard(
+                    job_id=job_id,
+                    index=index,
+                    row_start=start,
+                    row_count=size,
+                    status=ShardStatus.queued.value,
+                    attempt=0,
+                    empty_rows=0,
+                )
+            )
+            start += size
+        progress = {
+            "phase": "scoring",
+            "rows": 0,
+            "total_rows": start,
+            "shards": 0,
+            "total_shards": len(sizes),
+        }
+        session.execute(
+            update(Job)
+            .where(*_running(job_id, attempt))
+            .values(progress=progress, heartbeat_at=now)
+        )
+        session.add(
+            JobEvent(
+                job_id=job_id,
+                attempt=attempt,
+                kind="sharded",
+                message=f"{start} rows in {len(sizes)} shards",
+            )
+        )
+    return True
+
+
+def claim_shard(engine: Engine, *, job_id: str, index: int, worker: str) -> int | None:
+    """Take a queued shard of a running job; ``None`` if it is taken, done, or the job ended."""
+    job_running = select(Job.id).where(Job.id == job_id, Job.status == JobStatus.running.value)
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(Shard)
+            .where(
+                Shard.job_id == job_id,
+                Shard.index == index,
+                Shard.status == ShardStatus.queued.value,
+                job_running.exists(),
+            )
+            .values(
+                status=ShardStatus.running.value,
+                attempt=Shard.attempt + 1,
+                worker=worker,
+                started_at=utcnow(),
+            )
+        )
+        if result.rowcount != 1:
+            return None
+        attempt = conn.execute(
+            select(Shard.attempt).where(Shard.job_id == job_id, Shard.index == index)
+        ).scalar_one()
+        return int(attempt)
+
+
+def finish_shard(
+    engine: Engine, *, job_id: str, index: int, attempt: int, empty_rows: int, seconds: float
+) -> int | None:
+    """Mark a shard done and update the job's progress; returns how many shards are left
+    (0: the caller assembles the output), or ``None`` if the shard was not ours to finish."""
+    now = utcnow()
+    with Session(engine) as session, session.begin():
+        # Lock the job row so that exactly one finisher sees zero shards left.
+        job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
+        if job is None or job.status != JobStatus.running.value:
+            return None
+        result = session.execute(
+            update(Shard)
+            .where(
+                Shard.job_id == job_id,
+                Shard.index == index,
+                Shard.attempt == attempt,
+                Shard.status == ShardStatus.running.value,
+            )
+            .values(
+                status=ShardStatus.done.value,
+                finished_at=now,
+                empty_rows=empty_rows,
+                seconds=seconds,
+            )
+        )
+        if getattr(result, "rowcount", 0) != 1:
+            return None
+        shards = session.execute(
+            select(Shard.status, Shard.row_count).where(Shard.job_id == job_id)
+        ).all()
+        done_rows = sum(rows for status, rows in shards if status == ShardStatus.done.value)
+        done = sum(1 for status, _ in shards if status == ShardStatus.done.value)
+        total_rows = sum(rows for _, rows in shards)
+        elapsed = max(1e-6, (now - aware(job.started_at or now)).total_seconds())
+        rate = done_rows / elapsed
+        job.progress = {
+            "phase": "scoring",
+            "rows": done_rows,
+            "total_rows": total_rows,
+            "shards": done,
+            "total_shards": len(shards),
+            "rows_per_s": round(rate, 2),
+            "eta_s": round((total_rows - done_rows) / rate, 1) if rate else None,
+        }
+        job.heartbeat_at = now
+        return len(shards) - done
+
+
+def aware(moment: datetime) -> datetime:
+    """SQLite hands back timestamps without a zone; they are UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def list_shards(engine: Engine, job_id: str) -> list[Shard]:
+    with Session(engine) as session:
+        query = select(Shard).where(Shard.job_id == job_id).order_by(Shard.index)
+        return list(session.scalars(query))
+
+
+def mark_scored(
+    engine: Engine, *, job_id: str, attempt: int, output_path: str, metrics: dict[str, Any]
+) -> bool:
+    """End a scoring job as succeeded, pointing at its output; ``False`` if the lease was lost."""
+    now = utcnow()
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(Job)
+            .where(*_running(job_id, attempt))
+            .values(
+                status=JobStatus.succeeded.value,
+                finished_at=now,
+                output_path=output_path,
+                metrics=metrics,
+            )
+        )
+        if result.rowcount != 1:
+            return False
+        conn.execute(
+            JobEvent.__table__.insert().values(
+                job_id=job_id,
+                at=now,
+                attempt=attempt,
+                kind="succeeded",
+                message=f"wrote {output_path}",
+            )
+        )
+        return True

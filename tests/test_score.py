@@ -1,0 +1,157 @@
+"""Scoring work on its own: staging into shards, scoring a shard, assembling the output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import scoring_input
+from tuneq.schemas.errors import DataError
+from tuneq.schemas.specs import ScoreSpec
+from tuneq.worker.files import iter_batches
+from tuneq.worker.predict import length_batches, load_for_inference, predict_texts
+from tuneq.worker.score import assemble_output, score_shard, stage_input
+
+
+def run_locally(spec: ScoreSpec, folder: Path) -> None:
+    """Stage, score every shard and assemble, in this process."""
+    staged = stage_input(spec, folder)
+    for index in range(len(staged.shard_sizes)):
+        score_shard(spec, folder, index)
+    assemble_output(folder, len(staged.shard_sizes), Path(spec.output))
+
+
+def read_back(path: Path) -> pa.Table:
+    return pa.Table.from_batches(list(iter_batches(path)))
+
+
+def test_token_budget_batches_group_similar_lengths() -> None:
+    lengths = [5, 100, 7, 50, 6, 100, 8]
+    batches = length_batches(lengths, batch_tokens=200)
+    assert batches == [[0, 4, 2, 6], [3, 1], [5]]
+    assert all(len(b) * max(lengths[i] for i in b) <= 200 for b in batches)
+    assert length_batches([300], batch_tokens=200) == [[0]]  # a long text still gets a batch
+
+
+def test_staging_splits_into_shards(tmp_path: Path) -> None:
+    source = scoring_input(tmp_path / "in.csv", 250)
+    spec = ScoreSpec(model="m", input=str(source), output=str(tmp_path / "o.csv"), shard_rows=100)
+    staged = stage_input(spec, tmp_path / "work")
+    assert staged.shard_sizes == [100, 100, 50]
+    assert pq.ParquetFile(staged.path).metadata.num_row_groups == 3
+
+
+def test_csv_to_parquet_keeps_every_row_and_column_in_order(
+    trained_tiny_model: Path, tmp_path: Path
+) -> None:
+    source = scoring_input(tmp_path / "in.csv", 230)
+    output = tmp_path / "out.parquet"
+    spec = ScoreSpec(
+        model="tiny",
+        model_path=str(trained_tiny_model),
+        input=str(source),
+        output=str(output),
+        shard_rows=64,
+        probabilities=True,
+    )
+    run_locally(spec, tmp_path / "work")
+    scored = pq.read_table(output)
+    original = read_back(source)
+    assert scored.column_names == [
+        "id",
+        "text",
+        "truth",
+        "rating",
+        "label",
+        "score",
+        "prob_negative",
+        "prob_positive",
+    ]
+    assert scored.select(original.column_names).equals(original)
+
+    texts = original.column("text").to_pylist()
+    present = [i for i, t in enumerate(texts) if t]
+    alone = predict_texts(trained_tiny_model, [texts[i] for i in present])
+    labels = scored.column("label").to_pylist()
+    assert [labels[i] for i in present] == [p.label for p in alone]
+    assert [labels[i] for i in range(len(texts)) if not texts[i]] == [None] * 7
+    scores = scored.column("score").to_pylist()
+    assert scores[present[0]] == pytest.approx(alone[0].score, abs=1e-5)
+    accuracy = sum(labels[i] == original.column("truth")[i].as_py() for i in present) / len(present)
+    assert accuracy > 0.9
+
+
+def test_jsonl_to_csv_keeps_every_column(trained_tiny_model: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    rows = [
+        {"tweet_id": 10 + i, "body": text, "meta": {"lang": "en"}, "label": "gold"}
+        for i, text in enumerate(["superb loved it", "awful worst", "brilliant film"])
+    ]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    output = tmp_path / "out.csv"
+    spec = ScoreSpec(
+        model="tiny",
+        model_path=str(trained_tiny_model),
+        input=str(source),
+        output=str(output),
+        text_column="body",
+        shard_rows=2,
+    )
+    run_locally(spec, tmp_path / "work")
+    back = read_back(output).to_pylist()
+    assert [r["tweet_id"] for r in back] == ["10", "11", "12"]
+    assert [r["body"] for r in back] == [r["body"] for r in rows]
+    assert [json.loads(r["meta"]) for r in back] == [{"lang": "en"}] * 3
+    assert [r["label"] for r in back] == ["gold"] * 3  # the input's own label column stays
+    assert [r["predicted_label"] for r in back] == ["positive", "negative", "positive"]
+
+
+def test_missing_text_column_names_the_option(tmp_path: Path) -> None:
+    source = scoring_input(tmp_path / "in.csv", 5)
+    spec = ScoreSpec(
+        model="m", input=str(source), output=str(tmp_path / "o.csv"), text_column="review"
+    )
+    with pytest.raises(DataError) as caught:
+        stage_input(spec, tmp_path / "work")
+    assert str(caught.value) == (
+        f"{source} has no column 'review' (its columns: id, text, truth, rating); "
+        "name the right one with --text-column"
+    )
+
+
+def test_header_only_input_has_no_rows(tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    source.write_text("id,text\n")
+    spec = ScoreSpec(model="m", input=str(source), output=str(tmp_path / "o.csv"))
+    with pytest.raises(DataError, match="has no rows"):
+        stage_input(spec, tmp_path / "work")
+
+
+def test_a_failed_assembly_leaves_no_output(trained_tiny_model: Path, tmp_path: Path) -> None:
+    source = scoring_input(tmp_path / "in.csv", 20)
+    output = tmp_path / "out.csv"
+    spec = ScoreSpec(
+        model="t",
+        model_path=str(trained_tiny_model),
+        input=str(source),
+        output=str(output),
+        shard_rows=10,
+    )
+    staged = stage_input(spec, tmp_path / "work")
+    score_shard(spec, tmp_path / "work", 0)  # shard 1 never scored
+    with pytest.raises(FileNotFoundError):
+        assemble_output(tmp_path / "work", len(staged.shard_sizes), output)
+    assert list(tmp_path.glob("*out.csv*")) == []
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_faster_precisions_agree_with_fp32(trained_tiny_model: Path, precision: str) -> None:
+    texts = ["superb loved it", "awful dull worst", "brilliant moving film", "hated it"]
+    fp32 = [p.label for p in predict_texts(trained_tiny_model, texts)]
+    fast = [p.label for p in predict_texts(trained_tiny_model, texts, precision=precision)]
+    assert fast == fp32
+    assert load_for_inference(str(trained_tiny_model), precision).precision == precision

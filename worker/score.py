@@ -1,0 +1,172 @@
+"""Scoring work: stage an input file into shards, score one shard, assemble the output.
+
+Knows nothing of Celery or the database. Memory stays flat whatever the input's size: the
+input is read in chunks, a shard is at most ``shard_rows`` rows, and the output is written one
+shard at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tuneq.schemas.errors import DataError
+from tuneq.schemas.specs import ScoreSpec
+from tuneq.worker.files import TableWriter, iter_batches
+
+STAGED_INPUT = "input.parquet"
+PARTS = "parts"
+
+
+@dataclass(frozen=True)
+class StagedInput:
+    """The input, re-written as Parquet with one row group per shard."""
+
+    path: Path
+    shard_sizes: list[int]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.shard_sizes)
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    rows: int
+    empty_rows: int
+    seconds: float
+
+
+def output_columns(input_columns: list[str], labels: list[str], probabilities: bool) -> list[str]:
+    """Names of the columns scoring adds: ``label``, ``score`` (``predicted_…`` if the input
+    has those already) and, on request, ``prob_<label>`` per label."""
+    names = ["label", "score"] + ([f"prob_{label}" for label in labels] if probabilities else [])
+    return [f"predicted_{n}" if n in input_columns else n for n in names]
+
+
+def stage_input(spec: ScoreSpec, folder: Path) -> StagedInput:
+    """Read ``spec.input`` in chunks into ``folder/input.parquet``, one row group per shard."""
+    source = Path(spec.input)
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = folder / STAGED_INPUT
+    partial = staged.with_suffix(".partial")
+    writer: pq.ParquetWriter | None = None
+    sizes: list[int] = []
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+    try:
+        for batch in iter_batches(source, encoding=spec.encoding):
+            if writer is None:
+                check_columns(batch.schema, spec, source)
+                writer = pq.ParquetWriter(partial, batch.schema)
+            pending.append(batch)
+            pending_rows += batch.num_rows
+            while pending_rows >= spec.shard_rows:
+                table = pa.Table.from_batches(pending)
+                writer.write_table(table.slice(0, spec.shard_rows), row_group_size=spec.shard_rows)
+                sizes.append(spec.shard_rows)
+                rest = table.slice(spec.shard_rows)
+                pending, pending_rows = rest.to_batches(), rest.num_rows
+        if writer is None or (not sizes and pending_rows == 0):
+            raise DataError(f"{source} has no rows")
+        if pending_rows:
+            writer.write_table(pa.Table.from_batches(pending), row_group_size=spec.shard_rows)
+            sizes.append(pending_rows)
+    finally:
+        if writer is not None:
+            writer.close()
+    os.replace(partial, staged)
+    return StagedInput(staged, sizes)
+
+
+def check_columns(schema: pa.Schema, spec: ScoreSpec, source: Path) -> None:
+    for column, option in ((spec.text_column, "--text-column"), (spec.id_column, "--id-column")):
+        if column is not None and column not in schema.names:
+            raise DataError(
+                f"{source} has no column {column!r} (its columns: {', '.join(schema.names)}); "
+                f"name the right one with {option}"
+            )
+
+
+def read_shard(staged: Path, index: int) -> pa.Table:
+    return pq.ParquetFile(staged).read_row_group(index)
+
+
+def score_table(table: pa.Table, spec: ScoreSpec, classifier: object) -> tuple[pa.Table, int]:
+    """``table`` with the scoring columns added; rows with empty text get nulls. Returns the
+    table and the number of empty rows."""
+    from tuneq.worker.predict import Classifier, classify
+
+    assert isinstance(classifier, Classifier)
+    texts = pc.cast(table.column(spec.text_column), pa.string()).to_pylist()
+    present = [i for i, text in enumerate(texts) if text is not None and text.strip()]
+    probabilities = classify(
+        classifier,
+        [texts[i] for i in present],
+        max_length=spec.max_length,
+        batch_tokens=spec.batch_tokens,
+    )
+    mask = np.ones(len(texts), dtype=bool)
+    mask[present] = False
+    labels = np.array(classifier.labels, dtype=object)
+    best = probabilities.argmax(axis=1) if len(present) else np.zeros(0, dtype=int)
+    label_values = np.full(len(texts), None, dtype=object)
+    label_values[present] = labels[best]
+    score_values = np.zeros(len(texts), dtype=np.float32)
+    score_values[present] = probabilities[np.arange(len(present)), best]
+    names = output_columns(table.column_names, classifier.labels, spec.probabilities)
+    table = table.append_column(names[0], pa.array(label_values, type=pa.string()))
+    table = table.append_column(names[1], pa.array(score_values, mask=mask))
+    if spec.probabilities:
+        for k, name in enumerate(names[2:]):
+            column = np.zeros(len(texts), dtype=np.float32)
+            column[present] = probabilities[:, k]
+            table = table.append_column(name, pa.array(column, mask=mask))
+    return table, len(texts) - len(present)
+
+
+def score_shard(spec: ScoreSpec, folder: Path, index: int) -> ShardResult:
+    """Score shard ``index`` of the staged input into ``folder/parts/<index>.parquet``."""
+    from tuneq.worker.predict import load_for_inference
+
+    started = time.perf_counter()
+    assert spec.model_path is not None
+    classifier = load_for_inference(spec.model_path, spec.precision)
+    table = read_shard(folder / STAGED_INPUT, index)
+    scored, empty = score_table(table, spec, classifier)
+    part = part_path(folder, index)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    partial = part.with_suffix(f".{os.getpid()}.partial")
+    pq.write_table(scored, partial)
+    os.replace(partial, part)  # a part exists whole or not at all
+    return ShardResult(table.num_rows, empty, round(time.perf_counter() - started, 3))
+
+
+def part_path(folder: Path, index: int) -> Path:
+    return folder / PARTS / f"{index:06d}.parquet"
+
+
+def assemble_output(folder: Path, shards: int, output: Path) -> None:
+    """Concatenate the parts, in shard order, into ``output``; it appears whole or not at all."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
+    writer: TableWriter | None = None
+    try:
+        for index in range(shards):
+            part = pq.read_table(part_path(folder, index))
+            if writer is None:
+                writer = TableWriter(partial, part.schema, output_format=output)
+            writer.write(part)
+        assert writer is not None
+        writer.close()
+        os.replace(partial, output)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
