@@ -1,0 +1,233 @@
+"""Scoring speed: a tuneq scoring job (one worker) against the tutorial's predict() and
+transformers.pipeline, on real IMDB test reviews with a fine-tuned MiniLM, all in one run.
+
+    .venv/bin/python bench/score.py --model PATH   # a fine-tuned model folder
+    .venv/bin/python bench/score.py                # fine-tunes MiniLM on 1,000 reviews first
+
+Writes bench/results/score.json. Every figure in it comes from this run on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    encoder_flops,
+    imdb_reviews,
+    machine,
+    matmul_flops_per_second,
+    write_result,
+)
+
+
+def tutorial_predict(folder: str, texts: list[str]) -> tuple[list[int], float]:
+    """The tutorial's predict(): pad every review to 512 tokens, fixed batches of 8."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    started = time.perf_counter()
+    labels: list[int] = []
+    for start in range(0, len(texts), 8):
+        batch = tokenizer(
+            texts[start : start + 8],
+            padding="max_length",
+            truncation=True,
+            max_length=512,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            labels += model(**batch).logits.argmax(-1).tolist()
+    return labels, time.perf_counter() - started
+
+
+def pipeline_run(folder: str, texts: list[str], batch_size: int) -> tuple[list[str], float]:
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=folder, tokenizer=folder, device="cpu")
+    classify(texts[:2], truncation=True, max_length=512)  # warm up
+    started = time.perf_counter()
+    out = classify(texts, batch_size=batch_size, truncation=True, max_length=512)
+    return [o["label"] for o in out], time.perf_counter() - started
+
+
+def tuneq_job(
+    folder: str, source: Path, output: Path, precision: str, data_dir: Path
+) -> dict[str, Any]:
+    """A real scoring job: a worker process on the embedded broker, submitted as the CLI does."""
+    from tuneq.schemas.settings import load_settings
+    from tuneq.schemas.specs import ScoreSpec
+    from tuneq.worker.db import get_engine
+    from tuneq.worker.files import iter_batches
+    from tuneq.worker.store import get_job
+    from tuneq.worker.submit import submit_job
+
+    env = {**os.environ, "TUNEQ_DATA_DIR": str(data_dir)}
+    settings = load_settings({"TUNEQ_DATA_DIR": str(data_dir)})
+    log = open(data_dir.parent / f"worker-{precision}.log", "wb")  # noqa: SIM115
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tuneq.cli", "worker", "--queues", "bench"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        time.sleep(5)  # the worker and its pool process start
+        spec = ScoreSpec(
+            model=folder,
+            model_path=folder,
+            input=str(source),
+            output=str(output),
+            precision=precision,
+            queue="bench",  # type: ignore[arg-type]
+        )
+        submitted = time.perf_counter()
+        job = submit_job(settings, spec)
+        engine = get_engine(settings.database_url)
+        while (job := get_job(engine, job.id)).status in ("queued", "running"):
+            time.sleep(0.2)
+        wall = time.perf_counter() - submitted
+    finally:
+        worker.terminate()
+        worker.wait()
+        log.close()
+    assert job.status == "succeeded", job.error
+    labels = [r["label"] for b in iter_batches(output) for r in b.to_pylist()]
+    return {"metrics": job.metrics, "wall_from_submit_s": round(wall, 2), "labels": labels}
+
+
+def agreement(a: list[Any], b: list[Any]) -> float:
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def fine_tune_minilm(folder: Path) -> str:
+    from tuneq.schemas.specs import FinetuneSpec
+    from tuneq.worker.finetune import finetune
+
+    spec = FinetuneSpec(
+        data=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imdb"),
+        train_size=1000,
+        eval_size=400,
+        label_names=["negative", "positive"],
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    finetune(spec, folder)
+    return str(folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="fine-tuned model folder (default: fine-tune MiniLM)")
+    parser.add_argument("--rows", type=int, default=2000, help="IMDB test reviews to score")
+    parser.add_argument("--sample", type=int, default=200, help="rows to pick a pipeline batch")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="tuneq-bench-score-"))
+    folder = args.model or fine_tune_minilm(work / "model")
+    reviews = imdb_reviews("test", args.rows, seed=1)
+    texts = [r["text"] for r in reviews]
+    source = work / "reviews.csv"
+    with open(source, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["id", "text", "label"])
+        writer.writeheader()
+        writer.writerows(reviews)
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    id2label = model.config.id2label
+    lengths = [
+        len(ids)
+        for ids in AutoTokenizer.from_pretrained(folder)(texts, truncation=True, max_length=512)[
+            "input_ids"
+        ]
+    ]
+    flops = encoder_flops(model, lengths)
+    ceiling = {name: matmul_flops_per_second(name) for name in ("fp32", "bf16")}
+    print(f"matmul ceiling: {ceiling}; model FLOPs {flops:.3e}", flush=True)
+
+    runs: dict[str, Any] = {}
+    labels_a, seconds_a = tutorial_predict(folder, texts)
+    runs["tutorial_predict"] = {"rows_per_s": len(texts) / seconds_a, "seconds": seconds_a}
+    print("tutorial", runs["tutorial_predict"], flush=True)
+
+    trial = {}
+    for batch_size in (1, 4, 8, 32):
+        _, seconds = pipeline_run(folder, texts[: args.sample], batch_size)
+        trial[batch_size] = args.sample / seconds
+    best = max(trial, key=trial.__getitem__)
+    labels_b, seconds_b = pipeline_run(folder, texts, best)
+    runs["pipeline"] = {
+        "batch_size": best,
+        "rows_per_s": len(texts) / seconds_b,
+        "seconds": seconds_b,
+        "rows_per_s_by_batch_size_on_sample": trial,
+    }
+    print("pipeline", runs["pipeline"], flush=True)
+
+    tutorial_labels = [id2label[i] for i in labels_a]
+    for precision in ("fp32", "bf16", "int8"):
+        job = tuneq_job(
+            folder, source, work / f"out-{precision}.csv", precision, work / f"data-{precision}"
+        )
+        seconds = job["metrics"]["seconds"]
+        runs[f"tuneq_{precision}"] = {
+            "rows_per_s": job["metrics"]["rows_per_second"],
+            "seconds": seconds,
+            "wall_from_submit_s": job["wall_from_submit_s"],
+            "labels_agree_with_tutorial": agreement(job["labels"], tutorial_labels),
+            "labels_agree_with_tuneq_fp32": agreement(
+                job["labels"], runs.get("tuneq_fp32", {}).get("labels", job["labels"])
+            ),
+            "model_flops_per_s": flops / seconds,
+            "utilisation_of_matmul": flops
+            / seconds
+            / ceiling["bf16" if precision == "bf16" else "fp32"],
+            "labels": job["labels"],
+        }
+        print(
+            precision,
+            {k: v for k, v in runs[f"tuneq_{precision}"].items() if k != "labels"},
+            flush=True,
+        )
+    pipeline_agree = agreement(labels_b, tutorial_labels)
+    truth = [id2label[r["label"]] for r in reviews]
+    for name in ("tuneq_fp32", "tuneq_bf16", "tuneq_int8"):
+        runs[name]["accuracy"] = agreement(runs[name].pop("labels"), truth)
+    runs["tutorial_predict"]["accuracy"] = agreement(tutorial_labels, truth)
+    a, b = runs["tutorial_predict"]["rows_per_s"], runs["pipeline"]["rows_per_s"]
+    result = {
+        "machine": machine(),
+        "rows": len(texts),
+        "mean_tokens": sum(lengths) / len(lengths),
+        "model": folder,
+        "model_flops": flops,
+        "matmul_flops_per_s": ceiling,
+        "pipeline_labels_agree_with_tutorial": pipeline_agree,
+        "runs": runs,
+        "speedups": {
+            name: {
+                "vs_tutorial": runs[name]["rows_per_s"] / a,
+                "vs_pipeline": runs[name]["rows_per_s"] / b,
+            }
+            for name in ("tuneq_fp32", "tuneq_bf16", "tuneq_int8")
+        },
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(write_result("score", result))
+
+
+if __name__ == "__main__":
+    main()
