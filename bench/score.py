@@ -142,9 +142,9 @@ def main() -> None:
     texts = [r["text"] for r in reviews]
     source = work / "reviews.csv"
     with open(source, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["id", "text", "label"])
-        writer.writeheader()
-        writer.writerows(reviews)
+        writer = csv.writer(handle)
+        writer.writerow(["id", "text", "gold"])  # not "label": tuneq adds that column
+        writer.writerows((r["id"], r["text"], r["label"]) for r in reviews)
 
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     id2label = model.config.id2label

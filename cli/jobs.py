@@ -6,7 +6,7 @@ import json
 
 import click
 
-from tuneq.cli.context import engine
+from tuneq.cli.context import engine, settings
 from tuneq.cli.render import JOB_HEADERS, describe_job, job_json, job_row, model_json, table
 from tuneq.schemas.tables import JobStatus
 
@@ -59,3 +59,33 @@ def show(job_id: str, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2))
     else:
         click.echo(describe_job(job, model, list_events(db, job.id)))
+
+
+@click.command()
+@click.argument("job_id")
+def cancel(job_id: str) -> None:
+    """Cancel a job: a queued job never starts; a running fine-tune stops at its next step and a
+    running scoring job at its next batch. A cancelled job registers no model and leaves no
+    output.
+
+    \b
+    Example:
+      tuneq cancel 3f2a9c
+    """
+    from tuneq.worker.runner import cancel_job
+
+    click.echo(f"cancelled {cancel_job(settings(), job_id)}")
+
+
+@click.command()
+@click.argument("job_id")
+def retry(job_id: str) -> None:
+    """Run a failed or cancelled job again, from the start, under the same id.
+
+    \b
+    Example:
+      tuneq retry 3f2a9c && tuneq show 3f2a9c
+    """
+    from tuneq.worker.submit import retry as retry_job
+
+    click.echo(f"queued {retry_job(settings(), job_id)} again")

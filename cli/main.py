@@ -9,7 +9,7 @@ import click
 from tuneq.cli.db import db
 from tuneq.cli.demo import demo
 from tuneq.cli.finetune import finetune
-from tuneq.cli.jobs import jobs, show
+from tuneq.cli.jobs import cancel, jobs, retry, show
 from tuneq.cli.models import models
 from tuneq.cli.predict import predict
 from tuneq.cli.score import score
@@ -48,5 +48,5 @@ def cli() -> None:
     """
 
 
-for command in (demo, finetune, score, jobs, show, models, predict, worker, db):
+for command in (demo, finetune, score, jobs, show, cancel, retry, models, predict, worker, db):
     cli.add_command(command)

@@ -32,3 +32,7 @@ class ModelNotFound(ModelError):
 
 class DataUnavailable(DataError):
     """A data set on the Hugging Face Hub cannot be reached (offline or unknown)."""
+
+
+class JobStateError(TuneqError):
+    """The job is in a state that does not allow what was asked (cancel a finished job)."""

@@ -41,6 +41,21 @@ class Settings(BaseModel):
     worker_threads: int = Field(
         0, ge=0, description="torch threads per worker process; 0 means the cores / concurrency."
     )
+    heartbeat_s: float = Field(
+        5.0, gt=0, description="How often a running job renews its lease (seconds)."
+    )
+    lease_timeout_s: float = Field(
+        120.0, gt=0, description="A job or shard whose lease is older than this is requeued."
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Attempts before a job whose worker keeps dying is failed."
+    )
+    requeue_after_s: float = Field(
+        300.0, gt=0, description="A queued job unclaimed this long is published again."
+    )
+    reap_interval_s: float = Field(
+        15.0, gt=0, description="How often each worker looks for lost jobs and messages."
+    )
 
     @field_validator("database_url", "broker_url")
     @classmethod

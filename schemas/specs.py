@@ -61,6 +61,12 @@ class FinetuneSpec(BaseModel):
     )
     weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW weight decay.")
     seed: int = Field(42, description="Seed for the shuffle, the new head and the Trainer.")
+    checkpoint_steps: int | None = Field(
+        200,
+        ge=1,
+        description="Checkpoint every this many steps; a retry after a lost worker resumes "
+        "from the newest. Null for none.",
+    )
     queue: str = Field("cpu", description="Worker queue to send the job to.")
 
     @field_validator("name")
@@ -131,7 +137,7 @@ class ScoreSpec(BaseModel):
     )
     max_length: int = Field(512, ge=8, le=8192, description="Truncate texts to this many tokens.")
     batch_tokens: int = Field(
-        8192, ge=64, description="Token budget of a batch (rows × padded length)."
+        4096, ge=64, description="Token budget of a batch (rows × padded length)."
     )
     shard_rows: int = Field(
         1000, ge=1, description="Rows per shard; shards are scored by any listening worker."

@@ -75,6 +75,7 @@ class Job(Base):
     traceback: Mapped[str | None] = mapped_column(Text)
     model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
     output_path: Mapped[str | None] = mapped_column(Text)
+    published_at: Mapped[datetime | None]
 
 
 class ShardStatus(str, enum.Enum):
@@ -102,6 +103,8 @@ class Shard(Base):
     finished_at: Mapped[datetime | None]
     empty_rows: Mapped[int] = mapped_column(Integer, default=0)
     seconds: Mapped[float | None]
+    heartbeat_at: Mapped[datetime | None]
+    published_at: Mapped[datetime | None]
 
 
 class JobEvent(Base):

@@ -37,12 +37,19 @@ def get_engine(database_url: str) -> Engine:
 
 
 def forget_engines() -> None:
-    """Drop engines inherited from a parent process (call in a forked child)."""
-    with _lock:
-        for (pid, _), engine in list(_engines.items()):
-            if pid != os.getpid():
-                engine.dispose(close=False)
-        _engines.clear()
+    """Drop engines inherited from a parent process; runs in every forked child.
+
+    A new lock too: a thread of the parent (the reaper) may have held the old one at fork.
+    """
+    global _lock
+    _lock = threading.Lock()
+    for (pid, _), engine in list(_engines.items()):
+        if pid != os.getpid():
+            engine.dispose(close=False)
+    _engines.clear()
+
+
+os.register_at_fork(after_in_child=forget_engines)
 
 
 def create_database_engine(database_url: str) -> Engine:
@@ -89,10 +96,24 @@ def _create_sqlite_engine(url: str) -> Engine:
     return engine
 
 
-def upgrade_database(engine: Engine) -> None:
-    """Apply every Alembic migration that the database lacks (safe to run concurrently)."""
+def migrations_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(Path(migrations_package.__file__).parent))
+    return config
+
+
+def head_revision() -> str:
+    """The newest migration that tuneq ships."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(migrations_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def upgrade_database(engine: Engine) -> None:
+    """Apply every Alembic migration that the database lacks (safe to run concurrently)."""
+    config = migrations_config()
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             # Serialise concurrent upgrades from several workers starting at once.

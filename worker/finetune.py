@@ -36,6 +36,7 @@ class FinetuneResult:
     label_names: list[str]
     fingerprint: str
     phases: dict[str, float] = field(default_factory=dict)
+    resumed_from: str | None = None
 
 
 @dataclass
@@ -54,9 +55,16 @@ class PhaseTimer:
 
 
 def finetune(
-    spec: FinetuneSpec, out_dir: Path, on_progress: Progress | None = None
+    spec: FinetuneSpec,
+    out_dir: Path,
+    on_progress: Progress | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> FinetuneResult:
-    """Fine-tune ``spec.model`` on ``spec.data`` and save the classifier into ``out_dir``."""
+    """Fine-tune ``spec.model`` on ``spec.data`` and save the classifier into ``out_dir``.
+
+    With ``checkpoint_dir``, a checkpoint is saved there every ``spec.checkpoint_steps`` steps,
+    and training resumes from the newest complete one found there (after a lost worker).
+    """
     report = on_progress or (lambda _progress: None)
     timer = PhaseTimer()
     with timer.phase("load_data"):
@@ -77,9 +85,14 @@ def finetune(
         report({"phase": "tokenizing"})
         train_set = tokenize(tokenizer, data.train, spec.max_length)
         eval_set = tokenize(tokenizer, data.eval, spec.max_length, sort_by_length=True)
-    trainer, loss_curve = build_trainer(spec, model, tokenizer, train_set, out_dir, report)
+    trainer, loss_curve = build_trainer(
+        spec, model, tokenizer, train_set, out_dir, report, checkpoint_dir
+    )
+    resume = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+    if resume is not None:
+        report({"phase": "resuming", "checkpoint": resume.name})
     with timer.phase("train"):
-        train_output = trainer.train()
+        train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     with timer.phase("eval"):
         report({"phase": "evaluating"})
         prediction = trainer.predict(eval_set)
@@ -100,7 +113,13 @@ def finetune(
         loss_curve=loss_curve,
         data=data.summary,
     )
-    result = FinetuneResult(metrics, data.label_names, data.fingerprint, timer.seconds)
+    result = FinetuneResult(
+        metrics,
+        data.label_names,
+        data.fingerprint,
+        timer.seconds,
+        resumed_from=resume.name if resume else None,
+    )
     write_manifest(out_dir, spec, result, data)
     return result
 
@@ -141,14 +160,17 @@ def build_trainer(
     train_set: ExampleSet,
     out_dir: Path,
     report: Progress,
+    checkpoint_dir: Path | None = None,
 ) -> tuple[Any, list[dict[str, float]]]:
-    """A Trainer that saves nothing by itself and reports progress through ``report``."""
+    """A Trainer that reports progress through ``report`` and saves nothing by itself but
+    checkpoints into ``checkpoint_dir``, when given."""
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     steps_per_epoch = -(-len(train_set) // spec.batch_size)
+    checkpoints = checkpoint_dir is not None and spec.checkpoint_steps is not None
     args = TrainingArguments(
-        output_dir=str(out_dir / TRAINER_DIR),
+        output_dir=str(checkpoint_dir if checkpoints else out_dir / TRAINER_DIR),
         per_device_train_batch_size=spec.batch_size,
         per_device_eval_batch_size=spec.batch_size * 2,
         num_train_epochs=spec.epochs,
@@ -159,7 +181,9 @@ def build_trainer(
         data_seed=spec.seed,
         train_sampling_strategy="group_by_length",
         eval_strategy="no",
-        save_strategy="no",
+        save_strategy="steps" if checkpoints else "no",
+        save_steps=spec.checkpoint_steps or 500,
+        save_total_limit=2,
         logging_strategy="steps",
         logging_steps=max(1, min(50, steps_per_epoch // 5)),
         report_to="none",
@@ -174,10 +198,33 @@ def build_trainer(
         train_dataset=train_set,
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
-        callbacks=[ProgressCallback(report, loss_curve)],
+        callbacks=[ProgressCallback(report, loss_curve), CheckpointMarker()],
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to the job row, not to stdout
     return trainer, loss_curve
+
+
+COMPLETE_MARKER = "tuneq-complete"
+
+
+class CheckpointMarker(TrainerCallback):  # type: ignore[misc]
+    """Marks a checkpoint complete once the Trainer has written all of it. Trainer checkpoints
+    are not atomic (transformers#27820): a folder without the marker is never resumed from."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            (folder / COMPLETE_MARKER).write_text(f"{state.global_step}\n")
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint in ``folder``, if any."""
+    complete = [
+        path
+        for path in folder.glob("checkpoint-*")
+        if (path / COMPLETE_MARKER).is_file() and path.name.split("-")[-1].isdigit()
+    ]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 class ProgressCallback(TrainerCallback):  # type: ignore[misc]
@@ -187,15 +234,23 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
         self.report = report
         self.loss_curve = loss_curve
         self.started = time.monotonic()
+        self.first_step = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.started = time.monotonic()
+        self.first_step = state.global_step  # above 0 when resumed from a checkpoint
+        self.loss_curve[:] = [
+            {"step": log["step"], "loss": round(float(log["loss"]), 5)}
+            for log in state.log_history
+            if "loss" in log and "step" in log
+        ]
         self.report({"phase": "training", "step": 0, "total": state.max_steps})
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         elapsed = time.monotonic() - self.started
         step, total = state.global_step, state.max_steps
-        eta = elapsed / step * (total - step) if step else None
+        done = step - self.first_step
+        eta = elapsed / done * (total - step) if done > 0 else None
         self.report(
             {
                 "phase": "training",

@@ -4,6 +4,7 @@ no gradients, each model loaded once per process, in fp32, bf16 or int8."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -104,9 +105,16 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
 
 
 def classify(
-    classifier: Classifier, texts: list[str], *, max_length: int = 512, batch_tokens: int = 8192
+    classifier: Classifier,
+    texts: list[str],
+    *,
+    max_length: int = 512,
+    batch_tokens: int = 4096,
+    on_batch: Callable[[], None] | None = None,
 ) -> np.ndarray:
-    """Probabilities, one row per text in the given order, one column per label."""
+    """Probabilities, one row per text in the given order, one column per label.
+
+    ``on_batch`` runs before each batch (a cancellation check may raise there)."""
     import torch
 
     encoded = classifier.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
@@ -114,6 +122,8 @@ def classify(
     autocast = classifier.precision == "bf16"
     with torch.inference_mode():
         for batch in length_batches([len(ids) for ids in encoded], batch_tokens):
+            if on_batch is not None:
+                on_batch()
             padded = classifier.tokenizer.pad(
                 {"input_ids": [encoded[i] for i in batch]}, return_tensors="pt"
             )

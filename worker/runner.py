@@ -17,12 +17,13 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from tuneq.schemas.errors import TuneqError
+from tuneq.schemas.errors import JobStateError, TuneqError
 from tuneq.schemas.settings import Settings
 from tuneq.schemas.specs import FinetuneSpec, ScoreSpec, parse_spec
-from tuneq.schemas.tables import utcnow
+from tuneq.schemas.tables import JobStatus, utcnow
 from tuneq.worker import store
 from tuneq.worker.db import get_engine
+from tuneq.worker.lease import JobStopped, Lease
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,15 @@ PROGRESS_INTERVAL_S = 1.0
 class ProgressRecorder:
     """Writes a running job's progress to its row at most once a second (plus the last one)."""
 
-    def __init__(self, engine: Engine, job_id: str, attempt: int) -> None:
-        self.engine, self.job_id, self.attempt = engine, job_id, attempt
+    def __init__(self, engine: Engine, job_id: str, attempt: int, lease: Lease) -> None:
+        self.engine, self.job_id, self.attempt, self.lease = engine, job_id, attempt, lease
         self.last_write = 0.0
         self.latest: dict[str, Any] = {}
 
     def __call__(self, progress: dict[str, Any]) -> None:
+        """Record ``progress``; raises ``JobStopped`` (which ends training at this step) once
+        the job is cancelled or owned by another attempt."""
+        self.lease.check()
         self.latest = progress
         now = time.monotonic()
         final_step = progress.get("step") is not None and progress.get("step") == progress.get(
@@ -45,9 +49,11 @@ class ProgressRecorder:
         )
         if now - self.last_write >= PROGRESS_INTERVAL_S or "step" not in progress or final_step:
             self.last_write = now
-            store.record_progress(
+            if not store.record_progress(
                 self.engine, job_id=self.job_id, attempt=self.attempt, progress=progress
-            )
+            ):
+                self.lease.lost = True
+                self.lease.check()
 
 
 PublishShard = Callable[[int, str], None]  # shard index, queue
@@ -65,18 +71,29 @@ def run_job(
         return None
     job = store.get_job(engine, job_id)
     spec = parse_spec(job.spec)
+    lease = Lease(
+        lambda: store.renew_job_lease(engine, job_id=job_id, attempt=attempt),
+        settings.heartbeat_s,
+        f"job {job_id} attempt {attempt}",
+    )
     if isinstance(spec, ScoreSpec):
         folder = scoring_folder(settings, job_id)
-        with failures_recorded(engine, job_id, attempt, cleanup=folder):
-            return start_scoring(engine, job_id, attempt, spec, folder, publish_shard)
-        return "failed"
+        with lease, failures_recorded(engine, job_id, attempt, cleanup=folder):
+            return start_scoring(engine, job_id, attempt, spec, folder, publish_shard, lease)
+        return stopped_or_failed(engine, job_id)
     staging = settings.artifact_dir / "staging" / f"{job_id}-{attempt}"
     try:
-        with failures_recorded(engine, job_id, attempt, cleanup=staging):
-            return run_finetune(settings, engine, job_id, attempt, spec, staging)
-        return "failed"
+        checkpoints = checkpoint_folder(settings, job_id)
+        with lease, failures_recorded(engine, job_id, attempt, cleanup=checkpoints):
+            return run_finetune(settings, engine, job_id, attempt, spec, staging, lease)
+        return stopped_or_failed(engine, job_id)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def stopped_or_failed(engine: Engine, job_id: str) -> str:
+    """The state a job ended in after its work raised."""
+    return store.get_job(engine, job_id).status
 
 
 @contextmanager
@@ -87,6 +104,10 @@ def failures_recorded(
     internal error with its traceback. The worker carries on either way."""
     try:
         yield
+    except JobStopped:
+        # Cancelled (cancel_job cleans up) or requeued: the next attempt needs the checkpoints.
+        log.info("job %s stopped: cancelled, or another attempt owns it", job_id)
+        return
     except TuneqError as exc:
         log.warning("job %s failed: %s", job_id, exc)
         store.mark_failed(engine, job_id=job_id, attempt=attempt, error=str(exc))
@@ -112,13 +133,24 @@ def run_finetune(
     attempt: int,
     spec: FinetuneSpec,
     staging: Path,
+    lease: Lease,
 ) -> str:
     from tuneq.worker.finetune import finetune  # torch and transformers load only here
 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    recorder = ProgressRecorder(engine, job_id, attempt)
-    result = finetune(spec, staging, on_progress=recorder)
+    recorder = ProgressRecorder(engine, job_id, attempt, lease)
+    checkpoints = checkpoint_folder(settings, job_id)
+    result = finetune(spec, staging, on_progress=recorder, checkpoint_dir=checkpoints)
+    lease.check()
+    if result.resumed_from:
+        store.add_event(
+            engine,
+            job_id=job_id,
+            attempt=attempt,
+            kind="resumed",
+            message=f"resumed from {result.resumed_from}",
+        )
     summary = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.phases.items())
     store.add_event(engine, job_id=job_id, attempt=attempt, kind="phases", message=summary)
     metrics = dict(result.metrics, phases=result.phases)
@@ -139,8 +171,14 @@ def run_finetune(
     if model is None:
         log.warning("job %s lost its lease before registering; result discarded", job_id)
         return "lost"
+    shutil.rmtree(checkpoints, ignore_errors=True)
     log.info("job %s succeeded: %s:%s at %s", job_id, model.name, model.version, model.path)
     return "succeeded"
+
+
+def checkpoint_folder(settings: Settings, job_id: str) -> Path:
+    """Where a fine-tune keeps its checkpoints until its model is registered."""
+    return settings.artifact_dir / "checkpoints" / job_id
 
 
 def scoring_folder(settings: Settings, job_id: str) -> Path:
@@ -155,6 +193,7 @@ def start_scoring(
     spec: ScoreSpec,
     folder: Path,
     publish_shard: PublishShard,
+    lease: Lease,
 ) -> str:
     """Stage the input as shards, record them, and queue one message per shard."""
     from tuneq.worker.score import stage_input
@@ -163,6 +202,7 @@ def start_scoring(
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     staged = stage_input(spec, folder)
+    lease.check()
     if not store.create_shards(engine, job_id=job_id, attempt=attempt, sizes=staged.shard_sizes):
         shutil.rmtree(folder, ignore_errors=True)
         return "lost"
@@ -184,8 +224,14 @@ def run_shard(settings: Settings, job_id: str, index: int, *, worker: str) -> st
     spec = parse_spec(job.spec)
     assert isinstance(spec, ScoreSpec)
     folder = scoring_folder(settings, job_id)
-    with failures_recorded(engine, job_id, job.attempt, cleanup=folder):
-        result = score_shard(spec, folder, index)
+    lease = Lease(
+        lambda: store.renew_shard_lease(engine, job_id=job_id, index=index, attempt=shard_attempt),
+        settings.heartbeat_s,
+        f"shard {job_id}/{index} attempt {shard_attempt}",
+    )
+    left: int | None = None
+    with lease, failures_recorded(engine, job_id, job.attempt, cleanup=folder):
+        result = score_shard(spec, folder, index, on_batch=lease.check)
         left = store.finish_shard(
             engine,
             job_id=job_id,
@@ -194,13 +240,22 @@ def run_shard(settings: Settings, job_id: str, index: int, *, worker: str) -> st
             empty_rows=result.empty_rows,
             seconds=result.seconds,
         )
-        if left == 0:
-            return finish_scoring(engine, job_id, job.attempt, spec, folder)
+    if left == 0:
+        assembly = Lease(
+            lambda: store.renew_job_lease(engine, job_id=job_id, attempt=job.attempt),
+            settings.heartbeat_s,
+            f"job {job_id} output",
+        )
+        with assembly, failures_recorded(engine, job_id, job.attempt, cleanup=folder):
+            return finish_scoring(engine, job_id, job.attempt, spec, folder, assembly)
+    if left is not None:
         return "running"
-    return "failed"
+    return stopped_or_failed(engine, job_id)
 
 
-def finish_scoring(engine: Engine, job_id: str, attempt: int, spec: ScoreSpec, folder: Path) -> str:
+def finish_scoring(
+    engine: Engine, job_id: str, attempt: int, spec: ScoreSpec, folder: Path, lease: Lease
+) -> str:
     """Assemble the parts into the output, then mark the job succeeded pointing at it."""
     from tuneq.worker.score import assemble_output
 
@@ -210,7 +265,7 @@ def finish_scoring(engine: Engine, job_id: str, attempt: int, spec: ScoreSpec, f
         engine, job_id=job_id, attempt=attempt, progress=dict(job.progress or {}, phase="writing")
     )
     output = Path(spec.output)
-    assemble_output(folder, len(shards), output)
+    assemble_output(folder, len(shards), output, on_part=lease.check)
     rows = sum(s.row_count for s in shards)
     wall = max(1e-6, (utcnow() - store.aware(job.started_at or utcnow())).total_seconds())
     metrics = {
@@ -231,3 +286,30 @@ def finish_scoring(engine: Engine, job_id: str, attempt: int, spec: ScoreSpec, f
     shutil.rmtree(folder, ignore_errors=True)
     log.info("job %s succeeded: %d rows scored into %s", job_id, rows, output)
     return "succeeded"
+
+
+def cancel_job(settings: Settings, job_id: str) -> str:
+    """Cancel a job: a queued one never starts; a running one stops at its next step or batch
+    (its lease renewal fails), registers no model and leaves no output."""
+    engine = get_engine(settings.database_url)
+    job = store.get_job(engine, job_id)
+    if not store.cancel_job(engine, job_id=job.id):
+        current = store.get_job(engine, job.id).status
+        raise JobStateError(f"job {job.id} already {current}; nothing to cancel")
+    shutil.rmtree(scoring_folder(settings, job.id), ignore_errors=True)
+    shutil.rmtree(checkpoint_folder(settings, job.id), ignore_errors=True)
+    return job.id
+
+
+def retry_job(settings: Settings, job_id: str, publish_job: Callable[[str, str], None]) -> str:
+    """Queue a failed or cancelled job again, from the start, under the same id."""
+    engine = get_engine(settings.database_url)
+    job = store.get_job(engine, job_id)
+    ended = (JobStatus.failed.value, JobStatus.cancelled.value)
+    if not store.requeue_job(
+        engine, job_id=job.id, from_statuses=ended, attempt=None, reason="retried by user"
+    ):
+        current = store.get_job(engine, job.id).status
+        raise JobStateError(f"job {job.id} is {current}; only failed or cancelled jobs retry")
+    publish_job(job.id, job.queue)
+    return job.id

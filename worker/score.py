@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +100,12 @@ def read_shard(staged: Path, index: int) -> pa.Table:
     return pq.ParquetFile(staged).read_row_group(index)
 
 
-def score_table(table: pa.Table, spec: ScoreSpec, classifier: object) -> tuple[pa.Table, int]:
+def score_table(
+    table: pa.Table,
+    spec: ScoreSpec,
+    classifier: object,
+    on_batch: Callable[[], None] | None = None,
+) -> tuple[pa.Table, int]:
     """``table`` with the scoring columns added; rows with empty text get nulls. Returns the
     table and the number of empty rows."""
     from tuneq.worker.predict import Classifier, classify
@@ -112,6 +118,7 @@ def score_table(table: pa.Table, spec: ScoreSpec, classifier: object) -> tuple[p
         [texts[i] for i in present],
         max_length=spec.max_length,
         batch_tokens=spec.batch_tokens,
+        on_batch=on_batch,
     )
     mask = np.ones(len(texts), dtype=bool)
     mask[present] = False
@@ -132,15 +139,18 @@ def score_table(table: pa.Table, spec: ScoreSpec, classifier: object) -> tuple[p
     return table, len(texts) - len(present)
 
 
-def score_shard(spec: ScoreSpec, folder: Path, index: int) -> ShardResult:
-    """Score shard ``index`` of the staged input into ``folder/parts/<index>.parquet``."""
+def score_shard(
+    spec: ScoreSpec, folder: Path, index: int, on_batch: Callable[[], None] | None = None
+) -> ShardResult:
+    """Score shard ``index`` of the staged input into ``folder/parts/<index>.parquet``;
+    ``on_batch`` is called before each batch and may raise to stop."""
     from tuneq.worker.predict import load_for_inference
 
     started = time.perf_counter()
     assert spec.model_path is not None
     classifier = load_for_inference(spec.model_path, spec.precision)
     table = read_shard(folder / STAGED_INPUT, index)
-    scored, empty = score_table(table, spec, classifier)
+    scored, empty = score_table(table, spec, classifier, on_batch)
     part = part_path(folder, index)
     part.parent.mkdir(parents=True, exist_ok=True)
     partial = part.with_suffix(f".{os.getpid()}.partial")
@@ -153,13 +163,18 @@ def part_path(folder: Path, index: int) -> Path:
     return folder / PARTS / f"{index:06d}.parquet"
 
 
-def assemble_output(folder: Path, shards: int, output: Path) -> None:
-    """Concatenate the parts, in shard order, into ``output``; it appears whole or not at all."""
+def assemble_output(
+    folder: Path, shards: int, output: Path, on_part: Callable[[], None] | None = None
+) -> None:
+    """Concatenate the parts, in shard order, into ``output``; it appears whole or not at all.
+    ``on_part`` runs before each part and may raise to stop."""
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
     writer: TableWriter | None = None
     try:
         for index in range(shards):
+            if on_part is not None:
+                on_part()
             part = pq.read_table(part_path(folder, index))
             if writer is None:
                 writer = TableWriter(partial, part.schema, output_format=output)

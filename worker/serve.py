@@ -8,8 +8,9 @@ from typing import Any
 from celery import signals
 
 from tuneq.schemas.settings import Settings
-from tuneq.worker.app import create_app
+from tuneq.worker.app import create_app, send_job, send_shard
 from tuneq.worker.db import forget_engines, get_engine
+from tuneq.worker.reaper import start_reaper
 from tuneq.worker.threads import configure_torch, share_of_cores
 
 
@@ -36,6 +37,16 @@ def run_worker(
 
     signals.worker_process_init.connect(init_child, weak=False)
     app = create_app(settings)
+
+    def start_reaping(**_kwargs: Any) -> None:
+        # After the pool has forked: the reaper thread lives in the main process only.
+        start_reaper(
+            settings,
+            publish_job=lambda job_id, queue: send_job(app, job_id, queue),
+            publish_shard=lambda job_id, index, queue: send_shard(app, job_id, index, queue),
+        )
+
+    signals.worker_ready.connect(start_reaping, weak=False)
     options: dict[str, Any] = {
         "queues": queues,
         "concurrency": concurrency,

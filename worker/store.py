@@ -37,6 +37,7 @@ def create_job(engine: Engine, *, spec: JobSpec) -> Job:
         spec=spec.model_dump(mode="json"),
         attempt=0,
         created_at=utcnow(),
+        published_at=utcnow(),
     )
     with Session(engine, expire_on_commit=False) as session, session.begin():
         session.add(job)
@@ -301,6 +302,7 @@ def create_shards(engine: Engine, *, job_id: str, attempt: int, sizes: list[int]
                     status=ShardStatus.queued.value,
                     attempt=0,
                     empty_rows=0,
+                    published_at=now,
                 )
             )
             start += size
@@ -442,3 +444,167 @@ def mark_scored(
             )
         )
         return True
+
+
+def renew_job_lease(engine: Engine, *, job_id: str, attempt: int) -> bool:
+    """Heartbeat of a running job; ``False`` once it is cancelled or requeued."""
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(Job).where(*_running(job_id, attempt)).values(heartbeat_at=utcnow())
+        )
+        return result.rowcount == 1
+
+
+def renew_shard_lease(engine: Engine, *, job_id: str, index: int, attempt: int) -> bool:
+    """Heartbeat of a running shard; ``False`` once the shard or its job is taken away."""
+    job_running = select(Job.id).where(Job.id == job_id, Job.status == JobStatus.running.value)
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(Shard)
+            .where(
+                Shard.job_id == job_id,
+                Shard.index == index,
+                Shard.attempt == attempt,
+                Shard.status == ShardStatus.running.value,
+                job_running.exists(),
+            )
+            .values(heartbeat_at=utcnow())
+        )
+        return result.rowcount == 1
+
+
+ACTIVE = (JobStatus.queued.value, JobStatus.retrying.value, JobStatus.running.value)
+
+
+def cancel_job(engine: Engine, *, job_id: str) -> bool:
+    """Cancel a queued or running job; ``False`` if it had already ended."""
+    now = utcnow()
+    with engine.begin() as conn:
+        attempt = conn.execute(select(Job.attempt).where(Job.id == job_id)).scalar_one()
+        result = conn.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(ACTIVE))
+            .values(status=JobStatus.cancelled.value, finished_at=now, error="cancelled")
+        )
+        if result.rowcount != 1:
+            return False
+        conn.execute(
+            JobEvent.__table__.insert().values(
+                job_id=job_id, at=now, attempt=attempt, kind="cancelled", message="cancelled"
+            )
+        )
+        return True
+
+
+def requeue_job(
+    engine: Engine, *, job_id: str, from_statuses: tuple[str, ...], attempt: int | None, reason: str
+) -> bool:
+    """Put a job back in the queue (a retry, or a job whose worker was lost) and note why."""
+    now = utcnow()
+    conditions = [Job.id == job_id, Job.status.in_(from_statuses)]
+    if attempt is not None:
+        conditions.append(Job.attempt == attempt)
+    status = JobStatus.retrying if attempt is not None else JobStatus.queued
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(Job)
+            .where(*conditions)
+            .values(
+                status=status.value,
+                finished_at=None,
+                error=None,
+                traceback=None,
+                progress=None,
+                model_id=None,
+                output_path=None,
+                published_at=now,
+            )
+        )
+        if result.rowcount != 1:
+            return False
+        conn.execute(delete(Shard).where(Shard.job_id == job_id))
+        current = conn.execute(select(Job.attempt).where(Job.id == job_id)).scalar_one()
+        conn.execute(
+            JobEvent.__table__.insert().values(
+                job_id=job_id, at=now, attempt=current, kind=status.value, message=reason
+            )
+        )
+        return True
+
+
+def mark_published(engine: Engine, *, job_id: str, index: int | None = None) -> None:
+    """Remember when a job's (or shard's) message was last sent."""
+    table, conditions = (
+        (Job, [Job.id == job_id])
+        if index is None
+        else (Shard, [Shard.job_id == job_id, Shard.index == index])
+    )
+    with engine.begin() as conn:
+        conn.execute(update(table).where(*conditions).values(published_at=utcnow()))
+
+
+def stale_jobs(engine: Engine, *, before: datetime) -> list[Job]:
+    """Running jobs whose lease expired, leaving out scoring jobs with shards still to score
+    (those shards hold the leases; the job's own lease covers staging and assembly)."""
+    unfinished = select(Shard.job_id).where(
+        Shard.job_id == Job.id, Shard.status != ShardStatus.done.value
+    )
+    query = select(Job).where(
+        Job.status == JobStatus.running.value, Job.heartbeat_at < before, ~unfinished.exists()
+    )
+    with Session(engine) as session:
+        return list(session.scalars(query))
+
+
+def stale_shards(engine: Engine, *, before: datetime) -> list[Shard]:
+    """Running shards of running jobs whose lease expired."""
+    query = (
+        select(Shard)
+        .join(Job, Job.id == Shard.job_id)
+        .where(
+            Job.status == JobStatus.running.value,
+            Shard.status == ShardStatus.running.value,
+            func.coalesce(Shard.heartbeat_at, Shard.started_at) < before,
+        )
+    )
+    with Session(engine) as session:
+        return list(session.scalars(query))
+
+
+def requeue_shard(engine: Engine, *, job_id: str, index: int, attempt: int) -> bool:
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(Shard)
+            .where(
+                Shard.job_id == job_id,
+                Shard.index == index,
+                Shard.attempt == attempt,
+                Shard.status == ShardStatus.running.value,
+            )
+            .values(status=ShardStatus.queued.value, worker=None, published_at=utcnow())
+        )
+        return result.rowcount == 1
+
+
+def unclaimed_jobs(engine: Engine, *, before: datetime) -> list[Job]:
+    """Queued jobs whose last message went out before ``before``: it may have been lost."""
+    query = select(Job).where(
+        Job.status.in_(CLAIMABLE), func.coalesce(Job.published_at, Job.created_at) < before
+    )
+    with Session(engine) as session:
+        return list(session.scalars(query))
+
+
+def unclaimed_shards(engine: Engine, *, before: datetime) -> list[tuple[Shard, str]]:
+    """Queued shards of running jobs published before ``before``, with their job's queue."""
+    query = (
+        select(Shard, Job.queue)
+        .join(Job, Job.id == Shard.job_id)
+        .where(
+            Job.status == JobStatus.running.value,
+            Shard.status == ShardStatus.queued.value,
+            func.coalesce(Shard.published_at, Job.heartbeat_at) < before,
+        )
+    )
+    with Session(engine) as session:
+        return [(shard, queue) for shard, queue in session.execute(query).all()]

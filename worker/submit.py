@@ -31,3 +31,14 @@ def submit_job(settings: Settings, spec: JobSpec) -> Job:
     finally:
         app.close()
     return job
+
+
+def retry(settings: Settings, job_id: str) -> str:
+    """Queue a failed or cancelled job again and publish it."""
+    from tuneq.worker.runner import retry_job
+
+    app = create_app(settings)
+    try:
+        return retry_job(settings, job_id, lambda job, queue: send_job(app, job, queue))
+    finally:
+        app.close()

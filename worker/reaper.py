@@ -1,0 +1,89 @@
+"""The reaper: every worker runs one, so lost work comes back without a person.
+
+It requeues jobs and shards whose lease went stale (their worker died), up to ``max_attempts``,
+and publishes again the ones queued in the database whose message never got claimed (a broker
+that restarted empty, celery#6229). A duplicate message is harmless: claims are
+compare-and-set, so a second delivery exits without touching anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+
+from tuneq.schemas.settings import Settings
+from tuneq.schemas.tables import utcnow
+from tuneq.worker import store
+from tuneq.worker.db import get_engine
+
+log = logging.getLogger(__name__)
+
+PublishJob = Callable[[str, str], None]  # job id, queue
+PublishShard = Callable[[str, int, str], None]  # job id, shard index, queue
+
+
+def reap(settings: Settings, publish_job: PublishJob, publish_shard: PublishShard) -> list[str]:
+    """One pass; returns what it did, one line per action."""
+    engine = get_engine(settings.database_url)
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.lease_timeout_s)
+    actions: list[str] = []
+    for job in store.stale_jobs(engine, before=stale):
+        if job.attempt >= settings.max_attempts:
+            reason = (
+                f"worker lost {job.attempt} times (no heartbeat for "
+                f"{settings.lease_timeout_s:.0f}s); likely out of memory"
+            )
+            if store.mark_failed(engine, job_id=job.id, attempt=job.attempt, error=reason):
+                actions.append(f"failed job {job.id}: {reason}")
+        elif store.requeue_job(
+            engine,
+            job_id=job.id,
+            from_statuses=("running",),
+            attempt=job.attempt,
+            reason=f"worker {job.worker} lost (no heartbeat); requeued",
+        ):
+            publish_job(job.id, job.queue)
+            actions.append(f"requeued job {job.id} after attempt {job.attempt}")
+    for shard in store.stale_shards(engine, before=stale):
+        job = store.get_job(engine, shard.job_id)
+        if shard.attempt >= settings.max_attempts:
+            reason = f"shard {shard.index}: worker lost {shard.attempt} times; likely out of memory"
+            if store.mark_failed(engine, job_id=job.id, attempt=job.attempt, error=reason):
+                actions.append(f"failed job {job.id}: {reason}")
+        elif store.requeue_shard(
+            engine, job_id=shard.job_id, index=shard.index, attempt=shard.attempt
+        ):
+            publish_shard(shard.job_id, shard.index, job.queue)
+            actions.append(f"requeued shard {shard.job_id}/{shard.index}")
+    unclaimed = now - timedelta(seconds=settings.requeue_after_s)
+    for job in store.unclaimed_jobs(engine, before=unclaimed):
+        store.mark_published(engine, job_id=job.id)
+        publish_job(job.id, job.queue)
+        actions.append(f"published job {job.id} again")
+    for shard, queue in store.unclaimed_shards(engine, before=unclaimed):
+        store.mark_published(engine, job_id=shard.job_id, index=shard.index)
+        publish_shard(shard.job_id, shard.index, queue)
+        actions.append(f"published shard {shard.job_id}/{shard.index} again")
+    for action in actions:
+        log.warning("reaper: %s", action)
+    return actions
+
+
+def start_reaper(
+    settings: Settings, publish_job: PublishJob, publish_shard: PublishShard
+) -> threading.Event:
+    """Run :func:`reap` every ``reap_interval_s`` in a daemon thread; set the event to stop."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(settings.reap_interval_s):
+            try:
+                reap(settings, publish_job, publish_shard)
+            except Exception:
+                log.exception("reaper pass failed; trying again in %ss", settings.reap_interval_s)
+
+    threading.Thread(target=loop, name="tuneq reaper", daemon=True).start()
+    return stop
