@@ -113,7 +113,7 @@ def test_cancel_a_queued_job_and_retry_it(fast_env, start_worker, tiny_model, re
 def test_cancel_a_running_fine_tune(fast_env, start_worker, tiny_model, reviews_csv):
     queue = queue_name()
     start_worker(fast_env, queue)
-    job_id = submit(fast_env, *finetune_args(queue, reviews_csv, tiny_model, epochs="500"))
+    job_id = submit(fast_env, *finetune_args(queue, reviews_csv, tiny_model, epochs="100"))
     wait_for(fast_env, job_id, lambda j: (j["progress"] or {}).get("step", 0) > 5)
     invoke(fast_env, "cancel", job_id)
     quick = submit(fast_env, *finetune_args(queue, reviews_csv, tiny_model, epochs="1"), "--wait")
