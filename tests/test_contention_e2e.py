@@ -33,7 +33,9 @@ def test_four_workers_and_the_cli_share_the_database(
         while not stop.is_set():
             result = subprocess.run(
                 [sys.executable, "-m", "tuneq.cli", "jobs", "--json"],
-                env={**os.environ, **env}, capture_output=True, text=True,
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
             )
             assert result.returncode == 0, result.stderr
             reads.append(len(json.loads(result.stdout)))
