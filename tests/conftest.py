@@ -226,3 +226,8 @@ def scoring_input(path: Path, rows: int, seed: int = 1) -> Path:
         padding = " ".join(rng.choices(FILLER, k=rng.randint(0, 60)))
         records.append((f"r{i:05d}", "" if i % 37 == 5 else f"{text} {padding}", label, i % 10))
     return write_csv(path, ["id", "text", "truth", "rating"], records)
+
+
+def score_args(model: Path, source: Path, output: Path, queue: str, *extra: str) -> list[str]:
+    """``tuneq score`` arguments for a test's own queue."""
+    return ["score", str(model), str(source), "--output", str(output), "--queue", queue, *extra]

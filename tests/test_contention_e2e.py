@@ -12,7 +12,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from tests.conftest import queue_name, scoring_input
+from tests.conftest import queue_name, score_args, scoring_input
 from tuneq.cli.main import cli
 from tuneq.worker.db import get_engine
 from tuneq.worker.files import iter_batches
@@ -46,13 +46,7 @@ def test_four_workers_and_the_cli_share_the_database(
         result = CliRunner().invoke(
             cli,
             [
-                "score",
-                str(trained_tiny_model),
-                str(source),
-                "--output",
-                str(output),
-                "--queue",
-                queue,
+                *score_args(trained_tiny_model, source, output, queue),
                 "--shard-rows",
                 "2",
                 "--wait",

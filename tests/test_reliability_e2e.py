@@ -13,7 +13,14 @@ import psutil
 import pytest
 from click.testing import CliRunner, Result
 
-from tests.conftest import REDIS_URL, queue_name, redis_available, scoring_input, unavailable
+from tests.conftest import (
+    REDIS_URL,
+    queue_name,
+    redis_available,
+    score_args,
+    scoring_input,
+    unavailable,
+)
 from tuneq.cli.main import cli
 from tuneq.schemas.settings import load_settings
 from tuneq.worker.app import create_app, send_job
@@ -134,13 +141,7 @@ def test_cancel_a_running_scoring_job(fast_env, start_worker, trained_tiny_model
     output = tmp_path / "out.csv"
     job_id = submit(
         fast_env,
-        "score",
-        str(trained_tiny_model),
-        str(source),
-        "--output",
-        str(output),
-        "--queue",
-        queue,
+        *score_args(trained_tiny_model, source, output, queue),
         "--shard-rows",
         "200",
     )
@@ -149,13 +150,7 @@ def test_cancel_a_running_scoring_job(fast_env, start_worker, trained_tiny_model
     small = scoring_input(tmp_path / "small.csv", 50)
     after = submit(
         fast_env,
-        "score",
-        str(trained_tiny_model),
-        str(small),
-        "--output",
-        str(tmp_path / "small.out.csv"),
-        "--queue",
-        queue,
+        *score_args(trained_tiny_model, small, tmp_path / "small.out.csv", queue),
         "--wait",
     )
     assert json.loads(invoke(fast_env, "show", after, "--json").stdout)["status"] == "succeeded"
@@ -164,6 +159,28 @@ def test_cancel_a_running_scoring_job(fast_env, start_worker, trained_tiny_model
     assert not output.exists()
     shards = list_shards(get_engine(fast_env["TUNEQ_DATABASE_URL"]), job_id)
     assert sum(s.status == "done" for s in shards) < len(shards)
+
+
+def test_cancel_a_queued_scoring_job(fast_env, start_worker, trained_tiny_model, tmp_path):
+    queue = queue_name()
+    source = scoring_input(tmp_path / "in.csv", 100)
+    output = tmp_path / "out.csv"
+    job_id = submit(
+        fast_env,
+        *score_args(trained_tiny_model, source, output, queue),
+    )
+    assert invoke(fast_env, "cancel", job_id).stdout == f"cancelled {job_id}\n"
+    start_worker(fast_env, queue)
+    after = submit(
+        fast_env,
+        *score_args(trained_tiny_model, source, tmp_path / "after.csv", queue),
+        "--wait",
+    )
+    assert json.loads(invoke(fast_env, "show", after, "--json").stdout)["status"] == "succeeded"
+    job = json.loads(invoke(fast_env, "show", job_id, "--json").stdout)
+    assert (job["status"], job["attempt"]) == ("cancelled", 0), "never started"
+    assert not output.exists()
+    assert list_shards(get_engine(fast_env["TUNEQ_DATABASE_URL"]), job_id) == []
 
 
 def test_a_duplicate_delivery_runs_once(fast_env, start_worker, tiny_model, reviews_csv):
@@ -220,13 +237,7 @@ def test_kill_9_during_scoring_loses_no_row(fast_env, start_worker, trained_tiny
     output = tmp_path / "out.parquet"
     job_id = submit(
         env,
-        "score",
-        str(trained_tiny_model),
-        str(source),
-        "--output",
-        str(output),
-        "--queue",
-        queue,
+        *score_args(trained_tiny_model, source, output, queue),
         "--shard-rows",
         "300",
     )

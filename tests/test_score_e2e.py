@@ -7,7 +7,14 @@ from pathlib import Path
 
 from click.testing import CliRunner, Result
 
-from tests.conftest import REDIS_URL, queue_name, redis_available, scoring_input, unavailable
+from tests.conftest import (
+    REDIS_URL,
+    queue_name,
+    redis_available,
+    score_args,
+    scoring_input,
+    unavailable,
+)
 from tuneq.cli.main import cli
 from tuneq.worker.db import get_engine
 from tuneq.worker.files import iter_batches
@@ -32,13 +39,7 @@ def test_two_workers_on_redis_score_one_file_together(
     output = tmp_path / "scored.parquet"
     result = invoke(
         env,
-        "score",
-        str(trained_tiny_model),
-        str(source),
-        "--output",
-        str(output),
-        "--queue",
-        queue,
+        *score_args(trained_tiny_model, source, output, queue),
         "--shard-rows",
         "100",
         "--wait",
@@ -84,13 +85,7 @@ def test_bad_scoring_input_fails_the_job_and_the_worker_carries_on(
         output = tmp_path / f"{source.stem}.out.csv"
         result = invoke(
             env,
-            "score",
-            str(trained_tiny_model),
-            str(source),
-            "--output",
-            str(output),
-            "--queue",
-            queue,
+            *score_args(trained_tiny_model, source, output, queue),
             "--wait",
         )
         job_id = result.stdout.strip()
