@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Connection, Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -25,6 +25,17 @@ CLAIMABLE = (JobStatus.queued.value, JobStatus.retrying.value)
 
 def new_job_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+def add_event_in(
+    conn: Connection, *, job_id: str, at: datetime, attempt: int, kind: str, message: str
+) -> None:
+    """Record a job event inside the caller's transaction."""
+    conn.execute(
+        JobEvent.__table__.insert().values(
+            job_id=job_id, at=at, attempt=attempt, kind=kind, message=message
+        )
+    )
 
 
 def create_job(engine: Engine, *, spec: JobSpec) -> Job:
@@ -94,14 +105,13 @@ def claim_job(engine: Engine, *, job_id: str, worker: str) -> int | None:
         if result.rowcount != 1:
             return None
         attempt = conn.execute(select(Job.attempt).where(Job.id == job_id)).scalar_one()
-        conn.execute(
-            JobEvent.__table__.insert().values(
-                job_id=job_id,
-                at=now,
-                attempt=attempt,
-                kind="running",
-                message=f"started on {worker}",
-            )
+        add_event_in(
+            conn,
+            job_id=job_id,
+            at=now,
+            attempt=attempt,
+            kind="running",
+            message=f"started on {worker}",
         )
         return int(attempt)
 
@@ -151,11 +161,7 @@ def mark_failed(
         )
         if result.rowcount != 1:
             return False
-        conn.execute(
-            JobEvent.__table__.insert().values(
-                job_id=job_id, at=now, attempt=attempt, kind="failed", message=error
-            )
-        )
+        add_event_in(conn, job_id=job_id, at=now, attempt=attempt, kind="failed", message=error)
         return True
 
 
@@ -434,14 +440,13 @@ def mark_scored(
         )
         if result.rowcount != 1:
             return False
-        conn.execute(
-            JobEvent.__table__.insert().values(
-                job_id=job_id,
-                at=now,
-                attempt=attempt,
-                kind="succeeded",
-                message=f"wrote {output_path}",
-            )
+        add_event_in(
+            conn,
+            job_id=job_id,
+            at=now,
+            attempt=attempt,
+            kind="succeeded",
+            message=f"wrote {output_path}",
         )
         return True
 
@@ -488,10 +493,8 @@ def cancel_job(engine: Engine, *, job_id: str) -> bool:
         )
         if result.rowcount != 1:
             return False
-        conn.execute(
-            JobEvent.__table__.insert().values(
-                job_id=job_id, at=now, attempt=attempt, kind="cancelled", message="cancelled"
-            )
+        add_event_in(
+            conn, job_id=job_id, at=now, attempt=attempt, kind="cancelled", message="cancelled"
         )
         return True
 
@@ -524,10 +527,8 @@ def requeue_job(
             return False
         conn.execute(delete(Shard).where(Shard.job_id == job_id))
         current = conn.execute(select(Job.attempt).where(Job.id == job_id)).scalar_one()
-        conn.execute(
-            JobEvent.__table__.insert().values(
-                job_id=job_id, at=now, attempt=current, kind=status.value, message=reason
-            )
+        add_event_in(
+            conn, job_id=job_id, at=now, attempt=current, kind=status.value, message=reason
         )
         return True
 
