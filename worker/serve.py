@@ -9,7 +9,7 @@ from celery import signals
 
 from tuneq.schemas.settings import Settings
 from tuneq.worker.app import create_app, send_job, send_shard
-from tuneq.worker.db import forget_engines, get_engine
+from tuneq.worker.db import get_engine
 from tuneq.worker.reaper import start_reaper
 from tuneq.worker.threads import configure_torch, share_of_cores
 
@@ -32,7 +32,7 @@ def run_worker(
     threads = settings.worker_threads or share_of_cores(concurrency)
 
     def init_child(**_kwargs: Any) -> None:
-        forget_engines()
+        # Database engines are dropped in the child by tuneq.worker.db's at-fork hook.
         configure_torch(threads)
 
     signals.worker_process_init.connect(init_child, weak=False)
