@@ -17,6 +17,9 @@ from tuneq.schemas.errors import ModelError
 from tuneq.worker.store import find_model
 
 PRECISIONS = ("fp32", "bf16", "int8")
+# Texts tokenized per call. A fast tokenizer keeps every truncated text's overflow, offsets and
+# token strings until the call returns: 10,000 IMDB reviews at once took 650 MB, 500 took 150.
+TOKENIZE_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,9 @@ def has_model(engine: Engine, ref: str) -> bool:
 
 
 @lru_cache(maxsize=4)
-def load_for_inference(folder: str, precision: str = "fp32") -> Classifier:
+def load_for_inference(
+    folder: str, precision: str = "fp32", trust_remote_code: bool = False
+) -> Classifier:
     """The classifier in ``folder``, loaded once per process and precision."""
     import torch
 
@@ -75,8 +80,8 @@ def load_for_inference(folder: str, precision: str = "fp32") -> Classifier:
 
     quiet_transformers()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(folder, folder)
-    model = load_classifier(folder, folder).eval()
+    tokenizer = load_tokenizer(folder, folder, trust_remote_code=trust_remote_code)
+    model = load_classifier(folder, folder, trust_remote_code=trust_remote_code).eval()
     if precision == "int8":
         if device.type != "cpu":
             raise ModelError("int8 scoring runs on a CPU; use --precision bf16 on a GPU")
@@ -117,7 +122,10 @@ def classify(
     ``on_batch`` runs before each batch (a cancellation check may raise there)."""
     import torch
 
-    encoded = classifier.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    encoded: list[list[int]] = []
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = texts[start : start + TOKENIZE_CHUNK]
+        encoded += classifier.tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
     probabilities = np.zeros((len(texts), len(classifier.labels)), dtype=np.float32)
     autocast = classifier.precision == "bf16"
     with torch.inference_mode():
