@@ -73,8 +73,12 @@ def tuneq_job(
     from tuneq.worker.store import get_job
     from tuneq.worker.submit import submit_job
 
-    env = {**os.environ, "TUNEQ_DATA_DIR": str(data_dir)}
-    settings = load_settings({"TUNEQ_DATA_DIR": str(data_dir)})
+    tuneq_env = {
+        "TUNEQ_DATA_DIR": str(data_dir),
+        "TUNEQ_ALLOWED_ROOTS": os.pathsep.join([str(data_dir.parent), folder]),
+    }
+    env = {**os.environ, **tuneq_env}
+    settings = load_settings(tuneq_env)
     log = open(data_dir.parent / f"worker-{precision}.log", "wb")  # noqa: SIM115
     worker = subprocess.Popen(
         [sys.executable, "-m", "tuneq.cli", "worker", "--queues", "bench"],

@@ -104,11 +104,14 @@ def main() -> None:
     )
     folder = args.model or tiny_model(work / "tiny")
     data_dir = work / "data"
-    settings = load_settings({"TUNEQ_DATA_DIR": str(data_dir)})
+    tuneq_env = {"TUNEQ_DATA_DIR": str(data_dir), "TUNEQ_ALLOWED_ROOTS": str(work)}
+    if args.model:
+        tuneq_env["TUNEQ_ALLOWED_ROOTS"] += os.pathsep + args.model
+    settings = load_settings(tuneq_env)
     log = open(work / "worker.log", "wb")  # noqa: SIM115
     worker = subprocess.Popen(
         [sys.executable, "-m", "tuneq.cli", "worker", "--queues", "bench"],
-        env={**os.environ, "TUNEQ_DATA_DIR": str(data_dir)},
+        env={**os.environ, **tuneq_env},
         stdout=log,
         stderr=subprocess.STDOUT,
     )

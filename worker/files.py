@@ -17,7 +17,14 @@ import pyarrow as pa
 from tuneq.schemas.errors import DataError
 
 SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
-CHUNK_BYTES = 1 << 24
+# Read block sizes. Arrow's CSV reader keeps several blocks in flight: reading a 1.3 GB file,
+# 1 MB blocks peaked at 150 MB of RSS, 4 MB at 290 MB, 16 MB at 750 MB (and were slower). A
+# record must fit in one block, so blocks are a few times the longest field.
+CSV_BLOCK_BYTES = 1 << 22
+JSON_BLOCK_BYTES = 1 << 24
+# The longest text field read: a review is a few kB; a field of megabytes is almost always a
+# stray quote that swallowed the rest of the file, and would cost minutes to tokenize.
+MAX_FIELD_BYTES = 1 << 20
 
 
 def data_suffix(path: Path) -> str:
@@ -56,7 +63,7 @@ def read_table(path: Path) -> pa.Table:
 def iter_batches(
     path: Path, *, encoding: str = "utf-8", infer_types: bool = False
 ) -> Iterator[pa.RecordBatch]:
-    """The rows of ``path`` in chunks of about 16 MB, so memory stays flat for any size.
+    """The rows of ``path`` in chunks of a few MB, so memory stays flat whatever its size.
 
     CSV and TSV columns are read as text unless ``infer_types``: a column's type then cannot
     change from one chunk to the next, and values are written back exactly as they were read.
@@ -64,11 +71,16 @@ def iter_batches(
     suffix = check_data_file(path)
     try:
         if suffix in (".csv", ".tsv"):
-            yield from _csv_batches(path, suffix, encoding, infer_types)
+            batches = _csv_batches(path, suffix, encoding, infer_types)
         elif suffix in (".jsonl", ".json"):
-            yield from _json_batches(path)
+            batches = _json_batches(path)
         else:
-            yield from _parquet_batches(path)
+            batches = _parquet_batches(path)
+        rows = 0
+        for batch in batches:
+            check_field_sizes(batch, path, rows, encoding)
+            rows += batch.num_rows
+            yield batch
     except pa.ArrowInvalid as exc:
         raise describe_read_error(path, suffix, encoding, exc) from None
     except UnicodeDecodeError:
@@ -97,11 +109,41 @@ def _csv_batches(
     )
     reader = pa_csv.open_csv(
         path,
-        read_options=pa_csv.ReadOptions(block_size=CHUNK_BYTES, encoding=encoding),
+        read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES, encoding=encoding),
         parse_options=pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
         convert_options=convert,
     )
     yield from reader
+
+
+def check_field_sizes(batch: pa.RecordBatch, path: Path, rows_before: int, encoding: str) -> None:
+    """Refuse a text field over ``MAX_FIELD_BYTES``, naming where it is."""
+    import pyarrow.compute as pc
+
+    for column in batch.columns:
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            continue
+        lengths = pc.binary_length(column)
+        longest = pc.max(lengths).as_py()
+        if longest is not None and longest > MAX_FIELD_BYTES:
+            raise field_too_long(
+                path, encoding, rows_before + pc.index(lengths, longest).as_py() + 1
+            )
+
+
+def field_too_long(path: Path, encoding: str, row: int | None = None) -> DataError:
+    """The message for a field over ``MAX_FIELD_BYTES``: by line in CSV and JSON lines (where
+    row ``n`` is line ``n``), by row in Parquet."""
+    reason = f"a field longer than {MAX_FIELD_BYTES:,} bytes, the most tuneq reads"
+    suffix = data_suffix(path)
+    where = f"row {row:,}" if row is not None else "a record"
+    if suffix in (".csv", ".tsv"):
+        found = find_bad_csv_line(path, "\t" if suffix == ".tsv" else ",", encoding)
+        where = f"line {found[0]:,}" if found else where
+        reason += "; a field that long is usually a stray quote that swallowed the lines after it"
+    elif suffix in (".jsonl", ".json") and row is not None:
+        where = f"line {row:,}"
+    return DataError(f"{path}, {where}: {reason}")
 
 
 def read_header(path: Path, delimiter: str, encoding: str) -> list[str]:
@@ -117,7 +159,7 @@ def open_text(path: Path, encoding: str) -> io.TextIOWrapper:
 def _json_batches(path: Path) -> Iterator[pa.RecordBatch]:
     from pyarrow import json as pa_json
 
-    reader = pa_json.open_json(path, read_options=pa_json.ReadOptions(block_size=CHUNK_BYTES))
+    reader = pa_json.open_json(path, read_options=pa_json.ReadOptions(block_size=JSON_BLOCK_BYTES))
     yield from reader
 
 
@@ -134,6 +176,8 @@ def describe_read_error(path: Path, suffix: str, encoding: str, exc: Exception) 
         return DataError(f"{path} is empty")
     if "UTF8" in message or "UTF-8" in message or "utf8" in message:
         return not_encoded(path, encoding)
+    if "straddling object" in message:  # a record longer than a whole read block
+        return field_too_long(path, encoding)
     if suffix in (".csv", ".tsv"):
         line = find_bad_csv_line(path, "\t" if suffix == ".tsv" else ",", encoding)
         if line is not None:
@@ -155,15 +199,23 @@ def not_encoded(path: Path, encoding: str) -> DataError:
 
 
 def find_bad_csv_line(path: Path, delimiter: str, encoding: str) -> tuple[int, str] | None:
-    """The first line whose field count differs from the header's (slow; only on failure)."""
-    with open_text(path, encoding) as handle:
-        reader = csv.reader(handle, delimiter=delimiter)
-        header = next(reader, [])
-        line = reader.line_num
-        for row in reader:
-            if len(row) != len(header):
-                return line + 1, f"expected {len(header)} fields, found {len(row)}"
+    """The first line where a record with the wrong number of fields, or a field over
+    ``MAX_FIELD_BYTES``, starts (slow; only on failure)."""
+    limit = csv.field_size_limit(MAX_FIELD_BYTES)
+    try:
+        with open_text(path, encoding) as handle:
+            reader = csv.reader(handle, delimiter=delimiter)
+            header = next(reader, [])
             line = reader.line_num
+            try:
+                for row in reader:
+                    if len(row) != len(header):
+                        return line + 1, f"expected {len(header)} fields, found {len(row)}"
+                    line = reader.line_num
+            except csv.Error as exc:
+                return line + 1, str(exc)
+    finally:
+        csv.field_size_limit(limit)
     return None
 
 
