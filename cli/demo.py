@@ -87,6 +87,8 @@ def demo(
             "Parquet file, or a folder with train.* and test.* files, with columns text and "
             "label (0 = negative, 1 = positive); e.g. tuneq demo --data ../shared/data/imdb"
         )
+    if data is not None:
+        data = os.path.abspath(os.path.expanduser(data))
     spec = FinetuneSpec(
         data=data or "imdb",
         model=model,
@@ -103,7 +105,7 @@ def demo(
 
     db = engine()
     click.echo(f"Starting a worker (queue {DEMO_QUEUE}); state lives in {settings().data_dir}")
-    worker = start_worker()
+    worker = start_worker(extra_roots=[data] if data else [])
     try:
         job = submit_job(settings(), spec)
         click.echo(
@@ -131,8 +133,9 @@ def demo(
     )
 
 
-def start_worker() -> subprocess.Popen[bytes]:
-    """A worker process for the demo's queue, with this process's settings."""
+def start_worker(extra_roots: list[str]) -> subprocess.Popen[bytes]:
+    """A worker process for the demo's queue, with this process's settings; it may also read
+    ``extra_roots`` (the data named on the demo's command line)."""
     log = worker_log()
     settings().data_dir.mkdir(parents=True, exist_ok=True)
     command = [
@@ -145,8 +148,10 @@ def start_worker() -> subprocess.Popen[bytes]:
         "--loglevel",
         "WARNING",
     ]
+    roots = [*map(str, settings().allowed_roots), *extra_roots]
+    env = {**os.environ, "TUNEQ_ALLOWED_ROOTS": os.pathsep.join(roots)}
     with open(log, "ab") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def worker_log() -> str:

@@ -9,7 +9,7 @@ import click
 
 from tuneq.cli.context import engine, settings
 from tuneq.cli.follow import follow_job
-from tuneq.cli.spec_options import build_spec, read_job_file, spec_options
+from tuneq.cli.spec_options import absolute_paths, build_spec, read_job_file, spec_options
 from tuneq.schemas.specs import FinetuneSpec
 
 
@@ -34,6 +34,7 @@ def finetune(job_file: Path | None, wait: bool, **options: Any) -> None:
     """
     values = read_job_file(job_file) if job_file else {}
     values.update({name: value for name, value in options.items() if value is not None})
+    absolute_paths(values, ("data", "eval_data", "model"))
     spec = build_spec(FinetuneSpec, values)
     from tuneq.worker.submit import submit_job
 

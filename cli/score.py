@@ -9,7 +9,7 @@ import click
 
 from tuneq.cli.context import engine, settings
 from tuneq.cli.follow import follow_job
-from tuneq.cli.spec_options import build_spec, read_job_file, spec_options
+from tuneq.cli.spec_options import absolute_paths, build_spec, read_job_file, spec_options
 from tuneq.schemas.specs import ScoreSpec
 
 
@@ -47,9 +47,7 @@ def score(
         values["input"] = input_file
     if "input" in values and "output" not in values:
         values["output"] = default_output(values["input"])
-    for key in ("input", "output"):
-        if key in values:
-            values[key] = str(Path(values[key]).expanduser().resolve())
+    absolute_paths(values, ("input", "output"))
     values["kind"] = "score"
     spec = build_spec(ScoreSpec, values)
     from tuneq.worker.predict import model_folder

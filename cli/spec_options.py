@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -73,6 +74,18 @@ def read_job_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise click.BadParameter(f"{path} must hold a mapping of spec fields, like data: x.csv")
     return data
+
+
+def absolute_paths(values: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Make the local paths among ``values[key]`` absolute (not resolved: the worker checks
+    where links lead), so that a worker started in another folder finds them."""
+    from tuneq.worker.data import is_local
+    from tuneq.worker.models import is_model_path
+
+    for key in keys:
+        value = values.get(key)
+        if isinstance(value, str) and (is_local(value) or is_model_path(value)):
+            values[key] = os.path.abspath(os.path.expanduser(value))
 
 
 def build_spec(spec_class: type[BaseModel], values: dict[str, Any]) -> Any:

@@ -18,6 +18,10 @@ class DataError(TuneqError):
     """Input data cannot be used: missing file or column, bad labels, empty data."""
 
 
+class PathRefused(DataError):
+    """A job names a path outside the folders its worker may use."""
+
+
 class ModelError(TuneqError):
     """A model cannot be found or loaded."""
 

@@ -56,6 +56,18 @@ class Settings(BaseModel):
     reap_interval_s: float = Field(
         15.0, gt=0, description="How often each worker looks for lost jobs and messages."
     )
+    allowed_roots: tuple[Path, ...] = Field(
+        (),
+        description="Folders, separated by ':', inside which jobs may read data and models "
+        "and write outputs; default: data_dir and the worker's working directory.",
+    )
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part for part in value.split(os.pathsep) if part.strip())
+        return value
 
     @field_validator("database_url", "broker_url")
     @classmethod
@@ -72,6 +84,9 @@ class Settings(BaseModel):
         artifact_dir = self.artifact_dir if str(self.artifact_dir) not in ("", ".") else None
         resolved = (artifact_dir or data_dir / "artifacts").expanduser().resolve()
         object.__setattr__(self, "artifact_dir", resolved)
+        roots = self.allowed_roots or (data_dir, Path.cwd())
+        real = tuple(dict.fromkeys(Path(os.path.realpath(p.expanduser())) for p in roots))
+        object.__setattr__(self, "allowed_roots", real)
 
     @property
     def uses_embedded_broker(self) -> bool:

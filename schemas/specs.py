@@ -61,6 +61,11 @@ class FinetuneSpec(BaseModel):
     )
     weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW weight decay.")
     seed: int = Field(42, description="Seed for the shuffle, the new head and the Trainer.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python code that ships with the model (auto_map in its config); "
+        "only for models whose code you trust.",
+    )
     checkpoint_steps: int | None = Field(
         200,
         ge=1,
@@ -138,6 +143,11 @@ class ScoreSpec(BaseModel):
     max_length: int = Field(512, ge=8, le=8192, description="Truncate texts to this many tokens.")
     batch_tokens: int = Field(
         4096, ge=64, description="Token budget of a batch (rows × padded length)."
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python code that ships with the model (auto_map in its config); "
+        "only for models whose code you trust.",
     )
     shard_rows: int = Field(
         1000, ge=1, description="Rows per shard; shards are scored by any listening worker."

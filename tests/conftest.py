@@ -17,6 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
+
+from tuneq.cli.main import cli
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("TUNEQ_TEST_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -128,9 +131,21 @@ def database_url(tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def env(tmp_path: Path, database_url: str) -> dict[str, str]:
-    """TUNEQ_* settings for one test: its own data dir and database, the embedded broker."""
-    return {"TUNEQ_DATA_DIR": str(tmp_path / "data"), "TUNEQ_DATABASE_URL": database_url}
+def env(
+    tmp_path: Path, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """TUNEQ_* settings for one test: its own data dir and database, the embedded broker;
+    jobs may use files anywhere under pytest's temporary folder."""
+    return {
+        "TUNEQ_DATA_DIR": str(tmp_path / "data"),
+        "TUNEQ_DATABASE_URL": database_url,
+        "TUNEQ_ALLOWED_ROOTS": str(tmp_path_factory.getbasetemp()),
+    }
+
+
+def invoke_cli(env: dict[str, str], *args: str) -> Result:
+    """Run ``tuneq ARGS`` in this process with ``env``; exceptions propagate."""
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
 
 
 def redis_available(url: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -36,8 +37,20 @@ def test_redis_keeps_messages(compose: dict[str, Any]) -> None:
 
 def test_secrets_are_required_not_defaulted(compose: dict[str, Any]) -> None:
     env = compose["services"]["worker-cpu"]["environment"]
-    assert "${TUNEQ_REDIS_PASSWORD:?" in env["TUNEQ_BROKER_URL"]
-    assert "${TUNEQ_POSTGRES_PASSWORD:?" in env["TUNEQ_DATABASE_URL"]
+    assert "${REDIS_PASSWORD:?" in env["TUNEQ_BROKER_URL"]
+    assert "${POSTGRES_PASSWORD:?" in env["TUNEQ_DATABASE_URL"]
+
+
+def test_every_tuneq_variable_is_a_setting_tuneq_reads(compose: dict[str, Any]) -> None:
+    """tuneq refuses unknown TUNEQ_* variables, so the file must name only real ones."""
+    from tuneq.schemas.settings import Settings
+
+    known = {"TUNEQ_" + name.upper() for name in Settings.model_fields}
+    for service in ("migrate", "worker-cpu", "worker-gpu"):
+        assert set(compose["services"][service]["environment"]) <= known
+    interpolated = re.findall(r"\$\{(\w+)", (REPO / "compose.yaml").read_text())
+    assert "REDIS_PASSWORD" in interpolated
+    assert not [name for name in interpolated if name.startswith("TUNEQ_")]
 
 
 def test_workers_share_artifacts_and_the_gpu_worker_reserves_a_gpu(
@@ -46,6 +59,7 @@ def test_workers_share_artifacts_and_the_gpu_worker_reserves_a_gpu(
     services = compose["services"]
     for name in ("worker-cpu", "worker-gpu"):
         assert "artifacts:/artifacts" in services[name]["volumes"]
+        assert services[name]["environment"]["TUNEQ_ALLOWED_ROOTS"] == "/data"
         assert services[name]["environment"]["TUNEQ_ARTIFACT_DIR"] == "/artifacts"
     devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]

@@ -11,17 +11,16 @@ from pathlib import Path
 
 import psutil
 import pytest
-from click.testing import CliRunner, Result
 
 from tests.conftest import (
     REDIS_URL,
+    invoke_cli,
     queue_name,
     redis_available,
     score_args,
     scoring_input,
     unavailable,
 )
-from tuneq.cli.main import cli
 from tuneq.schemas.settings import load_settings
 from tuneq.worker.app import create_app, send_job
 from tuneq.worker.db import get_engine
@@ -41,12 +40,8 @@ def fast_env(env: dict[str, str]) -> dict[str, str]:
     return {**env, **FAST_LEASES}
 
 
-def invoke(env: dict[str, str], *args: str) -> Result:
-    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
-
-
 def submit(env: dict[str, str], *args: str) -> str:
-    result = invoke(env, *args)
+    result = invoke_cli(env, *args)
     assert result.exit_code == 0, result.output
     return result.stdout.strip().splitlines()[0]
 
@@ -74,7 +69,7 @@ def finetune_args(queue: str, data: Path, model: Path, epochs: str = "4") -> lis
 def wait_for(env: dict[str, str], job_id: str, check, timeout_s: float = 120) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        job = json.loads(invoke(env, "show", job_id, "--json").stdout)
+        job = json.loads(invoke_cli(env, "show", job_id, "--json").stdout)
         if check(job):
             return job
         time.sleep(0.3)
@@ -96,22 +91,22 @@ def kill_hard(worker) -> None:
 def test_cancel_a_queued_job_and_retry_it(fast_env, start_worker, tiny_model, reviews_csv):
     queue = queue_name()
     job_id = submit(fast_env, *finetune_args(queue, reviews_csv, tiny_model))
-    assert invoke(fast_env, "cancel", job_id).stdout == f"cancelled {job_id}\n"
-    again = invoke(fast_env, "cancel", job_id)
+    assert invoke_cli(fast_env, "cancel", job_id).stdout == f"cancelled {job_id}\n"
+    again = invoke_cli(fast_env, "cancel", job_id)
     assert (again.exit_code, again.stderr) == (
         1,
         f"Error: job {job_id} already cancelled; nothing to cancel\n",
     )
     start_worker(fast_env, queue)
     later = submit(fast_env, *finetune_args(queue, reviews_csv, tiny_model), "--wait")
-    cancelled = json.loads(invoke(fast_env, "show", job_id, "--json").stdout)
+    cancelled = json.loads(invoke_cli(fast_env, "show", job_id, "--json").stdout)
     assert (cancelled["status"], cancelled["attempt"]) == ("cancelled", 0), "never started"
-    assert json.loads(invoke(fast_env, "show", later, "--json").stdout)["status"] == "succeeded"
+    assert json.loads(invoke_cli(fast_env, "show", later, "--json").stdout)["status"] == "succeeded"
 
-    assert invoke(fast_env, "retry", job_id).stdout == f"queued {job_id} again\n"
+    assert invoke_cli(fast_env, "retry", job_id).stdout == f"queued {job_id} again\n"
     retried = wait_for(fast_env, job_id, finished)
     assert (retried["status"], retried["attempt"]) == ("succeeded", 1)
-    busy = invoke(fast_env, "retry", job_id)
+    busy = invoke_cli(fast_env, "retry", job_id)
     assert busy.stderr == (
         f"Error: job {job_id} is succeeded; only failed or cancelled jobs retry\n"
     )
@@ -122,10 +117,10 @@ def test_cancel_a_running_fine_tune(fast_env, start_worker, tiny_model, reviews_
     start_worker(fast_env, queue)
     job_id = submit(fast_env, *finetune_args(queue, reviews_csv, tiny_model, epochs="100"))
     wait_for(fast_env, job_id, lambda j: (j["progress"] or {}).get("step", 0) > 5)
-    invoke(fast_env, "cancel", job_id)
+    invoke_cli(fast_env, "cancel", job_id)
     quick = submit(fast_env, *finetune_args(queue, reviews_csv, tiny_model, epochs="1"), "--wait")
-    assert json.loads(invoke(fast_env, "show", quick, "--json").stdout)["status"] == "succeeded"
-    job = json.loads(invoke(fast_env, "show", job_id, "--json").stdout)
+    assert json.loads(invoke_cli(fast_env, "show", quick, "--json").stdout)["status"] == "succeeded"
+    job = json.loads(invoke_cli(fast_env, "show", job_id, "--json").stdout)
     assert job["status"] == "cancelled" and job["model_id"] is None
     assert job["progress"]["step"] < job["progress"]["total"], "stopped early"
     engine = get_engine(fast_env["TUNEQ_DATABASE_URL"])
@@ -146,15 +141,15 @@ def test_cancel_a_running_scoring_job(fast_env, start_worker, trained_tiny_model
         "200",
     )
     wait_for(fast_env, job_id, lambda j: (j["progress"] or {}).get("rows", 0) > 0)
-    invoke(fast_env, "cancel", job_id)
+    invoke_cli(fast_env, "cancel", job_id)
     small = scoring_input(tmp_path / "small.csv", 50)
     after = submit(
         fast_env,
         *score_args(trained_tiny_model, small, tmp_path / "small.out.csv", queue),
         "--wait",
     )
-    assert json.loads(invoke(fast_env, "show", after, "--json").stdout)["status"] == "succeeded"
-    job = json.loads(invoke(fast_env, "show", job_id, "--json").stdout)
+    assert json.loads(invoke_cli(fast_env, "show", after, "--json").stdout)["status"] == "succeeded"
+    job = json.loads(invoke_cli(fast_env, "show", job_id, "--json").stdout)
     assert job["status"] == "cancelled" and job["output_path"] is None
     assert not output.exists()
     shards = list_shards(get_engine(fast_env["TUNEQ_DATABASE_URL"]), job_id)
@@ -169,15 +164,15 @@ def test_cancel_a_queued_scoring_job(fast_env, start_worker, trained_tiny_model,
         fast_env,
         *score_args(trained_tiny_model, source, output, queue),
     )
-    assert invoke(fast_env, "cancel", job_id).stdout == f"cancelled {job_id}\n"
+    assert invoke_cli(fast_env, "cancel", job_id).stdout == f"cancelled {job_id}\n"
     start_worker(fast_env, queue)
     after = submit(
         fast_env,
         *score_args(trained_tiny_model, source, tmp_path / "after.csv", queue),
         "--wait",
     )
-    assert json.loads(invoke(fast_env, "show", after, "--json").stdout)["status"] == "succeeded"
-    job = json.loads(invoke(fast_env, "show", job_id, "--json").stdout)
+    assert json.loads(invoke_cli(fast_env, "show", after, "--json").stdout)["status"] == "succeeded"
+    job = json.loads(invoke_cli(fast_env, "show", job_id, "--json").stdout)
     assert (job["status"], job["attempt"]) == ("cancelled", 0), "never started"
     assert not output.exists()
     assert list_shards(get_engine(fast_env["TUNEQ_DATABASE_URL"]), job_id) == []

@@ -5,25 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from click.testing import CliRunner, Result
-
 from tests.conftest import (
     REDIS_URL,
+    invoke_cli,
     queue_name,
     redis_available,
     score_args,
     scoring_input,
     unavailable,
 )
-from tuneq.cli.main import cli
 from tuneq.worker.db import get_engine
 from tuneq.worker.files import iter_batches
 from tuneq.worker.predict import predict_texts
 from tuneq.worker.store import list_shards
-
-
-def invoke(env: dict[str, str], *args: str) -> Result:
-    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
 
 
 def test_two_workers_on_redis_score_one_file_together(
@@ -37,7 +31,7 @@ def test_two_workers_on_redis_score_one_file_together(
     start_worker(env, queue)
     source = scoring_input(tmp_path / "reviews.csv", 3000)
     output = tmp_path / "scored.parquet"
-    result = invoke(
+    result = invoke_cli(
         env,
         *score_args(trained_tiny_model, source, output, queue),
         "--shard-rows",
@@ -45,7 +39,7 @@ def test_two_workers_on_redis_score_one_file_together(
         "--wait",
     )
     assert result.exit_code == 0, result.output
-    job = json.loads(invoke(env, "show", result.stdout.strip(), "--json").stdout)
+    job = json.loads(invoke_cli(env, "show", result.stdout.strip(), "--json").stdout)
     assert job["status"] == "succeeded" and job["output_path"] == str(output)
     assert job["metrics"]["rows"] == 3000 and job["metrics"]["shards"] == 30
     shards = list_shards(get_engine(env["TUNEQ_DATABASE_URL"]), job["id"])
@@ -62,50 +56,3 @@ def test_two_workers_on_redis_score_one_file_together(
     assert all(r["label"] is None for r in scored if not r["text"])
     assert job["metrics"]["empty_rows"] == sum(1 for r in original if not r["text"])
     assert not (Path(env["TUNEQ_DATA_DIR"]) / "artifacts" / "scoring" / job["id"]).exists()
-
-
-def test_bad_scoring_input_fails_the_job_and_the_worker_carries_on(
-    env, start_worker, trained_tiny_model: Path, tmp_path: Path
-):
-    queue = queue_name()
-    worker = start_worker(env, queue)
-    malformed = tmp_path / "malformed.csv"
-    malformed.write_text("id,text\n1,fine\n2,broken,row\n")
-    latin = tmp_path / "latin.csv"
-    latin.write_bytes("id,text\n1,très bien\n".encode("latin-1"))
-    cases = [
-        (malformed, f"{malformed}, line 3: expected 2 fields, found 3"),
-        (
-            latin,
-            f"{latin}: bytes that are not valid utf-8; pass the file's encoding with --encoding "
-            "(for example --encoding latin-1 or --encoding gb18030)",
-        ),
-    ]
-    for source, message in cases:
-        output = tmp_path / f"{source.stem}.out.csv"
-        result = invoke(
-            env,
-            *score_args(trained_tiny_model, source, output, queue),
-            "--wait",
-        )
-        job_id = result.stdout.strip()
-        assert result.exit_code == 1
-        assert result.stderr.splitlines()[-1] == f"Error: job {job_id} failed: {message}"
-        assert not output.exists()
-        assert worker.alive
-    output = tmp_path / "latin.out.jsonl"
-    result = invoke(
-        env,
-        "score",
-        str(trained_tiny_model),
-        str(latin),
-        "--output",
-        str(output),
-        "--encoding",
-        "latin-1",
-        "--queue",
-        queue,
-        "--wait",
-    )
-    assert result.exit_code == 0, result.output
-    assert json.loads(output.read_text())["text"] == "très bien"

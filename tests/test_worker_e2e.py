@@ -6,18 +6,19 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from tests.conftest import REDIS_URL, queue_name, redis_available, synthetic_reviews, write_csv
-from tuneq.cli.main import cli
-
-
-def invoke(env: dict[str, str], *args: str) -> object:
-    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+from tests.conftest import (
+    REDIS_URL,
+    invoke_cli,
+    queue_name,
+    redis_available,
+    synthetic_reviews,
+    write_csv,
+)
 
 
 def submit_tiny(env: dict[str, str], queue: str, data: Path, model: Path, *extra: str) -> object:
-    return invoke(
+    return invoke_cli(
         env,
         "finetune",
         "--data",
@@ -46,7 +47,7 @@ def check_fine_tune_through_worker(env: dict[str, str], start_worker, tiny_model
     assert result.exit_code == 0, result.output
     job_id = result.stdout.strip()
 
-    shown = json.loads(invoke(env, "show", job_id, "--json").stdout)
+    shown = json.loads(invoke_cli(env, "show", job_id, "--json").stdout)
     assert shown["status"] == "succeeded"
     assert shown["attempt"] == 1
     metrics = shown["metrics"]
@@ -63,14 +64,14 @@ def check_fine_tune_through_worker(env: dict[str, str], start_worker, tiny_model
     config = json.loads((folder / "config.json").read_text())
     assert config["id2label"] == {"0": "negative", "1": "positive"}
 
-    predicted = invoke(
+    predicted = invoke_cli(
         env, "predict", "tiny-sentiment", "superb brilliant loved it", "awful dull worst", "--json"
     )
     assert predicted.exit_code == 0, predicted.output
     labels = [json.loads(line)["label"] for line in predicted.stdout.splitlines()]
     assert labels == ["positive", "negative"]
 
-    listed = invoke(env, "models", "--json")
+    listed = invoke_cli(env, "models", "--json")
     assert [m["name"] for m in json.loads(listed.stdout)] == ["tiny-sentiment"]
 
 
@@ -129,6 +130,13 @@ def test_bad_input_fails_the_job_and_the_worker_carries_on(
         ),
         (bad_inputs["empty"], tiny_model, f"{bad_inputs['empty']} is empty"),
         (
+            Path("/etc/hostname"),
+            tiny_model,
+            "data /etc/hostname is outside the folders this worker may use "
+            f"({env['TUNEQ_ALLOWED_ROOTS']}); to allow it, add its folder to "
+            "TUNEQ_ALLOWED_ROOTS where the worker runs",
+        ),
+        (
             reviews_csv,
             Path("no-such-org/no-such-model"),
             "cannot load model 'no-such-org/no-such-model': it is not a local model folder, and "
@@ -145,5 +153,5 @@ def test_bad_input_fails_the_job_and_the_worker_carries_on(
         assert worker.alive
     result = submit_tiny(env, queue, reviews_csv, tiny_model)
     assert result.exit_code == 0, result.output
-    statuses = [job["status"] for job in json.loads(invoke(env, "jobs", "--json").stdout)]
+    statuses = [job["status"] for job in json.loads(invoke_cli(env, "jobs", "--json").stdout)]
     assert statuses == ["succeeded"] + ["failed"] * len(cases)

@@ -73,10 +73,11 @@ def finetune(
     with timer.phase("load_model"):
         report({"phase": "loading model"})
         source = resolve_model_source(spec.model)
-        tokenizer = load_tokenizer(spec.model, source)
+        tokenizer = load_tokenizer(spec.model, source, trust_remote_code=spec.trust_remote_code)
         model = load_classifier(
             spec.model,
             source,
+            trust_remote_code=spec.trust_remote_code,
             num_labels=len(data.label_names),
             id2label=dict(enumerate(data.label_names)),
             label2id={name: i for i, name in enumerate(data.label_names)},

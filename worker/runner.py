@@ -24,6 +24,7 @@ from tuneq.schemas.tables import JobStatus, utcnow
 from tuneq.worker import store
 from tuneq.worker.db import get_engine
 from tuneq.worker.lease import JobStopped, Lease
+from tuneq.worker.paths import confine_spec
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,14 @@ def run_job(
     if isinstance(spec, ScoreSpec):
         folder = scoring_folder(settings, job_id)
         with lease, failures_recorded(engine, job_id, attempt, cleanup=folder):
+            spec = confine_spec(settings, spec)
             return start_scoring(engine, job_id, attempt, spec, folder, publish_shard, lease)
         return stopped_or_failed(engine, job_id)
     staging = settings.artifact_dir / "staging" / f"{job_id}-{attempt}"
     try:
         checkpoints = checkpoint_folder(settings, job_id)
         with lease, failures_recorded(engine, job_id, attempt, cleanup=checkpoints):
+            spec = confine_spec(settings, spec)
             return run_finetune(settings, engine, job_id, attempt, spec, staging, lease)
         return stopped_or_failed(engine, job_id)
     finally:
@@ -231,6 +234,7 @@ def run_shard(settings: Settings, job_id: str, index: int, *, worker: str) -> st
     )
     left: int | None = None
     with lease, failures_recorded(engine, job_id, job.attempt, cleanup=folder):
+        spec = confine_spec(settings, spec)
         result = score_shard(spec, folder, index, on_batch=lease.check)
         left = store.finish_shard(
             engine,

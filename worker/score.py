@@ -148,7 +148,7 @@ def score_shard(
 
     started = time.perf_counter()
     assert spec.model_path is not None
-    classifier = load_for_inference(spec.model_path, spec.precision)
+    classifier = load_for_inference(spec.model_path, spec.precision, spec.trust_remote_code)
     table = read_shard(folder / STAGED_INPUT, index)
     scored, empty = score_table(table, spec, classifier, on_batch)
     part = part_path(folder, index)
