@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 
 import kombu.transport
@@ -91,3 +93,28 @@ def send_job(app: Celery, job_id: str, queue: str) -> None:
 def send_shard(app: Celery, job_id: str, index: int, queue: str) -> None:
     """Publish one shard of a scoring job to ``queue``."""
     app.send_task(RUN_SHARD, args=[job_id, index], queue=queue)
+
+
+Waiting = set[tuple[str, ...]]  # ("job", id) and ("shard", id, index) of waiting messages
+
+
+def waiting_messages(app: Celery, queue: str) -> Waiting | None:
+    """The jobs and shards whose messages wait in ``queue``, or ``None`` where the broker cannot
+    be asked (only Redis can). The reaper republishes only what is missing from here."""
+    with app.connection_for_write() as connection:
+        if connection.transport.driver_type != "redis":
+            return None
+        client = connection.default_channel.client
+        waiting: Waiting = set()
+        for raw in client.lrange(queue, 0, -1):
+            message = json.loads(raw)
+            body = message.get("body", "")
+            if message.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            args = json.loads(body)[0]
+            task = message.get("headers", {}).get("task")
+            if task == RUN_JOB:
+                waiting.add(("job", str(args[0])))
+            elif task == RUN_SHARD:
+                waiting.add(("shard", str(args[0]), str(args[1])))
+        return waiting

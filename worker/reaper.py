@@ -2,8 +2,10 @@
 
 It requeues jobs and shards whose lease went stale (their worker died), up to ``max_attempts``,
 and publishes again the ones queued in the database whose message never got claimed (a broker
-that restarted empty, celery#6229). A duplicate message is harmless: claims are
-compare-and-set, so a second delivery exits without touching anything.
+that restarted empty, celery#6229). On Redis it first looks whether the message still waits in
+its queue (behind long jobs, say), and publishes only the missing ones; one reaper wins each
+republication. A duplicate message is harmless anyway: claims are compare-and-set, so a second
+delivery exits without touching anything.
 """
 
 from __future__ import annotations
@@ -16,16 +18,24 @@ from datetime import timedelta
 from tuneq.schemas.settings import Settings
 from tuneq.schemas.tables import utcnow
 from tuneq.worker import store
+from tuneq.worker.app import Waiting
 from tuneq.worker.db import get_engine
 
 log = logging.getLogger(__name__)
 
 PublishJob = Callable[[str, str], None]  # job id, queue
 PublishShard = Callable[[str, int, str], None]  # job id, shard index, queue
+WaitingIn = Callable[[str], Waiting | None]  # queue -> messages it holds, if the broker can tell
 
 
-def reap(settings: Settings, publish_job: PublishJob, publish_shard: PublishShard) -> list[str]:
-    """One pass; returns what it did, one line per action."""
+def reap(
+    settings: Settings,
+    publish_job: PublishJob,
+    publish_shard: PublishShard,
+    waiting_in: WaitingIn = lambda _queue: None,
+) -> list[str]:
+    """One pass; returns what it did, one line per action. ``waiting_in(queue)`` tells which
+    messages the broker still holds, so that a job waiting its turn is not published twice."""
     engine = get_engine(settings.database_url)
     now = utcnow()
     stale = now - timedelta(seconds=settings.lease_timeout_s)
@@ -59,21 +69,35 @@ def reap(settings: Settings, publish_job: PublishJob, publish_shard: PublishShar
             publish_shard(shard.job_id, shard.index, job.queue)
             actions.append(f"requeued shard {shard.job_id}/{shard.index}")
     unclaimed = now - timedelta(seconds=settings.requeue_after_s)
+    waiting: dict[str, Waiting | None] = {}
+
+    def lost(queue: str, key: tuple[str, ...]) -> bool:
+        """Whether a message is missing from the broker (or the broker cannot tell)."""
+        if queue not in waiting:
+            waiting[queue] = waiting_in(queue)
+        known = waiting[queue]
+        return known is None or key not in known
+
     for job in store.unclaimed_jobs(engine, before=unclaimed):
-        store.mark_published(engine, job_id=job.id)
-        publish_job(job.id, job.queue)
-        actions.append(f"published job {job.id} again")
+        if not lost(job.queue, ("job", job.id)):
+            store.mark_published(engine, job_id=job.id)  # still waiting its turn: look later
+        elif store.mark_published(engine, job_id=job.id, before=unclaimed):
+            publish_job(job.id, job.queue)
+            actions.append(f"published job {job.id} again")
     for shard, queue in store.unclaimed_shards(engine, before=unclaimed):
-        store.mark_published(engine, job_id=shard.job_id, index=shard.index)
-        publish_shard(shard.job_id, shard.index, queue)
-        actions.append(f"published shard {shard.job_id}/{shard.index} again")
+        key = ("shard", shard.job_id, str(shard.index))
+        if not lost(queue, key):
+            store.mark_published(engine, job_id=shard.job_id, index=shard.index)
+        elif store.mark_published(engine, job_id=shard.job_id, index=shard.index, before=unclaimed):
+            publish_shard(shard.job_id, shard.index, queue)
+            actions.append(f"published shard {shard.job_id}/{shard.index} again")
     for action in actions:
         log.warning("reaper: %s", action)
     return actions
 
 
 def start_reaper(
-    settings: Settings, publish_job: PublishJob, publish_shard: PublishShard
+    settings: Settings, publish_job: PublishJob, publish_shard: PublishShard, waiting_in: WaitingIn
 ) -> threading.Event:
     """Run :func:`reap` every ``reap_interval_s`` in a daemon thread; set the event to stop."""
     stop = threading.Event()
@@ -81,7 +105,7 @@ def start_reaper(
     def loop() -> None:
         while not stop.wait(settings.reap_interval_s):
             try:
-                reap(settings, publish_job, publish_shard)
+                reap(settings, publish_job, publish_shard, waiting_in)
             except Exception:
                 log.exception("reaper pass failed; trying again in %ss", settings.reap_interval_s)
 

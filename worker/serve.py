@@ -8,7 +8,7 @@ from typing import Any
 from celery import signals
 
 from tuneq.schemas.settings import Settings
-from tuneq.worker.app import create_app, send_job, send_shard
+from tuneq.worker.app import create_app, send_job, send_shard, waiting_messages
 from tuneq.worker.db import get_engine
 from tuneq.worker.reaper import start_reaper
 from tuneq.worker.threads import configure_torch, share_of_cores
@@ -44,6 +44,7 @@ def run_worker(
             settings,
             publish_job=lambda job_id, queue: send_job(app, job_id, queue),
             publish_shard=lambda job_id, index, queue: send_shard(app, job_id, index, queue),
+            waiting_in=lambda queue: waiting_messages(app, queue),
         )
 
     signals.worker_ready.connect(start_reaping, weak=False)

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, select, update
+from sqlalchemy import Connection, Engine, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -533,15 +533,24 @@ def requeue_job(
         return True
 
 
-def mark_published(engine: Engine, *, job_id: str, index: int | None = None) -> None:
-    """Remember when a job's (or shard's) message was last sent."""
-    table, conditions = (
-        (Job, [Job.id == job_id])
-        if index is None
-        else (Shard, [Shard.job_id == job_id, Shard.index == index])
-    )
+def mark_published(
+    engine: Engine, *, job_id: str, index: int | None = None, before: datetime | None = None
+) -> bool:
+    """Record that a job's (or shard's) message was sent now. With ``before``, only if the
+    last one went out before then: of several reapers, one wins and publishes."""
+    if index is None:
+        table, conditions = Job, [Job.id == job_id]
+        if before is not None:
+            conditions.append(func.coalesce(Job.published_at, Job.created_at) < before)
+    else:
+        table, conditions = Shard, [Shard.job_id == job_id, Shard.index == index]
+        if before is not None:
+            conditions.append(or_(Shard.published_at.is_(None), Shard.published_at < before))
     with engine.begin() as conn:
-        conn.execute(update(table).where(*conditions).values(published_at=utcnow()))
+        return (
+            conn.execute(update(table).where(*conditions).values(published_at=utcnow())).rowcount
+            == 1
+        )
 
 
 def stale_jobs(engine: Engine, *, before: datetime) -> list[Job]:
