@@ -148,3 +148,21 @@ def test_real_imdb_folder_selects_1000_and_400() -> None:
     )
     assert (len(data.train), len(data.eval)) == (1000, 400)
     assert 400 < data.summary["train_label_counts"]["positive"] < 600
+
+
+def test_selection_picks_what_the_recipes_shuffle_and_select_pick(tmp_path: Path) -> None:
+    """The classic recipe selects with datasets' shuffle(seed).select(range(n)) per split."""
+    import datasets
+
+    train = write_csv(
+        tmp_path / "train.csv", ["text", "label"], [(f"t{i}", i % 2) for i in range(50)]
+    )
+    write_csv(tmp_path / "test.csv", ["text", "label"], [(f"e{i}", i % 2) for i in range(30)])
+    data = load_training_data(spec(tmp_path, train_size=12, eval_size=7, seed=42))
+    splits = datasets.load_dataset(
+        "csv",
+        data_files={"train": str(train), "test": str(tmp_path / "test.csv")},
+        cache_dir=str(tmp_path / "cache"),
+    )
+    assert data.train.texts == splits["train"].shuffle(seed=42).select(range(12))["text"]
+    assert data.eval.texts == splits["test"].shuffle(seed=42).select(range(7))["text"]

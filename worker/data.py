@@ -179,8 +179,10 @@ def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def sample(n: int, size: int | None, rng: np.random.Generator) -> np.ndarray:
-    order = rng.permutation(n)
+def sample(n: int, size: int | None, seed: int) -> np.ndarray:
+    """The first ``size`` of a seeded permutation of ``n`` rows: the rows that the classic
+    recipe's ``dataset.shuffle(seed=seed).select(range(size))`` picks."""
+    order = np.random.default_rng(seed).permutation(n)
     return order if size is None else order[: min(size, n)]
 
 
@@ -195,10 +197,8 @@ def load_training_data(spec: FinetuneSpec) -> TrainingData:
     texts, raw_labels, dropped = clean_rows(texts, raw_labels)
     if not texts:
         raise DataError(f"{spec.data} has no rows with both a text and a label")
-    rng = np.random.default_rng(spec.seed)
-
     if eval_table is None:
-        order = rng.permutation(len(texts))
+        order = np.random.default_rng(spec.seed).permutation(len(texts))
         eval_size = spec.eval_size or max(1, int(len(texts) * DEFAULT_HOLDOUT))
         if eval_size >= len(texts) - 1:
             raise DataError(
@@ -210,14 +210,14 @@ def load_training_data(spec: FinetuneSpec) -> TrainingData:
         eval_texts = [texts[i] for i in eval_idx]
         eval_raw = [raw_labels[i] for i in eval_idx]
     else:
-        train_idx = sample(len(texts), spec.train_size, rng)
+        train_idx = sample(len(texts), spec.train_size, spec.seed)
         e_texts = column_values(eval_table, spec.text_column, "--text-column", eval_source)
         e_labels = column_values(eval_table, spec.label_column, "--label-column", eval_source)
         e_texts, e_labels, e_dropped = clean_rows(e_texts, e_labels)
         dropped += e_dropped
         if not e_texts:
             raise DataError(f"{eval_source} has no rows with both a text and a label")
-        eval_idx = sample(len(e_texts), spec.eval_size, rng)
+        eval_idx = sample(len(e_texts), spec.eval_size, spec.seed)
         eval_texts = [e_texts[i] for i in eval_idx]
         eval_raw = [e_labels[i] for i in eval_idx]
 
