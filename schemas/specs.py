@@ -61,6 +61,11 @@ class FinetuneSpec(BaseModel):
     )
     weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW weight decay.")
     seed: int = Field(42, description="Seed for the shuffle, the new head and the Trainer.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Training arithmetic: bf16 autocast (weights and optimizer stay fp32), fp32, "
+        "or auto: bf16 where the CPU or GPU computes it natively, else fp32.",
+    )
     trust_remote_code: bool = Field(
         False,
         description="Run Python code that ships with the model (auto_map in its config); "

@@ -20,6 +20,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.worker.data import Examples, TrainingData, load_training_data
+from tuneq.worker.device import training_bf16
 from tuneq.worker.metrics import classification_metrics
 from tuneq.worker.models import load_classifier, load_tokenizer, resolve_model_source
 
@@ -110,6 +111,7 @@ def finetune(
         eval_loss=float(prediction.metrics["test_loss"]),
         train_loss=float(train_output.training_loss),
         train_steps=int(train_output.global_step),
+        precision="bf16" if training_bf16(spec.precision) else "fp32",
         train_samples_per_second=float(train_output.metrics.get("train_samples_per_second", 0)),
         loss_curve=loss_curve,
         data=data.summary,
@@ -190,6 +192,8 @@ def build_trainer(
         report_to="none",
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
+        bf16=training_bf16(spec.precision),
+        optim="adamw_torch_fused",  # one kernel for all parameters: AdamW took a fifth of a step
         dataloader_num_workers=0,
     )
     loss_curve: list[dict[str, float]] = []

@@ -12,7 +12,7 @@ def share_of_cores(concurrency: int) -> int:
 
 
 def configure_torch(threads: int | None) -> None:
-    """Import torch in this (child) process and set its threads.
+    """Import torch and the Trainer in this (child) process and set torch's threads.
 
     Called after fork: torch threads created in a parent can hang a forked child
     (transformers#7516), and CUDA is never initialised here.
@@ -27,3 +27,5 @@ def configure_torch(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
     quiet_transformers()
+    # Paid once per worker process, not by each job: the Trainer's imports take seconds.
+    from transformers import Trainer  # noqa: F401
