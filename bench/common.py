@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +65,8 @@ def machine() -> dict[str, Any]:
     import torch
 
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_flags": [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()],
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -69,8 +75,108 @@ def machine() -> dict[str, Any]:
     }
 
 
+def cpu_info(key: str) -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")
+
+
+def cpu_model() -> str:
+    return cpu_info("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    return cpu_info("flags").split()
+
+
 def write_result(name: str, result: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+class PeakSampler(threading.Thread):
+    """Peak RSS of a process and of its whole tree (a worker and its pool processes), sampled
+    twice a second."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        super().__init__(daemon=True)
+        self.root = psutil.Process(pid)
+        self.peak_process = self.peak_tree = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            try:
+                processes = [self.root, *self.root.children(recursive=True)]
+                sizes = [p.memory_info().rss for p in processes]
+            except psutil.Error:
+                continue
+            self.peak_process = max(self.peak_process, *sizes)
+            self.peak_tree = max(self.peak_tree, sum(sizes))
+            time.sleep(0.5)
+
+    def result(self) -> dict[str, float]:
+        return {
+            "peak_rss_largest_process_mb": round(self.peak_process / 2**20, 1),
+            "peak_rss_worker_tree_mb": round(self.peak_tree / 2**20, 1),
+        }
+
+
+@contextmanager
+def tuneq_worker(work: Path, allowed: list[str], queue: str = "bench") -> Iterator[Any]:
+    """A real ``tuneq worker`` process on its own data dir (embedded broker, SQLite) that may
+    read ``work`` and ``allowed``; yields ``(settings, sampler)`` once it is ready."""
+    from tuneq.schemas.settings import load_settings
+
+    data_dir = work / "data"
+    env = {
+        "TUNEQ_DATA_DIR": str(data_dir),
+        "TUNEQ_ALLOWED_ROOTS": os.pathsep.join([str(work), *allowed]),
+    }
+    log_path = work / f"worker-{queue}.log"
+    log = open(log_path, "wb")  # noqa: SIM115
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tuneq.cli", "worker", "--queues", queue],
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    sampler = PeakSampler(worker.pid)
+    sampler.start()
+    try:
+        deadline = time.monotonic() + 120
+        while b"ready." not in log_path.read_bytes():
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield load_settings(env), sampler
+    finally:
+        sampler.stop.set()
+        worker.terminate()
+        worker.wait()
+        log.close()
+
+
+def run_job(settings: Any, spec: Any, poll_s: float = 0.2) -> tuple[Any, float]:
+    """Submit ``spec`` as the CLI does and wait for it; returns the job and the wall seconds
+    from submission to its end."""
+    from tuneq.worker.db import get_engine
+    from tuneq.worker.store import get_job
+    from tuneq.worker.submit import submit_job
+
+    started = time.perf_counter()
+    job = submit_job(settings, spec)
+    engine = get_engine(settings.database_url)
+    while (job := get_job(engine, job.id)).status in ("queued", "running"):
+        time.sleep(poll_s)
+    wall = time.perf_counter() - started
+    assert job.status == "succeeded", job.error
+    return job, wall

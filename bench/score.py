@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +24,8 @@ from common import (  # noqa: E402
     imdb_reviews,
     machine,
     matmul_flops_per_second,
+    run_job,
+    tuneq_worker,
     write_result,
 )
 
@@ -63,50 +63,23 @@ def pipeline_run(folder: str, texts: list[str], batch_size: int) -> tuple[list[s
 
 
 def tuneq_job(
-    folder: str, source: Path, output: Path, precision: str, data_dir: Path
+    folder: str, source: Path, output: Path, precision: str, work: Path
 ) -> dict[str, Any]:
     """A real scoring job: a worker process on the embedded broker, submitted as the CLI does."""
-    from tuneq.schemas.settings import load_settings
     from tuneq.schemas.specs import ScoreSpec
-    from tuneq.worker.db import get_engine
     from tuneq.worker.files import iter_batches
-    from tuneq.worker.store import get_job
-    from tuneq.worker.submit import submit_job
 
-    tuneq_env = {
-        "TUNEQ_DATA_DIR": str(data_dir),
-        "TUNEQ_ALLOWED_ROOTS": os.pathsep.join([str(data_dir.parent), folder]),
-    }
-    env = {**os.environ, **tuneq_env}
-    settings = load_settings(tuneq_env)
-    log = open(data_dir.parent / f"worker-{precision}.log", "wb")  # noqa: SIM115
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "tuneq.cli", "worker", "--queues", "bench"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        time.sleep(5)  # the worker and its pool process start
+    work.mkdir(parents=True, exist_ok=True)
+    with tuneq_worker(work, [str(source.parent), folder]) as (settings, _sampler):
         spec = ScoreSpec(
             model=folder,
             model_path=folder,
             input=str(source),
             output=str(output),
-            precision=precision,
-            queue="bench",  # type: ignore[arg-type]
+            precision=precision,  # type: ignore[arg-type]
+            queue="bench",
         )
-        submitted = time.perf_counter()
-        job = submit_job(settings, spec)
-        engine = get_engine(settings.database_url)
-        while (job := get_job(engine, job.id)).status in ("queued", "running"):
-            time.sleep(0.2)
-        wall = time.perf_counter() - submitted
-    finally:
-        worker.terminate()
-        worker.wait()
-        log.close()
-    assert job.status == "succeeded", job.error
+        job, wall = run_job(settings, spec)
     labels = [r["label"] for b in iter_batches(output) for r in b.to_pylist()]
     return {"metrics": job.metrics, "wall_from_submit_s": round(wall, 2), "labels": labels}
 
@@ -184,7 +157,7 @@ def main() -> None:
     tutorial_labels = [id2label[i] for i in labels_a]
     for precision in ("fp32", "bf16", "int8"):
         job = tuneq_job(
-            folder, source, work / f"out-{precision}.csv", precision, work / f"data-{precision}"
+            folder, source, work / f"out-{precision}.csv", precision, work / f"run-{precision}"
         )
         seconds = job["metrics"]["seconds"]
         runs[f"tuneq_{precision}"] = {

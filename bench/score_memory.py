@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import imdb_reviews, machine, write_result  # noqa: E402
+from common import imdb_reviews, machine, run_job, tuneq_worker, write_result  # noqa: E402
 
 
 def build_input(path: Path, rows: int) -> None:
@@ -59,27 +54,6 @@ def tiny_model(folder: Path) -> str:
     return str(folder)
 
 
-class PeakSampler(threading.Thread):
-    """Peak RSS of a process and of its whole tree (worker + pool processes)."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.root = psutil.Process(pid)
-        self.peak_process = self.peak_tree = 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                processes = [self.root, *self.root.children(recursive=True)]
-                sizes = [p.memory_info().rss for p in processes]
-            except psutil.Error:
-                continue
-            self.peak_process = max(self.peak_process, *sizes)
-            self.peak_tree = max(self.peak_tree, sum(sizes))
-            time.sleep(0.5)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -87,11 +61,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     args = parser.parse_args()
 
-    from tuneq.schemas.settings import load_settings
     from tuneq.schemas.specs import ScoreSpec
-    from tuneq.worker.db import get_engine
-    from tuneq.worker.store import get_job
-    from tuneq.worker.submit import submit_job
 
     work = Path(tempfile.mkdtemp(prefix="tuneq-bench-memory-"))
     source = work / "reviews.csv"
@@ -103,22 +73,7 @@ def main() -> None:
         flush=True,
     )
     folder = args.model or tiny_model(work / "tiny")
-    data_dir = work / "data"
-    tuneq_env = {"TUNEQ_DATA_DIR": str(data_dir), "TUNEQ_ALLOWED_ROOTS": str(work)}
-    if args.model:
-        tuneq_env["TUNEQ_ALLOWED_ROOTS"] += os.pathsep + args.model
-    settings = load_settings(tuneq_env)
-    log = open(work / "worker.log", "wb")  # noqa: SIM115
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "tuneq.cli", "worker", "--queues", "bench"],
-        env={**os.environ, **tuneq_env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    sampler = PeakSampler(worker.pid)
-    sampler.start()
-    try:
-        time.sleep(5)
+    with tuneq_worker(work, [folder]) as (settings, sampler):
         spec = ScoreSpec(
             model=folder,
             model_path=folder,
@@ -128,16 +83,7 @@ def main() -> None:
             max_length=args.max_length,
             shard_rows=10000,
         )
-        job = submit_job(settings, spec)
-        engine = get_engine(settings.database_url)
-        while (job := get_job(engine, job.id)).status in ("queued", "running"):
-            time.sleep(1)
-    finally:
-        sampler.stop.set()
-        worker.terminate()
-        worker.wait()
-        log.close()
-    assert job.status == "succeeded", job.error
+        job, _wall = run_job(settings, spec, poll_s=1)
     result = {
         "machine": machine(),
         "rows": args.rows,
@@ -145,8 +91,7 @@ def main() -> None:
         "model": "tiny BERT (2 layers, 32 wide)" if not args.model else folder,
         "max_length": args.max_length,
         "job_metrics": job.metrics,
-        "peak_rss_largest_process_mb": round(sampler.peak_process / 2**20, 1),
-        "peak_rss_worker_tree_mb": round(sampler.peak_tree / 2**20, 1),
+        **sampler.result(),
     }
     print(write_result("score_memory", result))
 

