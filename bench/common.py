@@ -133,10 +133,12 @@ class PeakSampler(threading.Thread):
 @contextmanager
 def tuneq_worker(work: Path, allowed: list[str], queue: str = "bench") -> Iterator[Any]:
     """A real ``tuneq worker`` process on its own data dir (embedded broker, SQLite) that may
-    read ``work`` and ``allowed``; yields ``(settings, sampler)`` once it is ready."""
+    read ``work`` and ``allowed``; yields ``(settings, sampler)`` once its pool process is
+    ready, as a worker that has been running a while is."""
     from tuneq.schemas.settings import load_settings
 
     data_dir = work / "data"
+    work.mkdir(parents=True, exist_ok=True)
     env = {
         "TUNEQ_DATA_DIR": str(data_dir),
         "TUNEQ_ALLOWED_ROOTS": os.pathsep.join([str(work), *allowed]),
@@ -153,7 +155,7 @@ def tuneq_worker(work: Path, allowed: list[str], queue: str = "bench") -> Iterat
     sampler.start()
     try:
         deadline = time.monotonic() + 120
-        while b"ready." not in log_path.read_bytes():
+        while b"ready for jobs" not in log_path.read_bytes():  # the pool process has torch
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker did not start:\n{log_path.read_text()}")
             time.sleep(0.2)

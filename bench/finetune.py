@@ -2,8 +2,8 @@
 fine-tune job on the same reviews, model, seed and hyper-parameters, each in its own process,
 all in one run on this machine.
 
-    .venv/bin/python bench/finetune.py                   # recipe, tuneq auto, tuneq fp32, overhead
-    .venv/bin/python bench/finetune.py --skip-recipe     # tuneq runs only (quick iterations)
+    .venv/bin/python bench/finetune.py                 # the recipe, then each tuneq variant
+    .venv/bin/python bench/finetune.py --skip-recipe   # tuneq variants only
 
 Writes bench/results/finetune.json. Model FLOPs count real tokens only (padding excluded), 3x
 the forward pass for training, and are divided by the FLOP/s of a large matmul in the dtype the
@@ -36,6 +36,14 @@ from common import (  # noqa: E402
 
 IMDB = SHARED_DATA / "imdb"
 TRAIN, EVAL, SEED, MAX_LENGTH = 1000, 400, 42, 512
+# tuneq runs: spec fields on top of the recipe's hyper-parameters.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "tuneq": {},  # the defaults: precision auto (bf16 where the CPU has it)
+    "tuneq_fp32": {"precision": "fp32"},
+    "tuneq_attention_dropout_0": {"attention_dropout": 0.0},
+    # A job of about a minute, to show what the queue, database and registration cost.
+    "tuneq_one_minute": {"train_size": 150, "eval_size": 100},
+}
 
 
 def minilm_path() -> str:
@@ -124,29 +132,29 @@ def recipe(work: Path) -> dict[str, Any]:
     }
 
 
-def tuneq_run(work: Path, precision: str, train_size: int, eval_size: int) -> dict[str, Any]:
+def tuneq_run(work: Path, variant: str) -> dict[str, Any]:
     """A real tuneq fine-tune job: a worker process, already started, as in use; the wall
     time runs from submission to the registered model."""
     from tuneq.schemas.specs import FinetuneSpec
     from tuneq.worker.store import aware
 
-    spec = FinetuneSpec(
-        data=str(IMDB),
-        model="minilm",
-        name="bench",
-        train_size=train_size,
-        eval_size=eval_size,
-        label_names=["negative", "positive"],
-        max_length=MAX_LENGTH,
-        epochs=1,
-        batch_size=8,
-        learning_rate=5e-5,
-        warmup=50,
-        weight_decay=0.01,
-        seed=SEED,
-        precision=precision,  # type: ignore[arg-type]
-        queue="bench",
-    )
+    fields: dict[str, Any] = {
+        "data": str(IMDB),
+        "model": "minilm",
+        "name": "bench",
+        "train_size": TRAIN,
+        "eval_size": EVAL,
+        "label_names": ["negative", "positive"],
+        "max_length": MAX_LENGTH,
+        "epochs": 1,
+        "batch_size": 8,
+        "learning_rate": 5e-5,
+        "warmup": 50,
+        "weight_decay": 0.01,
+        "seed": SEED,
+        "queue": "bench",
+    }
+    spec = FinetuneSpec(**{**fields, **VARIANTS[variant]})
     mark = time.perf_counter()
     with tuneq_worker(work, [str(IMDB)]) as (settings, sampler):
         worker_start = time.perf_counter() - mark
@@ -173,16 +181,17 @@ def tuneq_run(work: Path, precision: str, train_size: int, eval_size: int) -> di
         "train_samples_per_s": metrics["train_samples_per_second"],
         "train_steps": metrics["train_steps"],
         "dtype": metrics["precision"],
-        "train_size": train_size,
+        "train_size": spec.train_size,
+        "spec_changes": VARIANTS[variant],
         "peak_rss_mb": rss["peak_rss_worker_tree_mb"],
     }
 
 
-def child(part: str, work: Path, extra: list[str]) -> dict[str, Any]:
+def child(part: str, work: Path) -> dict[str, Any]:
     """Run one part in a fresh Python process, so that each pays its own imports."""
-    out = work / f"{part}-{'-'.join(extra)}.json"
+    out = work / f"{part}.json"
     command = [sys.executable, __file__, "--part", part, "--work", str(work), "--out", str(out)]
-    subprocess.run(command + extra, check=True)
+    subprocess.run(command, check=True)
     return json.loads(out.read_text())
 
 
@@ -212,10 +221,7 @@ def utilisation(run: dict[str, Any], flops: dict[str, float], ceiling: dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "recipe", "tuneq"], default="all")
-    parser.add_argument("--precision", default="auto")
-    parser.add_argument("--train-size", type=int, default=TRAIN)
-    parser.add_argument("--eval-size", type=int, default=EVAL)
+    parser.add_argument("--part", choices=["all", "recipe", *VARIANTS], default="all")
     parser.add_argument("--skip-recipe", action="store_true")
     parser.add_argument("--work", type=Path)
     parser.add_argument("--out", type=Path)
@@ -224,9 +230,7 @@ def main() -> None:
         if args.part == "recipe":
             result = recipe(args.work)
         else:
-            result = tuneq_run(
-                args.work / args.precision, args.precision, args.train_size, args.eval_size
-            )
+            result = tuneq_run(args.work / args.part, args.part)
         args.out.write_text(json.dumps(result))
         return
 
@@ -243,16 +247,11 @@ def main() -> None:
     print(f"matmul ceiling {ceiling}; train FLOPs {flops['train']:.3e}", flush=True)
     runs: dict[str, Any] = {}
     if not args.skip_recipe:
-        runs["recipe"] = child("recipe", work, [])
+        runs["recipe"] = child("recipe", work)
         print("recipe", {k: v for k, v in runs["recipe"].items() if k != "train_ids"}, flush=True)
-    for precision in ("auto", "fp32"):
-        runs[f"tuneq_{precision}"] = child("tuneq", work, ["--precision", precision])
-        print(precision, runs[f"tuneq_{precision}"], flush=True)
-    # A job of about a minute, to show what the queue, database and registration cost.
-    runs["tuneq_one_minute"] = child(
-        "tuneq", work, ["--precision", "auto", "--train-size", "300", "--eval-size", "100"]
-    )
-    print("one minute", runs["tuneq_one_minute"], flush=True)
+    for variant in VARIANTS:
+        runs[variant] = child(variant, work)
+        print(variant, runs[variant], flush=True)
     for run in runs.values():
         utilisation(run, flops, ceiling)
     result: dict[str, Any] = {

@@ -14,6 +14,7 @@ from tuneq.cli.models import models
 from tuneq.cli.predict import predict
 from tuneq.cli.score import score
 from tuneq.cli.worker import worker
+from tuneq.cli.workers import workers
 from tuneq.schemas.errors import TuneqError
 
 
@@ -48,5 +49,18 @@ def cli() -> None:
     """
 
 
-for command in (demo, finetune, score, jobs, show, cancel, retry, models, predict, worker, db):
+for command in (
+    demo,
+    finetune,
+    score,
+    jobs,
+    show,
+    cancel,
+    retry,
+    models,
+    predict,
+    worker,
+    workers,
+    db,
+):
     cli.add_command(command)

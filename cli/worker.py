@@ -30,6 +30,12 @@ from tuneq.cli.context import settings
     type=click.IntRange(0),
     help="Replace a pool process after this many jobs (0: never). 1 returns all memory.",
 )
+@click.option(
+    "--gpu",
+    type=click.IntRange(0),
+    default=None,
+    help="Use only this GPU (CUDA_VISIBLE_DEVICES), one job at a time, a fresh process per job.",
+)
 @click.option("--name", default=None, help="Worker name (default: celery@HOST).")
 @click.option(
     "--loglevel",
@@ -38,7 +44,12 @@ from tuneq.cli.context import settings
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
 def worker(
-    queues: str, concurrency: int, jobs_per_child: int, name: str | None, loglevel: str
+    queues: str,
+    concurrency: int,
+    jobs_per_child: int,
+    gpu: int | None,
+    name: str | None,
+    loglevel: str,
 ) -> None:
     """Start a worker that runs queued jobs until stopped (Ctrl-C).
 
@@ -46,6 +57,7 @@ def worker(
     Examples:
       tuneq worker
       TUNEQ_BROKER_URL=redis://host:6379/0 tuneq worker --queues cpu --concurrency 2
+      tuneq worker --queues gpu --gpu 0
     """
     from tuneq.worker.serve import run_worker
 
@@ -59,5 +71,6 @@ def worker(
         jobs_per_child=jobs_per_child,
         hostname=name,
         loglevel=loglevel.upper(),
+        gpu=gpu,
     )
     click.get_current_context().exit(code)

@@ -61,6 +61,14 @@ class FinetuneSpec(BaseModel):
     )
     weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW weight decay.")
     seed: int = Field(42, description="Seed for the shuffle, the new head and the Trainer.")
+    attention_dropout: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Dropout on attention weights while training; default: the model's own "
+        "(0.1 for BERT). 0 trains about twice as fast on a CPU, where drawing that dropout mask "
+        "costs more than the attention itself.",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="Training arithmetic: bf16 autocast (weights and optimizer stay fp32), fp32, "
@@ -77,7 +85,14 @@ class FinetuneSpec(BaseModel):
         description="Checkpoint every this many steps; a retry after a lost worker resumes "
         "from the newest. Null for none.",
     )
-    queue: str = Field("cpu", description="Worker queue to send the job to.")
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description="Where the job runs: cpu or gpu (the queue of that name), or auto: the gpu "
+        "queue when a live worker listens on it, else cpu.",
+    )
+    queue: str | None = Field(
+        None, description="Worker queue to send the job to; default: chosen by device."
+    )
 
     @field_validator("name")
     @classmethod
@@ -157,7 +172,14 @@ class ScoreSpec(BaseModel):
     shard_rows: int = Field(
         1000, ge=1, description="Rows per shard; shards are scored by any listening worker."
     )
-    queue: str = Field("cpu", description="Worker queue to send the job to.")
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description="Where the job runs: cpu or gpu (the queue of that name), or auto: the gpu "
+        "queue when a live worker listens on it, else cpu.",
+    )
+    queue: str | None = Field(
+        None, description="Worker queue to send the job to; default: chosen by device."
+    )
     model_path: str | None = Field(
         None, description="Model folder, resolved when the job is submitted (set by tuneq)."
     )

@@ -1,4 +1,4 @@
-"""The database tables: jobs, their events, and registered models.
+"""The database tables: jobs, their events, shards, registered models, and live workers.
 
 A job is a row: the broker carries only its id. Status changes are compare-and-set updates made
 by the worker's runner (``tuneq.worker.runner``); nothing else changes a job's state.
@@ -136,3 +136,19 @@ class Model(Base):
     path: Mapped[str] = mapped_column(Text)
     job_id: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Worker(Base):
+    """A running ``tuneq worker``: where it is, what it listens to, on what device. Its reaper
+    renews ``heartbeat_at``; a worker whose heartbeat is old is gone."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # host:pid
+    hostname: Mapped[str] = mapped_column(String(255))
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    device: Mapped[str] = mapped_column(String(32))  # cpu, or gpu:N
+    concurrency: Mapped[int] = mapped_column(Integer)
+    threads: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)

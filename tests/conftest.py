@@ -160,9 +160,9 @@ def redis_available(url: str) -> bool:
 class WorkerProcess:
     """A real ``tuneq worker`` process, with its log for diagnosis."""
 
-    def __init__(self, env: dict[str, str], queue: str, log: Path) -> None:
+    def __init__(self, env: dict[str, str], queue: str, log: Path, *args: str) -> None:
         self.env, self.queue, self.log = env, queue, log
-        command = [sys.executable, "-m", "tuneq.cli", "worker", "--queues", queue]
+        command = [sys.executable, "-m", "tuneq.cli", "worker", "--queues", queue, *args]
         self.handle = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             command,
@@ -198,11 +198,12 @@ class WorkerProcess:
 
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[object]:
-    """Start real worker processes: ``start_worker(env, queue)``; all stopped at the end."""
+    """Start real worker processes: ``start_worker(env, queue, *options)``; all stopped at the
+    end."""
     workers: list[WorkerProcess] = []
 
-    def start(env: dict[str, str], queue: str) -> WorkerProcess:
-        worker = WorkerProcess(env, queue, tmp_path / f"worker-{len(workers)}.log")
+    def start(env: dict[str, str], queue: str, *args: str) -> WorkerProcess:
+        worker = WorkerProcess(env, queue, tmp_path / f"worker-{len(workers)}.log", *args)
         workers.append(worker)
         worker.wait_ready()
         return worker

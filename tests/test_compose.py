@@ -63,4 +63,5 @@ def test_workers_share_artifacts_and_the_gpu_worker_reserves_a_gpu(
         assert services[name]["environment"]["TUNEQ_ARTIFACT_DIR"] == "/artifacts"
     devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
-    assert "--jobs-per-child" in services["worker-gpu"]["command"]
+    command = services["worker-gpu"]["command"]
+    assert command[command.index("--gpu") + 1] == "0"  # one GPU, a fresh process per job

@@ -76,3 +76,13 @@ def test_the_same_seed_gives_the_same_model(
         runs.append(finetune(spec, tmp_path / name).metrics)
     assert runs[0]["loss_curve"] == runs[1]["loss_curve"]
     assert runs[0]["eval_loss"] == runs[1]["eval_loss"]
+
+
+def test_attention_dropout_can_be_set_for_training(tiny_model: Path, reviews_csv: Path, tmp_path):
+    spec = FinetuneSpec(
+        data=str(reviews_csv), model=str(tiny_model), attention_dropout=0.0, train_size=40
+    )
+    finetune(spec, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["attention_probs_dropout_prob"] == 0.0
+    assert config["hidden_dropout_prob"] == 0.1  # only the attention dropout changes

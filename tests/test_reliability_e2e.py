@@ -117,6 +117,8 @@ def test_cancel_a_running_fine_tune(fast_env, start_worker, tiny_model, reviews_
     start_worker(fast_env, queue)
     job_id = submit(fast_env, *finetune_args(queue, reviews_csv, tiny_model, epochs="100"))
     wait_for(fast_env, job_id, lambda j: (j["progress"] or {}).get("step", 0) > 5)
+    [listed] = json.loads(invoke_cli(fast_env, "workers", "--json").stdout)
+    assert (listed["queues"], listed["device"], listed["running"]) == ([queue], "cpu", [job_id])
     invoke_cli(fast_env, "cancel", job_id)
     quick = submit(fast_env, *finetune_args(queue, reviews_csv, tiny_model, epochs="1"), "--wait")
     assert json.loads(invoke_cli(fast_env, "show", quick, "--json").stdout)["status"] == "succeeded"

@@ -7,7 +7,7 @@ from tuneq.schemas.specs import FinetuneSpec, parse_spec
 def test_defaults_are_the_documented_recipe() -> None:
     spec = FinetuneSpec(data="reviews.csv")
     assert (spec.model, spec.epochs, spec.batch_size, spec.max_length) == ("minilm", 1.0, 8, 256)
-    assert spec.queue == "cpu"
+    assert spec.queue is None and spec.device == "auto"
 
 
 @pytest.mark.parametrize(

@@ -35,11 +35,11 @@ MODEL = {
 
 
 def test_the_database_is_migrated_on_first_use(engine: Engine) -> None:
-    assert current_revision(engine) == head_revision() == "0003"
+    assert current_revision(engine) == head_revision() == "0004"
 
 
 def test_a_job_can_be_claimed_once(engine: Engine) -> None:
-    job = store.create_job(engine, spec=FinetuneSpec(data="x.csv"))
+    job = store.create_job(engine, spec=FinetuneSpec(data="x.csv", queue="cpu"))
     assert store.claim_job(engine, job_id=job.id, worker="w1") == 1
     assert store.claim_job(engine, job_id=job.id, worker="w2") is None
     claimed = store.get_job(engine, job.id)
@@ -47,7 +47,7 @@ def test_a_job_can_be_claimed_once(engine: Engine) -> None:
 
 
 def test_writes_with_a_stale_attempt_change_nothing(engine: Engine) -> None:
-    job = store.create_job(engine, spec=FinetuneSpec(data="x.csv"))
+    job = store.create_job(engine, spec=FinetuneSpec(data="x.csv", queue="cpu"))
     attempt = store.claim_job(engine, job_id=job.id, worker="w1")
     assert attempt == 1
     assert not store.record_progress(engine, job_id=job.id, attempt=2, progress={"step": 1})
@@ -65,7 +65,7 @@ def test_registration_moves_the_folder_and_ends_the_job_in_one_step(
     models_dir = tmp_path / "models"
     versions = []
     for i in range(2):
-        job = store.create_job(engine, spec=FinetuneSpec(data="x.csv"))
+        job = store.create_job(engine, spec=FinetuneSpec(data="x.csv", queue="cpu"))
         attempt = store.claim_job(engine, job_id=job.id, worker="w")
         assert attempt is not None
         row = store.register_model(
@@ -89,7 +89,7 @@ def test_registration_moves_the_folder_and_ends_the_job_in_one_step(
 
 
 def test_a_job_that_lost_its_lease_registers_nothing(engine: Engine, tmp_path: Path) -> None:
-    job = store.create_job(engine, spec=FinetuneSpec(data="x.csv"))
+    job = store.create_job(engine, spec=FinetuneSpec(data="x.csv", queue="cpu"))
     store.claim_job(engine, job_id=job.id, worker="w")
     folder = staged(tmp_path)
     row = store.register_model(
@@ -107,7 +107,7 @@ def test_a_job_that_lost_its_lease_registers_nothing(engine: Engine, tmp_path: P
 
 
 def test_lookups_explain_what_to_do(engine: Engine) -> None:
-    job = store.create_job(engine, spec=FinetuneSpec(data="x.csv"))
+    job = store.create_job(engine, spec=FinetuneSpec(data="x.csv", queue="cpu"))
     assert store.get_job(engine, job.id[:6]).id == job.id
     with pytest.raises(JobNotFound, match="no job 'nope'; `tuneq jobs` lists them"):
         store.get_job(engine, "nope")

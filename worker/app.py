@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 
 import kombu.transport
 from celery import Celery
 from kombu.transport.sqlalchemy import Transport as SQLAlchemyTransport
 
 from tuneq.schemas.settings import Settings
+from tuneq.worker.registry import pool_process_name
 
 RUN_JOB = "tuneq.run_job"
 RUN_SHARD = "tuneq.run_shard"
@@ -61,13 +61,13 @@ def create_app(settings: Settings) -> Celery:
         def publish_shard(index: int, queue: str) -> None:
             send_shard(app, job_id, index, queue)
 
-        return run(settings, job_id, worker=worker_name(), publish_shard=publish_shard)
+        return run(settings, job_id, worker=pool_process_name(), publish_shard=publish_shard)
 
     @app.task(name=RUN_SHARD, ignore_result=True)
     def run_shard(job_id: str, index: int) -> str | None:
         from tuneq.worker.runner import run_shard as run
 
-        return run(settings, job_id, index, worker=worker_name())
+        return run(settings, job_id, index, worker=pool_process_name())
 
     return app
 
@@ -77,12 +77,6 @@ def transport_options(settings: Settings) -> dict[str, object]:
     if settings.uses_embedded_broker:
         return {"connect_args": {"timeout": 60}}
     return {"visibility_timeout": VISIBILITY_TIMEOUT_S}
-
-
-def worker_name() -> str:
-    import socket
-
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def send_job(app: Celery, job_id: str, queue: str) -> None:

@@ -22,7 +22,12 @@ from tuneq.schemas.specs import FinetuneSpec
 from tuneq.worker.data import Examples, TrainingData, load_training_data
 from tuneq.worker.device import training_bf16
 from tuneq.worker.metrics import classification_metrics
-from tuneq.worker.models import load_classifier, load_tokenizer, resolve_model_source
+from tuneq.worker.models import (
+    attention_dropout_override,
+    load_classifier,
+    load_tokenizer,
+    resolve_model_source,
+)
 
 Progress = Callable[[dict[str, Any]], None]
 MANIFEST = "tuneq.json"
@@ -82,6 +87,12 @@ def finetune(
             num_labels=len(data.label_names),
             id2label=dict(enumerate(data.label_names)),
             label2id={name: i for i, name in enumerate(data.label_names)},
+            **attention_dropout_override(
+                spec.model,
+                source,
+                spec.attention_dropout,
+                trust_remote_code=spec.trust_remote_code,
+            ),
         )
     with timer.phase("tokenize"):
         report({"phase": "tokenizing"})

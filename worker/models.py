@@ -38,6 +38,31 @@ def is_model_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def attention_dropout_override(
+    name: str, source: str, value: float | None, *, trust_remote_code: bool = False
+) -> dict[str, float]:
+    """Config overrides that set a model's attention dropout to ``value`` (none for ``None``);
+    BERT-like configs call it attention_probs_dropout_prob, others attention_dropout."""
+    if value is None:
+        return {}
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise load_error(name, exc) from None
+    keys = [key for key in ATTENTION_DROPOUT_KEYS if hasattr(config, key)]
+    if not keys:
+        raise ModelError(
+            f"model {name!r} ({config.model_type}) has no attention dropout setting; "
+            "leave attention_dropout unset"
+        )
+    return dict.fromkeys(keys, value)
+
+
 def quiet_transformers() -> None:
     """No download or loading progress bars: tuneq reports progress itself."""
     import transformers

@@ -97,13 +97,24 @@ def reap(
 
 
 def start_reaper(
-    settings: Settings, publish_job: PublishJob, publish_shard: PublishShard, waiting_in: WaitingIn
+    settings: Settings,
+    publish_job: PublishJob,
+    publish_shard: PublishShard,
+    waiting_in: WaitingIn,
+    heartbeat: Callable[[], None],
 ) -> threading.Event:
-    """Run :func:`reap` every ``reap_interval_s`` in a daemon thread; set the event to stop."""
+    """Run :func:`reap` every ``reap_interval_s`` in a daemon thread, after ``heartbeat`` (the
+    worker's own row in the registry); set the event to stop."""
     stop = threading.Event()
 
     def loop() -> None:
         while not stop.wait(settings.reap_interval_s):
+            try:
+                heartbeat()
+            except Exception:
+                log.exception(
+                    "worker heartbeat failed; trying again in %ss", settings.reap_interval_s
+                )
             try:
                 reap(settings, publish_job, publish_shard, waiting_in)
             except Exception:

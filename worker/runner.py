@@ -209,8 +209,9 @@ def start_scoring(
     if not store.create_shards(engine, job_id=job_id, attempt=attempt, sizes=staged.shard_sizes):
         shutil.rmtree(folder, ignore_errors=True)
         return "lost"
+    queue = store.get_job(engine, job_id).queue
     for index in range(len(staged.shard_sizes)):
-        publish_shard(index, spec.queue)
+        publish_shard(index, queue)
     return "running"
 
 

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import sys
 from typing import Any
 
 from celery import signals
 
 from tuneq.schemas.settings import Settings
+from tuneq.worker import registry
 from tuneq.worker.app import create_app, send_job, send_shard, waiting_messages
 from tuneq.worker.db import get_engine
 from tuneq.worker.reaper import start_reaper
+from tuneq.worker.registry import worker_name
 from tuneq.worker.threads import configure_torch, share_of_cores
+
+log = logging.getLogger(__name__)
 
 
 def run_worker(
@@ -22,32 +29,62 @@ def run_worker(
     jobs_per_child: int = 0,
     hostname: str | None = None,
     loglevel: str = "INFO",
+    gpu: int | None = None,
 ) -> int:
     """Consume ``queues`` until stopped; blocks, then returns the worker's exit code.
 
-    Each pool process runs one job at a time."""
+    Each pool process runs one job at a time. With ``gpu``, the worker sees only that GPU
+    (``CUDA_VISIBLE_DEVICES``, set before any process imports torch), runs one job at a time,
+    and each job gets a fresh process, so that its GPU memory is returned when it ends."""
     logging.basicConfig(level=loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
-    get_engine(settings.database_url)  # create or migrate the database before any job runs
+    device = "cpu"
+    if gpu is not None:
+        if "torch" in sys.modules:
+            raise RuntimeError("torch was imported before the GPU was chosen")
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        device, concurrency, jobs_per_child = f"gpu:{gpu}", 1, 1
+    engine = get_engine(settings.database_url)  # create or migrate the database first
     settings.artifact_dir.mkdir(parents=True, exist_ok=True)
     threads = settings.worker_threads or share_of_cores(concurrency)
 
     def init_child(**_kwargs: Any) -> None:
         # Database engines are dropped in the child by tuneq.worker.db's at-fork hook.
         configure_torch(threads)
+        log.info(
+            "pool process %d ready for jobs (torch threads: %d, CUDA_VISIBLE_DEVICES=%s)",
+            os.getpid(),
+            threads,
+            os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
+        )
 
     signals.worker_process_init.connect(init_child, weak=False)
     app = create_app(settings)
+    name = worker_name()
 
-    def start_reaping(**_kwargs: Any) -> None:
-        # After the pool has forked: the reaper thread lives in the main process only.
+    def on_ready(**_kwargs: Any) -> None:
+        # After the pool has forked: the registry row and the reaper live in this process.
+        registry.register_worker(
+            engine,
+            name=name,
+            hostname=socket.gethostname(),
+            queues=queues,
+            device=device,
+            concurrency=concurrency,
+            threads=threads,
+        )
         start_reaper(
             settings,
             publish_job=lambda job_id, queue: send_job(app, job_id, queue),
             publish_shard=lambda job_id, index, queue: send_shard(app, job_id, index, queue),
             waiting_in=lambda queue: waiting_messages(app, queue),
+            heartbeat=lambda: registry.beat(engine, name=name),
         )
 
-    signals.worker_ready.connect(start_reaping, weak=False)
+    def on_shutdown(**_kwargs: Any) -> None:
+        registry.unregister_worker(engine, name=name)
+
+    signals.worker_ready.connect(on_ready, weak=False)
+    signals.worker_shutdown.connect(on_shutdown, weak=False)
     options: dict[str, Any] = {
         "queues": queues,
         "concurrency": concurrency,

@@ -39,7 +39,9 @@ def add_event_in(
 
 
 def create_job(engine: Engine, *, spec: JobSpec) -> Job:
-    """Insert a queued job for ``spec`` and return it."""
+    """Insert a queued job for ``spec``, whose queue is chosen already, and return it."""
+    if spec.queue is None:
+        raise ValueError("route the job to a queue before creating it (tuneq.worker.submit)")
     job = Job(
         id=new_job_id(),
         kind=spec.kind,

@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
+from sqlalchemy import Engine
+
 from tuneq.schemas.errors import TuneqError
 from tuneq.schemas.settings import Settings, redact_url
-from tuneq.schemas.specs import JobSpec
+from tuneq.schemas.specs import JobSpec, ScoreSpec
 from tuneq.schemas.tables import Job
 from tuneq.worker import store
 from tuneq.worker.app import create_app, send_job
 from tuneq.worker.db import get_engine
+from tuneq.worker.registry import listening
+
+CPU_QUEUE, GPU_QUEUE = "cpu", "gpu"
 
 
 class BrokerUnavailable(TuneqError):
     """The broker did not take the job's message."""
 
 
+def route(settings: Settings, engine: Engine, spec: JobSpec) -> str:
+    """The queue a job goes to: its own ``queue`` if set; else ``gpu`` or ``cpu`` as its
+    ``device`` says; for ``device: auto``, ``gpu`` when a live worker listens on that queue
+    (int8 scoring excepted: it runs on CPUs only), else ``cpu``."""
+    if spec.queue:
+        return spec.queue
+    if spec.device != "auto":
+        return spec.device
+    if isinstance(spec, ScoreSpec) and spec.precision == "int8":
+        return CPU_QUEUE
+    gpu = listening(engine, queue=GPU_QUEUE, interval_s=settings.reap_interval_s)
+    return GPU_QUEUE if gpu else CPU_QUEUE
+
+
 def submit_job(settings: Settings, spec: JobSpec) -> Job:
-    """Record ``spec`` as a queued job and publish its id to the spec's queue."""
+    """Record ``spec`` as a queued job, with its queue chosen, and publish its id there."""
     engine = get_engine(settings.database_url)
+    spec = spec.model_copy(update={"queue": route(settings, engine, spec)})
     job = store.create_job(engine, spec=spec)
     app = create_app(settings)
     try:
-        send_job(app, job.id, spec.queue)
+        send_job(app, job.id, job.queue)
     except Exception as exc:  # kombu raises OperationalError, ConnectionError, …
         store.fail_unsent(engine, job_id=job.id, error=f"broker unreachable: {exc}")
         raise BrokerUnavailable(
