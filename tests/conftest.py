@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("TUNEQ_TEST_SHARED_DATA", REPO.parent / "shared" / "data"))
 REDIS_URL = os.environ.get("TUNEQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 OUTER_DATABASE_URL = os.environ.get("TUNEQ_DATABASE_URL", "")
+POSTGRES_URL = os.environ.get(
+    "TUNEQ_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 POSITIVE = ["great", "wonderful", "superb", "loved", "excellent", "moving", "brilliant"]
 NEGATIVE = ["awful", "terrible", "boring", "hated", "worst", "dull", "painful"]

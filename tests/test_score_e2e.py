@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import (
+    POSTGRES_URL,
     REDIS_URL,
     invoke_cli,
+    postgres_database,
     queue_name,
     redis_available,
     score_args,
@@ -20,30 +25,25 @@ from tuneq.worker.predict import predict_texts
 from tuneq.worker.store import list_shards
 
 
-def test_two_workers_on_redis_score_one_file_together(
-    env, start_worker, trained_tiny_model: Path, tmp_path: Path
-):
-    if not redis_available(REDIS_URL):
-        unavailable(f"Redis is not reachable at {REDIS_URL}")
-    env = {**env, "TUNEQ_BROKER_URL": REDIS_URL}
+def score_together(
+    client: dict[str, str], workers: list[dict[str, str]], start_worker, model: Path, tmp: Path
+) -> None:
+    """Workers with ``workers`` settings score one 3,000-row file submitted with ``client``
+    settings: every row once, in order, labelled as one process labels it."""
     queue = queue_name()
-    start_worker(env, queue)
-    start_worker(env, queue)
-    source = scoring_input(tmp_path / "reviews.csv", 3000)
-    output = tmp_path / "scored.parquet"
+    for env in workers:
+        start_worker(env, queue)
+    source = scoring_input(tmp / "reviews.csv", 3000)
+    output = tmp / "scored.parquet"
     result = invoke_cli(
-        env,
-        *score_args(trained_tiny_model, source, output, queue),
-        "--shard-rows",
-        "100",
-        "--wait",
+        client, *score_args(model, source, output, queue), "--shard-rows", "100", "--wait"
     )
     assert result.exit_code == 0, result.output
-    job = json.loads(invoke_cli(env, "show", result.stdout.strip(), "--json").stdout)
+    job = json.loads(invoke_cli(client, "show", result.stdout.strip(), "--json").stdout)
     assert job["status"] == "succeeded" and job["output_path"] == str(output)
     assert job["metrics"]["rows"] == 3000 and job["metrics"]["shards"] == 30
-    shards = list_shards(get_engine(env["TUNEQ_DATABASE_URL"]), job["id"])
-    assert len({shard.worker for shard in shards}) == 2, "both workers took shards"
+    shards = list_shards(get_engine(client["TUNEQ_DATABASE_URL"]), job["id"])
+    assert len({shard.worker for shard in shards}) == len(workers), "every worker took shards"
     assert all(shard.attempt == 1 for shard in shards)
 
     scored = [row for batch in iter_batches(output) for row in batch.to_pylist()]
@@ -51,8 +51,44 @@ def test_two_workers_on_redis_score_one_file_together(
     assert [r["id"] for r in scored] == [r["id"] for r in original]  # each row once, in order
     assert [{k: r[k] for k in original[0]} for r in scored] == original
     texts = [r["text"] for r in original if r["text"]]
-    alone = [p.label for p in predict_texts(trained_tiny_model, texts)]
+    alone = [p.label for p in predict_texts(model, texts)]
     assert [r["label"] for r in scored if r["text"]] == alone
     assert all(r["label"] is None for r in scored if not r["text"])
     assert job["metrics"]["empty_rows"] == sum(1 for r in original if not r["text"])
-    assert not (Path(env["TUNEQ_DATA_DIR"]) / "artifacts" / "scoring" / job["id"]).exists()
+    artifacts = Path(
+        client.get("TUNEQ_ARTIFACT_DIR") or Path(client["TUNEQ_DATA_DIR"]) / "artifacts"
+    )
+    assert not (artifacts / "scoring" / job["id"]).exists()
+
+
+def test_two_workers_on_redis_score_one_file_together(
+    env, start_worker, trained_tiny_model: Path, tmp_path: Path
+):
+    if not redis_available(REDIS_URL):
+        unavailable(f"Redis is not reachable at {REDIS_URL}")
+    env = {**env, "TUNEQ_BROKER_URL": REDIS_URL}
+    score_together(env, [env, env], start_worker, trained_tiny_model, tmp_path)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    yield from postgres_database(POSTGRES_URL)
+
+
+def test_workers_as_separate_hosts_over_tcp(
+    env, start_worker, trained_tiny_model: Path, tmp_path: Path, postgres_url: str
+):
+    """As on separate machines: each worker and the client has its own data dir; they share
+    only Redis and PostgreSQL over TCP and one artifact folder (what NFS would provide)."""
+    if not redis_available(REDIS_URL):
+        unavailable(f"Redis is not reachable at {REDIS_URL}")
+    shared = {
+        "TUNEQ_BROKER_URL": REDIS_URL,
+        "TUNEQ_DATABASE_URL": postgres_url,
+        "TUNEQ_ARTIFACT_DIR": str(tmp_path / "nfs" / "artifacts"),
+        "TUNEQ_ALLOWED_ROOTS": env["TUNEQ_ALLOWED_ROOTS"],
+    }
+    hosts = [{**shared, "TUNEQ_DATA_DIR": str(tmp_path / name)} for name in ("a", "b", "client")]
+    score_together(hosts[2], hosts[:2], start_worker, trained_tiny_model, tmp_path)
+    for host in hosts:
+        assert not (Path(host["TUNEQ_DATA_DIR"]) / "tuneq.db").exists(), "no local database"

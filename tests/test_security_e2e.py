@@ -16,6 +16,7 @@ from celery import Celery
 from sqlalchemy import MetaData, select
 
 from tests.conftest import (
+    POSTGRES_URL,
     REDIS_URL,
     invoke_cli,
     postgres_database,
@@ -131,7 +132,11 @@ def tls_redis(tmp_path: Path) -> Iterator[str]:
 def database_with_password() -> Iterator[str]:
     """A fresh PostgreSQL database reached with a password (trust auth ignores it, but tuneq
     must still keep it out of every log and row)."""
-    yield from postgres_database(f"postgresql://postgres:{DATABASE_PASSWORD}@127.0.0.1:5432/test")
+    from sqlalchemy import make_url
+
+    yield from postgres_database(
+        make_url(POSTGRES_URL).set(password=DATABASE_PASSWORD).render_as_string(False)
+    )
 
 
 def test_redis_with_a_password_over_tls_and_secrets_stay_secret(
