@@ -135,36 +135,56 @@ def tuneq_worker(work: Path, allowed: list[str], queue: str = "bench") -> Iterat
     """A real ``tuneq worker`` process on its own data dir (embedded broker, SQLite) that may
     read ``work`` and ``allowed``; yields ``(settings, sampler)`` once its pool process is
     ready, as a worker that has been running a while is."""
+    with tuneq_workers(work, allowed, queue, [([], {})]) as (settings, samplers):
+        yield settings, samplers[0]
+
+
+@contextmanager
+def tuneq_workers(
+    work: Path, allowed: list[str], queue: str, workers: list[tuple[list[str], dict[str, str]]]
+) -> Iterator[Any]:
+    """Several worker processes sharing one data dir, each with its own extra ``tuneq worker``
+    options and environment; yields ``(settings, samplers)`` once every pool process is ready."""
     from tuneq.schemas.settings import load_settings
 
-    data_dir = work / "data"
     work.mkdir(parents=True, exist_ok=True)
     env = {
-        "TUNEQ_DATA_DIR": str(data_dir),
+        "TUNEQ_DATA_DIR": str(work / "data"),
         "TUNEQ_ALLOWED_ROOTS": os.pathsep.join([str(work), *allowed]),
     }
-    log_path = work / f"worker-{queue}.log"
-    log = open(log_path, "wb")  # noqa: SIM115
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "tuneq.cli", "worker", "--queues", queue],
-        env={**os.environ, **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    sampler = PeakSampler(worker.pid)
-    sampler.start()
+    started: list[tuple[subprocess.Popen[bytes], Path, Any, PeakSampler, int]] = []
     try:
-        deadline = time.monotonic() + 120
-        while b"ready for jobs" not in log_path.read_bytes():  # the pool process has torch
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start:\n{log_path.read_text()}")
-            time.sleep(0.2)
-        yield load_settings(env), sampler
+        for number, (options, extra_env) in enumerate(workers):
+            log_path = work / f"worker-{queue}-{number}.log"
+            log = open(log_path, "wb")  # noqa: SIM115
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tuneq.cli", "worker", "--queues", queue, *options],
+                env={**os.environ, **env, **extra_env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            sampler = PeakSampler(process.pid)
+            sampler.start()
+            pools = (
+                int(options[options.index("--concurrency") + 1])
+                if "--concurrency" in options
+                else 1
+            )
+            started.append((process, log_path, log, sampler, pools))
+        deadline = time.monotonic() + 180
+        for process, log_path, _log, _sampler, pools in started:
+            # Ready once every pool process has imported torch, as in a worker running a while.
+            while log_path.read_bytes().count(b"ready for jobs") < pools:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"worker did not start:\n{log_path.read_text()}")
+                time.sleep(0.2)
+        yield load_settings(env), [entry[3] for entry in started]
     finally:
-        sampler.stop.set()
-        worker.terminate()
-        worker.wait()
-        log.close()
+        for process, _log_path, log, sampler, _pools in started:
+            sampler.stop.set()
+            process.terminate()
+            process.wait()
+            log.close()
 
 
 def run_job(settings: Any, spec: Any, poll_s: float = 0.2) -> tuple[Any, float]:

@@ -126,7 +126,7 @@ def recipe(work: Path) -> dict[str, Any]:
         "accuracy": evaluation["eval_accuracy"],
         "train_samples_per_s": train_output.metrics["train_samples_per_second"],
         "train_steps": train_output.global_step,
-        "train_ids": small_train["id"],
+        "train_ids": list(small_train["id"]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "dtype": "fp32",
     }
@@ -190,6 +190,8 @@ def tuneq_run(work: Path, variant: str) -> dict[str, Any]:
 def child(part: str, work: Path) -> dict[str, Any]:
     """Run one part in a fresh Python process, so that each pays its own imports."""
     out = work / f"{part}.json"
+    if out.exists():  # measured already in this run (given again with --work after a crash)
+        return dict(json.loads(out.read_text()))
     command = [sys.executable, __file__, "--part", part, "--work", str(work), "--out", str(out)]
     subprocess.run(command, check=True)
     return json.loads(out.read_text())
@@ -236,7 +238,8 @@ def main() -> None:
 
     from transformers import AutoModelForSequenceClassification
 
-    work = Path(tempfile.mkdtemp(prefix="tuneq-bench-finetune-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="tuneq-bench-finetune-"))
+    work.mkdir(parents=True, exist_ok=True)
     train_lengths, eval_lengths = token_lengths()
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     flops = {

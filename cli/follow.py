@@ -63,13 +63,22 @@ def follow_job(
 
     ``watch``, called at every poll, may return a reason to stop waiting (a dead worker).
     """
-    from tuneq.worker.store import get_job
+    from tuneq.worker.store import get_job, list_events
 
     interactive = sys.stderr.isatty()
     last_line = ""
+    warned: set[int] = set()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         job = get_job(engine, job_id)
+        for event in list_events(engine, job.id):
+            if event.kind == "warning" and event.id not in warned:
+                warned.add(event.id)
+                click.echo(
+                    ("\n" if interactive and last_line else "") + f"warning: {event.message}",
+                    err=True,
+                )
+                last_line = ""
         line = progress_line(job)
         if line != last_line:
             if interactive:

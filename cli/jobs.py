@@ -15,19 +15,21 @@ from tuneq.schemas.tables import JobStatus
 @click.option(
     "--status", type=click.Choice([s.value for s in JobStatus]), help="Only jobs in this state."
 )
+@click.option("--group", "group_id", help="Only the jobs of this group (a sweep).")
 @click.option("--limit", default=50, show_default=True, help="Show at most this many jobs.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
-def jobs(status: str | None, limit: int, as_json: bool) -> None:
+def jobs(status: str | None, group_id: str | None, limit: int, as_json: bool) -> None:
     """List jobs, newest first.
 
     \b
     Examples:
       tuneq jobs
       tuneq jobs --status failed --json
+      tuneq jobs --group imdb-lr-1a2b3c
     """
     from tuneq.worker.store import list_jobs
 
-    rows = list_jobs(engine(), limit=limit, status=status)
+    rows = list_jobs(engine(), limit=limit, status=status, group_id=group_id)
     if as_json:
         click.echo(json.dumps([job_json(job) for job in rows], indent=2))
     elif rows:

@@ -13,6 +13,7 @@ from tuneq.cli.jobs import cancel, jobs, retry, show
 from tuneq.cli.models import models
 from tuneq.cli.predict import predict
 from tuneq.cli.score import score
+from tuneq.cli.sweep import compare, sweep
 from tuneq.cli.worker import worker
 from tuneq.cli.workers import workers
 from tuneq.schemas.errors import TuneqError
@@ -52,6 +53,8 @@ def cli() -> None:
 for command in (
     demo,
     finetune,
+    sweep,
+    compare,
     score,
     jobs,
     show,

@@ -13,6 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 
+def check_notify_url(value: str | None) -> str | None:
+    """A notification goes over HTTP(S) only: no file:// or other schemes."""
+    if value is not None and not re.match(r"^https?://[^\s/]+", value):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
 class FinetuneSpec(BaseModel):
     """A fine-tune of a pretrained encoder into a text classifier."""
 
@@ -37,6 +44,11 @@ class FinetuneSpec(BaseModel):
         None,
         description="Separate evaluation data; default: the data's test split, if any, "
         "else rows held out of the training data.",
+    )
+    columns: list[str] | None = Field(
+        None,
+        description="Column names of a CSV or TSV file that has no header row, in order, "
+        "e.g. text,label.",
     )
     text_column: str = Field("text", description="Column that holds the text.")
     label_column: str = Field("label", description="Column that holds the label (int or string).")
@@ -69,6 +81,10 @@ class FinetuneSpec(BaseModel):
         "(0.1 for BERT). 0 trains about twice as fast on a CPU, where drawing that dropout mask "
         "costs more than the attention itself.",
     )
+    notify: str | None = Field(
+        None,
+        description="URL (http or https) to POST a JSON summary to when the job ends.",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="Training arithmetic: bf16 autocast (weights and optimizer stay fp32), fp32, "
@@ -93,6 +109,11 @@ class FinetuneSpec(BaseModel):
     queue: str | None = Field(
         None, description="Worker queue to send the job to; default: chosen by device."
     )
+
+    @field_validator("notify")
+    @classmethod
+    def _check_notify(cls, value: str | None) -> str | None:
+        return check_notify_url(value)
 
     @field_validator("name")
     @classmethod
@@ -147,6 +168,11 @@ class ScoreSpec(BaseModel):
         description="Scored file; its suffix (.csv, .tsv, .jsonl, .parquet, + .gz) sets the "
         "format. Every input row and column, in order, plus label and score."
     )
+    columns: list[str] | None = Field(
+        None,
+        description="Column names of a CSV or TSV file that has no header row, in order, "
+        "e.g. text,label.",
+    )
     text_column: str = Field("text", description="Column that holds the text to label.")
     id_column: str | None = Field(
         None, description="Column that identifies rows; named in messages about bad rows."
@@ -180,9 +206,18 @@ class ScoreSpec(BaseModel):
     queue: str | None = Field(
         None, description="Worker queue to send the job to; default: chosen by device."
     )
+    notify: str | None = Field(
+        None,
+        description="URL (http or https) to POST a JSON summary to when the job ends.",
+    )
     model_path: str | None = Field(
         None, description="Model folder, resolved when the job is submitted (set by tuneq)."
     )
+
+    @field_validator("notify")
+    @classmethod
+    def _check_notify(cls, value: str | None) -> str | None:
+        return check_notify_url(value)
 
     @field_validator("output")
     @classmethod
@@ -196,6 +231,7 @@ class ScoreSpec(BaseModel):
 
 
 OUTPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
+
 
 JobSpec = Annotated[FinetuneSpec | ScoreSpec, Field(discriminator="kind")]
 SPEC_CLASSES: dict[str, type[FinetuneSpec] | type[ScoreSpec]] = {

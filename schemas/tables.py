@@ -76,6 +76,7 @@ class Job(Base):
     model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
     output_path: Mapped[str | None] = mapped_column(Text)
     published_at: Mapped[datetime | None]
+    group_id: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class ShardStatus(str, enum.Enum):
@@ -136,6 +137,17 @@ class Model(Base):
     path: Mapped[str] = mapped_column(Text)
     job_id: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelTag(Base):
+    """A movable name for one version of a model: ``imdb-sentiment@champion``."""
+
+    __tablename__ = "model_tags"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    tagged_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Worker(Base):

@@ -51,7 +51,9 @@ def is_local(source: str) -> bool:
     )
 
 
-def read_folder(folder: Path) -> tuple[pa.Table, pa.Table | None]:
+def read_folder(
+    folder: Path, column_names: list[str] | None = None
+) -> tuple[pa.Table, pa.Table | None]:
     """A folder's training table and, if it has one, its evaluation table.
 
     ``train.*`` and ``test.*`` (or eval, validation, dev) are splits; otherwise every data
@@ -63,9 +65,12 @@ def read_folder(folder: Path) -> tuple[pa.Table, pa.Table | None]:
     by_stem = {p.name.split(".")[0].lower(): p for p in files}
     train = next((by_stem[n] for n in TRAIN_NAMES if n in by_stem), None)
     if train is None:
-        return concat_tables([read_table(p) for p in files], folder), None
+        return concat_tables([read_table(p, column_names) for p in files], folder), None
     evaluation = next((by_stem[n] for n in EVAL_NAMES if n in by_stem), None)
-    return read_table(train), read_table(evaluation) if evaluation else None
+    return (
+        read_table(train, column_names),
+        read_table(evaluation, column_names) if evaluation else None,
+    )
 
 
 def concat_tables(tables: list[pa.Table], source: Path) -> pa.Table:
@@ -101,7 +106,9 @@ def load_hub(name: str) -> tuple[pa.Table, pa.Table | None, list[str] | None]:
     )
 
 
-def load_source(source: str) -> tuple[pa.Table, pa.Table | None, list[str] | None]:
+def load_source(
+    source: str, column_names: list[str] | None = None
+) -> tuple[pa.Table, pa.Table | None, list[str] | None]:
     """Read ``source`` (file, folder or Hub name) into train and optional eval tables."""
     if not is_local(source):
         return load_hub(source)
@@ -109,9 +116,9 @@ def load_source(source: str) -> tuple[pa.Table, pa.Table | None, list[str] | Non
     if not path.exists():
         raise DataError(f"{source}: no such file or folder")
     if path.is_dir():
-        train, evaluation = read_folder(path)
+        train, evaluation = read_folder(path, column_names)
         return train, evaluation, None
-    return read_table(path), None, None
+    return read_table(path, column_names), None, None
 
 
 def column_values(table: pa.Table, column: str, option: str, source: str) -> list[Any]:
@@ -188,9 +195,9 @@ def sample(n: int, size: int | None, seed: int) -> np.ndarray:
 
 def load_training_data(spec: FinetuneSpec) -> TrainingData:
     """Load, select and encode the rows a fine-tune will use: at most train_size + eval_size."""
-    train_table, eval_table, hub_names = load_source(spec.data)
+    train_table, eval_table, hub_names = load_source(spec.data, spec.columns)
     if spec.eval_data is not None:
-        eval_table, _, _ = load_source(spec.eval_data)
+        eval_table, _, _ = load_source(spec.eval_data, spec.columns)
     eval_source = spec.eval_data or spec.data
     texts = column_values(train_table, spec.text_column, "--text-column", spec.data)
     raw_labels = column_values(train_table, spec.label_column, "--label-column", spec.data)

@@ -49,9 +49,9 @@ def check_data_file(path: Path) -> str:
     return suffix
 
 
-def read_table(path: Path) -> pa.Table:
+def read_table(path: Path, column_names: list[str] | None = None) -> pa.Table:
     """Read one whole data file into a table (for training sets, which fit in memory)."""
-    batches = list(iter_batches(path, infer_types=True))
+    batches = list(iter_batches(path, infer_types=True, column_names=column_names))
     table = pa.Table.from_batches(batches) if batches else None
     if table is None or table.num_rows == 0:
         raise DataError(f"{path} has no rows")
@@ -61,17 +61,22 @@ def read_table(path: Path) -> pa.Table:
 
 
 def iter_batches(
-    path: Path, *, encoding: str = "utf-8", infer_types: bool = False
+    path: Path,
+    *,
+    encoding: str = "utf-8",
+    infer_types: bool = False,
+    column_names: list[str] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """The rows of ``path`` in chunks of a few MB, so memory stays flat whatever its size.
 
     CSV and TSV columns are read as text unless ``infer_types``: a column's type then cannot
     change from one chunk to the next, and values are written back exactly as they were read.
+    ``column_names`` names the columns of a CSV or TSV file without a header row.
     """
     suffix = check_data_file(path)
     try:
         if suffix in (".csv", ".tsv"):
-            batches = _csv_batches(path, suffix, encoding, infer_types)
+            batches = _csv_batches(path, suffix, encoding, infer_types, column_names)
         elif suffix in (".jsonl", ".json"):
             batches = _json_batches(path)
         else:
@@ -90,7 +95,7 @@ def iter_batches(
 
 
 def _csv_batches(
-    path: Path, suffix: str, encoding: str, infer_types: bool
+    path: Path, suffix: str, encoding: str, infer_types: bool, column_names: list[str] | None
 ) -> Iterator[pa.RecordBatch]:
     from pyarrow import csv as pa_csv
 
@@ -99,7 +104,7 @@ def _csv_batches(
         codecs.lookup(encoding)
     except LookupError:
         raise DataError(f"unknown --encoding {encoding!r}; try utf-8, latin-1 or gb18030") from None
-    header = read_header(path, delimiter, encoding)
+    header = column_names or read_header(path, delimiter, encoding)
     if not header:
         raise DataError(f"{path} is empty")
     convert = pa_csv.ConvertOptions(
@@ -109,7 +114,9 @@ def _csv_batches(
     )
     reader = pa_csv.open_csv(
         path,
-        read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES, encoding=encoding),
+        read_options=pa_csv.ReadOptions(
+            block_size=CSV_BLOCK_BYTES, encoding=encoding, column_names=column_names
+        ),
         parse_options=pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
         convert_options=convert,
     )

@@ -28,6 +28,7 @@ from tuneq.worker.models import (
     load_tokenizer,
     resolve_model_source,
 )
+from tuneq.worker.vocabulary import unknown_share, vocabulary_warning
 
 Progress = Callable[[dict[str, Any]], None]
 MANIFEST = "tuneq.json"
@@ -65,11 +66,14 @@ def finetune(
     out_dir: Path,
     on_progress: Progress | None = None,
     checkpoint_dir: Path | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``spec.model`` on ``spec.data`` and save the classifier into ``out_dir``.
 
     With ``checkpoint_dir``, a checkpoint is saved there every ``spec.checkpoint_steps`` steps,
     and training resumes from the newest complete one found there (after a lost worker).
+    ``on_warning`` hears about problems that do not stop the job (a vocabulary that does not
+    cover the data).
     """
     report = on_progress or (lambda _progress: None)
     timer = PhaseTimer()
@@ -80,11 +84,15 @@ def finetune(
         report({"phase": "loading model"})
         source = resolve_model_source(spec.model)
         tokenizer = load_tokenizer(spec.model, source, trust_remote_code=spec.trust_remote_code)
+        warning = vocabulary_warning(spec.model, unknown_share(tokenizer, data.train.texts))
+        if warning and on_warning:
+            on_warning(warning)
         model = load_classifier(
             spec.model,
             source,
             trust_remote_code=spec.trust_remote_code,
             num_labels=len(data.label_names),
+            ignore_mismatched_sizes=True,  # a head for 2 labels on a base, now 3: a new head
             id2label=dict(enumerate(data.label_names)),
             label2id={name: i for i, name in enumerate(data.label_names)},
             **attention_dropout_override(

@@ -87,6 +87,8 @@ def load_error(name: str, exc: BaseException) -> ModelError:
         reason = "the Hugging Face Hub has no model of that name"
     else:
         reason = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+    if Path(name).expanduser().is_dir():
+        return ModelError(f"cannot load the model in {name}: {reason}")
     return ModelError(
         f"cannot load model {name!r}: it is not a local model folder, and {reason}. Use minilm "
         "(packaged, works offline), a Hub name such as bert-base-uncased, or a folder with "

@@ -20,6 +20,7 @@ from tuneq.schemas.tables import utcnow
 from tuneq.worker import store
 from tuneq.worker.app import Waiting
 from tuneq.worker.db import get_engine
+from tuneq.worker.notify import notify_end
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def reap(
                 f"{settings.lease_timeout_s:.0f}s); likely out of memory"
             )
             if store.mark_failed(engine, job_id=job.id, attempt=job.attempt, error=reason):
+                notify_end(engine, job.id)
                 actions.append(f"failed job {job.id}: {reason}")
         elif store.requeue_job(
             engine,
@@ -62,6 +64,7 @@ def reap(
         if shard.attempt >= settings.max_attempts:
             reason = f"shard {shard.index}: worker lost {shard.attempt} times; likely out of memory"
             if store.mark_failed(engine, job_id=job.id, attempt=job.attempt, error=reason):
+                notify_end(engine, job.id)
                 actions.append(f"failed job {job.id}: {reason}")
         elif store.requeue_shard(
             engine, job_id=shard.job_id, index=shard.index, attempt=shard.attempt

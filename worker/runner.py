@@ -24,6 +24,7 @@ from tuneq.schemas.tables import JobStatus, utcnow
 from tuneq.worker import store
 from tuneq.worker.db import get_engine
 from tuneq.worker.lease import JobStopped, Lease
+from tuneq.worker.notify import notify_end
 from tuneq.worker.paths import confine_spec
 
 log = logging.getLogger(__name__)
@@ -113,10 +114,10 @@ def failures_recorded(
         return
     except TuneqError as exc:
         log.warning("job %s failed: %s", job_id, exc)
-        store.mark_failed(engine, job_id=job_id, attempt=attempt, error=str(exc))
+        failed = store.mark_failed(engine, job_id=job_id, attempt=attempt, error=str(exc))
     except Exception as exc:
         log.exception("job %s crashed", job_id)
-        store.mark_failed(
+        failed = store.mark_failed(
             engine,
             job_id=job_id,
             attempt=attempt,
@@ -125,6 +126,8 @@ def failures_recorded(
         )
     else:
         return
+    if failed:
+        notify_end(engine, job_id)
     if cleanup is not None:
         shutil.rmtree(cleanup, ignore_errors=True)
 
@@ -144,7 +147,15 @@ def run_finetune(
     staging.mkdir(parents=True)
     recorder = ProgressRecorder(engine, job_id, attempt, lease)
     checkpoints = checkpoint_folder(settings, job_id)
-    result = finetune(spec, staging, on_progress=recorder, checkpoint_dir=checkpoints)
+    result = finetune(
+        spec,
+        staging,
+        on_progress=recorder,
+        checkpoint_dir=checkpoints,
+        on_warning=lambda message: store.add_event(
+            engine, job_id=job_id, attempt=attempt, kind="warning", message=message
+        ),
+    )
     lease.check()
     if result.resumed_from:
         store.add_event(
@@ -176,6 +187,7 @@ def run_finetune(
         return "lost"
     shutil.rmtree(checkpoints, ignore_errors=True)
     log.info("job %s succeeded: %s:%s at %s", job_id, model.name, model.version, model.path)
+    notify_end(engine, job_id)
     return "succeeded"
 
 
@@ -199,13 +211,16 @@ def start_scoring(
     lease: Lease,
 ) -> str:
     """Stage the input as shards, record them, and queue one message per shard."""
-    from tuneq.worker.score import stage_input
+    from tuneq.worker.score import check_vocabulary, stage_input
 
     store.record_progress(engine, job_id=job_id, attempt=attempt, progress={"phase": "staging"})
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     staged = stage_input(spec, folder)
     lease.check()
+    warning = check_vocabulary(spec, folder)
+    if warning:
+        store.add_event(engine, job_id=job_id, attempt=attempt, kind="warning", message=warning)
     if not store.create_shards(engine, job_id=job_id, attempt=attempt, sizes=staged.shard_sizes):
         shutil.rmtree(folder, ignore_errors=True)
         return "lost"
@@ -290,6 +305,7 @@ def finish_scoring(
         return "lost"
     shutil.rmtree(folder, ignore_errors=True)
     log.info("job %s succeeded: %d rows scored into %s", job_id, rows, output)
+    notify_end(engine, job_id)
     return "succeeded"
 
 
@@ -303,6 +319,7 @@ def cancel_job(settings: Settings, job_id: str) -> str:
         raise JobStateError(f"job {job.id} already {current}; nothing to cancel")
     shutil.rmtree(scoring_folder(settings, job.id), ignore_errors=True)
     shutil.rmtree(checkpoint_folder(settings, job.id), ignore_errors=True)
+    notify_end(engine, job.id)
     return job.id
 
 

@@ -63,7 +63,7 @@ def stage_input(spec: ScoreSpec, folder: Path) -> StagedInput:
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
     try:
-        for batch in iter_batches(source, encoding=spec.encoding):
+        for batch in iter_batches(source, encoding=spec.encoding, column_names=spec.columns):
             if writer is None:
                 check_columns(batch.schema, spec, source)
                 writer = pq.ParquetWriter(partial, batch.schema)
@@ -94,6 +94,20 @@ def check_columns(schema: pa.Schema, spec: ScoreSpec, source: Path) -> None:
                 f"{source} has no column {column!r} (its columns: {', '.join(schema.names)}); "
                 f"name the right one with {option}"
             )
+
+
+def check_vocabulary(spec: ScoreSpec, folder: Path) -> str | None:
+    """A warning if the model's vocabulary does not cover the first shard's texts."""
+    from tuneq.worker.models import load_tokenizer
+    from tuneq.worker.vocabulary import SAMPLE_TEXTS, unknown_share, vocabulary_warning
+
+    assert spec.model_path is not None
+    tokenizer = load_tokenizer(
+        spec.model, spec.model_path, trust_remote_code=spec.trust_remote_code
+    )
+    first = read_shard(folder / STAGED_INPUT, 0).slice(0, SAMPLE_TEXTS)
+    texts = pc.cast(first.column(spec.text_column), pa.string()).to_pylist()
+    return vocabulary_warning(spec.model, unknown_share(tokenizer, texts))
 
 
 def read_shard(staged: Path, index: int) -> pa.Table:

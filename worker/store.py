@@ -18,7 +18,16 @@ from sqlalchemy.orm import Session
 
 from tuneq.schemas.errors import JobNotFound, ModelNotFound
 from tuneq.schemas.specs import JobSpec
-from tuneq.schemas.tables import Job, JobEvent, JobStatus, Model, Shard, ShardStatus, utcnow
+from tuneq.schemas.tables import (
+    Job,
+    JobEvent,
+    JobStatus,
+    Model,
+    ModelTag,
+    Shard,
+    ShardStatus,
+    utcnow,
+)
 
 CLAIMABLE = (JobStatus.queued.value, JobStatus.retrying.value)
 
@@ -38,7 +47,7 @@ def add_event_in(
     )
 
 
-def create_job(engine: Engine, *, spec: JobSpec) -> Job:
+def create_job(engine: Engine, *, spec: JobSpec, group_id: str | None = None) -> Job:
     """Insert a queued job for ``spec``, whose queue is chosen already, and return it."""
     if spec.queue is None:
         raise ValueError("route the job to a queue before creating it (tuneq.worker.submit)")
@@ -51,6 +60,7 @@ def create_job(engine: Engine, *, spec: JobSpec) -> Job:
         attempt=0,
         created_at=utcnow(),
         published_at=utcnow(),
+        group_id=group_id,
     )
     with Session(engine, expire_on_commit=False) as session, session.begin():
         session.add(job)
@@ -72,11 +82,15 @@ def get_job(engine: Engine, job_id: str) -> Job:
         return job
 
 
-def list_jobs(engine: Engine, *, limit: int = 50, status: str | None = None) -> list[Job]:
+def list_jobs(
+    engine: Engine, *, limit: int = 50, status: str | None = None, group_id: str | None = None
+) -> list[Job]:
     """The newest jobs first."""
     query = select(Job).order_by(Job.created_at.desc(), Job.id).limit(limit)
     if status:
         query = query.where(Job.status == status)
+    if group_id:
+        query = query.where(Job.group_id == group_id)
     with Session(engine) as session:
         return list(session.scalars(query))
 
@@ -269,7 +283,17 @@ def list_models(engine: Engine, *, name: str | None = None) -> list[Model]:
 
 
 def find_model(engine: Engine, ref: str) -> Model:
-    """The registered model ``name`` (its latest version) or ``name:version``."""
+    """The registered model ``name`` (its latest version), ``name:version`` or ``name@tag``."""
+    if "@" in ref:
+        name, _, tag = ref.partition("@")
+        with Session(engine) as session:
+            tagged = session.get(ModelTag, (name, tag))
+        if tagged is None:
+            raise ModelNotFound(
+                f"model {name!r} has no tag {tag!r}; set one with "
+                f"`tuneq models tag {name}:VERSION {tag}`"
+            )
+        ref = f"{name}:{tagged.version}"
     name, _, version = ref.partition(":")
     query = select(Model).where(Model.name == name)
     if version:
@@ -283,6 +307,24 @@ def find_model(engine: Engine, ref: str) -> Model:
             f"no registered model {ref!r}; `tuneq models` lists them, or pass a model folder"
         )
     return row
+
+
+def tag_model(engine: Engine, *, ref: str, tag: str) -> Model:
+    """Point ``name@tag`` at the model ``ref`` (a tag moves if it pointed elsewhere)."""
+    model = find_model(engine, ref)
+    with Session(engine) as session, session.begin():
+        session.merge(ModelTag(name=model.name, tag=tag, version=model.version, tagged_at=utcnow()))
+    return model
+
+
+def model_tags(engine: Engine) -> dict[tuple[str, int], list[str]]:
+    """Tags by (model name, version)."""
+    with Session(engine) as session:
+        rows = session.scalars(select(ModelTag).order_by(ModelTag.tag)).all()
+    tags: dict[tuple[str, int], list[str]] = {}
+    for row in rows:
+        tags.setdefault((row.name, row.version), []).append(row.tag)
+    return tags
 
 
 def job_model(engine: Engine, job: Job) -> Model | None:

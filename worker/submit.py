@@ -34,11 +34,11 @@ def route(settings: Settings, engine: Engine, spec: JobSpec) -> str:
     return GPU_QUEUE if gpu else CPU_QUEUE
 
 
-def submit_job(settings: Settings, spec: JobSpec) -> Job:
+def submit_job(settings: Settings, spec: JobSpec, *, group_id: str | None = None) -> Job:
     """Record ``spec`` as a queued job, with its queue chosen, and publish its id there."""
     engine = get_engine(settings.database_url)
     spec = spec.model_copy(update={"queue": route(settings, engine, spec)})
-    job = store.create_job(engine, spec=spec)
+    job = store.create_job(engine, spec=spec, group_id=group_id)
     app = create_app(settings)
     try:
         send_job(app, job.id, job.queue)
