@@ -12,6 +12,7 @@ import click
 from tuneq.cli.context import engine, settings
 from tuneq.cli.render import table
 from tuneq.cli.spec_options import absolute_paths, build_spec, read_job_file
+from tuneq.schemas.errors import JobNotFound
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.schemas.tables import FINISHED, Job, JobStatus
 
@@ -69,8 +70,6 @@ def compare_rows(group_id: str) -> tuple[list[str], list[dict[str, Any]]]:
 
     jobs = list_jobs(engine(), group_id=group_id, limit=10_000)
     if not jobs:
-        from tuneq.schemas.errors import JobNotFound
-
         raise JobNotFound(f"no jobs in group {group_id!r}; `tuneq sweep FILE` starts one")
     varied = varied_fields([job.spec for job in jobs])
     rows = []
