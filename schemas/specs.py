@@ -8,7 +8,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
@@ -18,6 +25,39 @@ def check_notify_url(value: str | None) -> str | None:
     if value is not None and not re.match(r"^https?://[^\s/]+", value):
         raise ValueError("must be an http:// or https:// URL")
     return value
+
+
+# Fields that every kind of job has, defined once.
+Columns = Annotated[
+    list[str] | None,
+    Field(
+        description="Column names of a CSV or TSV file that has no header row, in order, "
+        "e.g. text,label."
+    ),
+]
+TrustRemoteCode = Annotated[
+    bool,
+    Field(
+        description="Run Python code that ships with the model (auto_map in its config); "
+        "only for models whose code you trust."
+    ),
+]
+Device = Annotated[
+    Literal["auto", "cpu", "gpu"],
+    Field(
+        description="Where the job runs: cpu or gpu (the queue of that name), or auto: the gpu "
+        "queue when a live worker listens on it, else cpu."
+    ),
+]
+Queue = Annotated[
+    str | None,
+    Field(description="Worker queue to send the job to; default: chosen by device."),
+]
+NotifyUrl = Annotated[
+    str | None,
+    AfterValidator(check_notify_url),
+    Field(description="URL (http or https) to POST a JSON summary to when the job ends."),
+]
 
 
 class FinetuneSpec(BaseModel):
@@ -45,11 +85,7 @@ class FinetuneSpec(BaseModel):
         description="Separate evaluation data; default: the data's test split, if any, "
         "else rows held out of the training data.",
     )
-    columns: list[str] | None = Field(
-        None,
-        description="Column names of a CSV or TSV file that has no header row, in order, "
-        "e.g. text,label.",
-    )
+    columns: Columns = None
     text_column: str = Field("text", description="Column that holds the text.")
     label_column: str = Field("label", description="Column that holds the label (int or string).")
     label_names: list[str] | None = Field(
@@ -81,39 +117,21 @@ class FinetuneSpec(BaseModel):
         "(0.1 for BERT). 0 trains about twice as fast on a CPU, where drawing that dropout mask "
         "costs more than the attention itself.",
     )
-    notify: str | None = Field(
-        None,
-        description="URL (http or https) to POST a JSON summary to when the job ends.",
-    )
+    notify: NotifyUrl = None
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="Training arithmetic: bf16 autocast (weights and optimizer stay fp32), fp32, "
         "or auto: bf16 where the CPU or GPU computes it natively, else fp32.",
     )
-    trust_remote_code: bool = Field(
-        False,
-        description="Run Python code that ships with the model (auto_map in its config); "
-        "only for models whose code you trust.",
-    )
+    trust_remote_code: TrustRemoteCode = False
     checkpoint_steps: int | None = Field(
         200,
         ge=1,
         description="Checkpoint every this many steps; a retry after a lost worker resumes "
         "from the newest. Null for none.",
     )
-    device: Literal["auto", "cpu", "gpu"] = Field(
-        "auto",
-        description="Where the job runs: cpu or gpu (the queue of that name), or auto: the gpu "
-        "queue when a live worker listens on it, else cpu.",
-    )
-    queue: str | None = Field(
-        None, description="Worker queue to send the job to; default: chosen by device."
-    )
-
-    @field_validator("notify")
-    @classmethod
-    def _check_notify(cls, value: str | None) -> str | None:
-        return check_notify_url(value)
+    device: Device = "auto"
+    queue: Queue = None
 
     @field_validator("name")
     @classmethod
@@ -168,11 +186,7 @@ class ScoreSpec(BaseModel):
         description="Scored file; its suffix (.csv, .tsv, .jsonl, .parquet, + .gz) sets the "
         "format. Every input row and column, in order, plus label and score."
     )
-    columns: list[str] | None = Field(
-        None,
-        description="Column names of a CSV or TSV file that has no header row, in order, "
-        "e.g. text,label.",
-    )
+    columns: Columns = None
     text_column: str = Field("text", description="Column that holds the text to label.")
     id_column: str | None = Field(
         None, description="Column that identifies rows; named in messages about bad rows."
@@ -190,34 +204,16 @@ class ScoreSpec(BaseModel):
     batch_tokens: int = Field(
         4096, ge=64, description="Token budget of a batch (rows × padded length)."
     )
-    trust_remote_code: bool = Field(
-        False,
-        description="Run Python code that ships with the model (auto_map in its config); "
-        "only for models whose code you trust.",
-    )
+    trust_remote_code: TrustRemoteCode = False
     shard_rows: int = Field(
         1000, ge=1, description="Rows per shard; shards are scored by any listening worker."
     )
-    device: Literal["auto", "cpu", "gpu"] = Field(
-        "auto",
-        description="Where the job runs: cpu or gpu (the queue of that name), or auto: the gpu "
-        "queue when a live worker listens on it, else cpu.",
-    )
-    queue: str | None = Field(
-        None, description="Worker queue to send the job to; default: chosen by device."
-    )
-    notify: str | None = Field(
-        None,
-        description="URL (http or https) to POST a JSON summary to when the job ends.",
-    )
+    device: Device = "auto"
+    queue: Queue = None
+    notify: NotifyUrl = None
     model_path: str | None = Field(
         None, description="Model folder, resolved when the job is submitted (set by tuneq)."
     )
-
-    @field_validator("notify")
-    @classmethod
-    def _check_notify(cls, value: str | None) -> str | None:
-        return check_notify_url(value)
 
     @field_validator("output")
     @classmethod
