@@ -86,3 +86,21 @@ def test_attention_dropout_can_be_set_for_training(tiny_model: Path, reviews_csv
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["attention_probs_dropout_prob"] == 0.0
     assert config["hidden_dropout_prob"] == 0.1  # only the attention dropout changes
+
+
+def test_the_same_spec_trains_the_same_model(tiny_model: Path, reviews_csv: Path, tmp_path: Path):
+    """The seed covers the new head too, whatever the process drew from its RNG before."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    base = tmp_path / "encoder-only"  # like MiniLM: no classification head to start from
+    AutoModel.from_pretrained(tiny_model).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(base)
+    spec = FinetuneSpec(data=str(reviews_csv), model=str(base), epochs=1, train_size=40)
+    first = finetune(spec, tmp_path / "first")
+    torch.rand(1000)  # as a worker process that ran other jobs before would have
+    second = finetune(spec, tmp_path / "second")
+    assert first.metrics["eval_loss"] == second.metrics["eval_loss"]
+    assert (tmp_path / "first" / "model.safetensors").read_bytes() == (
+        tmp_path / "second" / "model.safetensors"
+    ).read_bytes()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.worker.data import Examples, TrainingData, load_training_data
@@ -87,6 +87,9 @@ def finetune(
         warning = vocabulary_warning(spec.model, unknown_share(tokenizer, data.train.texts))
         if warning and on_warning:
             on_warning(warning)
+        # The new head is drawn from the global RNG while loading, before the Trainer seeds it:
+        # unseeded, the same spec gave another model (and other predictions) in each process.
+        set_seed(spec.seed)
         model = load_classifier(
             spec.model,
             source,
