@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -163,9 +163,12 @@ def redis_available(url: str) -> bool:
 class WorkerProcess:
     """A real ``tuneq worker`` process, with its log for diagnosis."""
 
-    def __init__(self, env: dict[str, str], queue: str, log: Path, *args: str) -> None:
+    def __init__(
+        self, env: dict[str, str], queue: str, log: Path, *args: str, prefix: Sequence[str] = ()
+    ) -> None:
+        """``prefix`` runs the worker through another command, e.g. ``ip netns exec NS``."""
         self.env, self.queue, self.log = env, queue, log
-        command = [sys.executable, "-m", "tuneq.cli", "worker", "--queues", queue, *args]
+        command = [*prefix, sys.executable, "-m", "tuneq.cli", "worker", "--queues", queue, *args]
         self.handle = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             command,

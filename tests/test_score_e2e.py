@@ -79,7 +79,8 @@ def test_workers_as_separate_hosts_over_tcp(
     env, start_worker, trained_tiny_model: Path, tmp_path: Path, postgres_url: str
 ):
     """As on separate machines: each worker and the client has its own data dir; they share
-    only Redis and PostgreSQL over TCP and one artifact folder (what NFS would provide)."""
+    only Redis and PostgreSQL over TCP and one artifact folder (what NFS would provide).
+    With real network namespaces as the hosts: ``test_hosts_e2e.py``."""
     if not redis_available(REDIS_URL):
         unavailable(f"Redis is not reachable at {REDIS_URL}")
     shared = {
