@@ -100,6 +100,7 @@ def demo(
         label_names=["negative", "positive"],
         queue=DEMO_QUEUE,
     )
+    from tuneq.worker.artifacts import cache_folder
     from tuneq.worker.predict import model_folder, predict_texts
     from tuneq.worker.submit import submit_job
 
@@ -121,7 +122,8 @@ def demo(
     assert registered is not None
     click.echo("\n".join(describe_metrics(finished.metrics or {})))
     click.echo(f"\nModel {registered.name}:{registered.version} is at {registered.path}\n")
-    predictions = predict_texts(model_folder(db, registered.path), NEW_REVIEWS)
+    folder = model_folder(db, registered.path, cache=cache_folder(settings()))
+    predictions = predict_texts(folder, NEW_REVIEWS)
     rows = [
         [p.label, f"{p.score:.3f}", text] for text, p in zip(NEW_REVIEWS, predictions, strict=True)
     ]

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from tuneq.cli.context import engine
+from tuneq.cli.context import engine, settings
 from tuneq.cli.render import table
 
 
@@ -22,9 +22,10 @@ def predict(model: str, texts: tuple[str, ...], as_json: bool) -> None:
       tuneq predict imdb-sentiment "A masterpiece." "Two hours I will never get back."
       tuneq predict imdb-sentiment:2 "Not bad at all." --json
     """
+    from tuneq.worker.artifacts import cache_folder
     from tuneq.worker.predict import model_folder, predict_texts
 
-    folder = model_folder(engine(), model)
+    folder = model_folder(engine(), model, cache=cache_folder(settings()))
     predictions = predict_texts(folder, list(texts))
     if as_json:
         for text, p in zip(texts, predictions, strict=True):

@@ -50,11 +50,10 @@ def score(
     absolute_paths(values, ("input", "output"))
     values["kind"] = "score"
     spec = build_spec(ScoreSpec, values)
-    from tuneq.worker.predict import model_folder
+    from tuneq.worker.predict import model_location
     from tuneq.worker.submit import submit_job
 
-    folder = model_folder(engine(), spec.model)
-    spec = spec.model_copy(update={"model_path": str(folder)})
+    spec = spec.model_copy(update={"model_path": model_location(engine(), spec.model)})
     job = submit_job(settings(), spec)
     click.echo(job.id)
     if wait:

@@ -79,12 +79,15 @@ def read_job_file(path: Path) -> dict[str, Any]:
 def absolute_paths(values: dict[str, Any], keys: tuple[str, ...]) -> None:
     """Make the local paths among ``values[key]`` absolute (not resolved: the worker checks
     where links lead), so that a worker started in another folder finds them."""
+    from tuneq.worker.artifacts import is_uri
     from tuneq.worker.data import is_local
     from tuneq.worker.models import is_model_path
 
     for key in keys:
         value = values.get(key)
-        if isinstance(value, str) and (is_local(value) or is_model_path(value)):
+        if not isinstance(value, str) or is_uri(value):
+            continue  # a URI (in the artifact store) names the same place everywhere
+        if is_local(value) or is_model_path(value):
             values[key] = os.path.abspath(os.path.expanduser(value))
 
 

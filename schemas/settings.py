@@ -38,6 +38,11 @@ class Settings(BaseModel):
     artifact_dir: Path = Field(
         Path(), description="Folder where models and outputs are written; default: data_dir."
     )
+    artifact_store: str = Field(
+        "",
+        description="fsspec URI (s3://bucket/prefix, gs://…, file:///…) where models and scoring "
+        "work live, shared by every machine; default: none, artifact_dir is the store.",
+    )
     worker_threads: int = Field(
         0, ge=0, description="torch threads per worker process; 0 means the cores / concurrency."
     )
@@ -73,6 +78,14 @@ class Settings(BaseModel):
     @classmethod
     def _strip(cls, value: str) -> str:
         return value.strip()
+
+    @field_validator("artifact_store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value:
+            check_store_uri(value)
+        return value
 
     def model_post_init(self, _context: object) -> None:
         data_dir = self.data_dir.expanduser().resolve()
@@ -111,9 +124,39 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         return Settings(**values)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = "; ".join(
-            f"{ENV_PREFIX}{str(err['loc'][0]).upper()}: {err['msg']}" for err in exc.errors()
+            f"{ENV_PREFIX}{str(err['loc'][0]).upper()}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
         )
         raise ConfigError(f"invalid setting: {problems}") from None
+
+
+def check_store_uri(uri: str) -> None:
+    """Fail unless ``uri`` is an fsspec URI whose filesystem is installed and that carries no
+    credentials (it is recorded in the job database as the path of every stored model)."""
+    import fsspec
+    from fsspec.core import split_protocol
+
+    protocol, rest = split_protocol(uri)
+    if protocol is None or not rest.strip("/"):
+        raise ValueError(
+            f"{uri!r} is not a store URI; give one like s3://bucket/prefix or file:///srv/tuneq "
+            "(for a plain folder, set TUNEQ_ARTIFACT_DIR instead)"
+        )
+    if "@" in rest.split("/", 1)[0]:
+        raise ValueError(
+            f"{redact_url(uri)} carries credentials, which tuneq would record in the job "
+            "database; give them the way the filesystem reads them instead (for s3://, "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or an AWS profile)"
+        )
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:
+        raise ValueError(
+            f"{protocol}:// needs a package that this Python lacks: {exc} (pip install it on "
+            "every machine that runs tuneq)"
+        ) from None
+    except ValueError:
+        raise ValueError(f"fsspec knows no protocol {protocol!r} (in {uri!r})") from None
 
 
 def redact_url(url: str) -> str:

@@ -1,3 +1,4 @@
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,42 @@ def test_a_bad_value_names_the_variable(tmp_path: Path) -> None:
 
 def test_passwords_are_hidden_in_messages() -> None:
     assert redact_url("redis://:secret@redis:6379/0") == "redis://:***@redis:6379/0"
+
+
+def test_an_artifact_store_is_an_fsspec_uri(tmp_path: Path) -> None:
+    base = {"TUNEQ_DATA_DIR": str(tmp_path)}
+    assert load_settings(base).artifact_store == ""
+    settings = load_settings({**base, "TUNEQ_ARTIFACT_STORE": " file:///srv/tuneq/ "})
+    assert settings.artifact_store == "file:///srv/tuneq"
+    assert settings.artifact_dir == tmp_path / "artifacts"  # still the local cache and staging
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            "/srv/tuneq",
+            "'/srv/tuneq' is not a store URI; give one like s3://bucket/prefix or "
+            "file:///srv/tuneq (for a plain folder, set TUNEQ_ARTIFACT_DIR instead)",
+        ),
+        ("nope://bucket", "fsspec knows no protocol 'nope' (in 'nope://bucket')"),
+        (
+            "s3://bucket/tuneq",
+            "s3:// needs a package that this Python lacks: Install s3fs to access S3 (pip "
+            "install it on every machine that runs tuneq)",
+        ),
+        (
+            "ftp://tuneq:secret@files/tuneq",
+            "ftp://tuneq:***@files/tuneq carries credentials, which tuneq would record in the "
+            "job database; give them the way the filesystem reads them instead (for s3://, "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or an AWS profile)",
+        ),
+    ],
+)
+def test_a_bad_artifact_store_says_what_to_do(tmp_path: Path, value: str, message: str) -> None:
+    if value.startswith("s3:") and importlib.util.find_spec("s3fs"):
+        pytest.skip("s3fs is installed here")
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"TUNEQ_DATA_DIR": str(tmp_path), "TUNEQ_ARTIFACT_STORE": value})
+    assert str(caught.value) == f"invalid setting: TUNEQ_ARTIFACT_STORE: {message}"
+    assert "secret" not in str(caught.value)

@@ -14,6 +14,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from tuneq.schemas.errors import ModelError
+from tuneq.worker.artifacts import exists, fetch_folder, is_uri, join
 from tuneq.worker.store import find_model
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -41,12 +42,15 @@ class Classifier:
     labels: list[str]
 
 
-def model_folder(engine: Engine, ref: str) -> Path:
-    """The folder of ``ref``: a registered ``name`` or ``name:version``, or a model folder.
+def model_location(engine: Engine, ref: str) -> str:
+    """Where ``ref`` lives: a registered ``name``, ``name:version`` or ``name@tag``, a model
+    folder, or a model's URI in the artifact store; checked to be there.
 
     A bare name is looked up in the registry first; a ref with a slash or a leading dot is a
     folder.
     """
+    if is_uri(ref):
+        return stored_model(ref, ref)
     path = Path(ref).expanduser()
     looks_like_path = "/" in ref or os.sep in ref or ref.startswith((".", "~"))
     if looks_like_path or (path.is_dir() and not has_model(engine, ref)):
@@ -54,11 +58,25 @@ def model_folder(engine: Engine, ref: str) -> Path:
             raise ModelError(f"model folder {ref} does not exist")
         if not (path / "config.json").is_file():
             raise ModelError(f"{ref} is not a model folder: it has no config.json")
-        return path.resolve()
-    folder = Path(find_model(engine, ref).path)
-    if not folder.is_dir():
-        raise ModelError(f"model {ref!r} is registered at {folder}, but that folder is missing")
-    return folder
+        return str(path.resolve())
+    registered = find_model(engine, ref).path
+    if is_uri(registered):
+        return stored_model(ref, registered)
+    if not Path(registered).is_dir():
+        raise ModelError(f"model {ref!r} is registered at {registered}, but that folder is missing")
+    return registered
+
+
+def stored_model(ref: str, uri: str) -> str:
+    if not exists(join(uri, "config.json")):
+        raise ModelError(f"model {ref!r} is not in the artifact store at {uri}")
+    return uri
+
+
+def model_folder(engine: Engine, ref: str, *, cache: Path) -> Path:
+    """A local folder that holds ``ref`` (see :func:`model_location`); a model in the artifact
+    store is fetched into ``cache`` the first time."""
+    return fetch_folder(model_location(engine, ref), cache)
 
 
 def has_model(engine: Engine, ref: str) -> bool:

@@ -21,7 +21,7 @@ from tuneq.schemas.errors import JobStateError, TuneqError
 from tuneq.schemas.settings import Settings
 from tuneq.schemas.specs import FinetuneSpec, ScoreSpec, parse_spec
 from tuneq.schemas.tables import JobStatus, utcnow
-from tuneq.worker import store
+from tuneq.worker import artifacts, store
 from tuneq.worker.db import get_engine
 from tuneq.worker.lease import JobStopped, Lease
 from tuneq.worker.notify import notify_end
@@ -81,14 +81,14 @@ def run_job(
     if isinstance(spec, ScoreSpec):
         folder = scoring_folder(settings, job_id)
         with lease, failures_recorded(engine, job_id, attempt, cleanup=folder):
-            spec = confine_spec(settings, spec)
+            spec = artifacts.local_model(settings, confine_spec(settings, spec))
             return start_scoring(engine, job_id, attempt, spec, folder, publish_shard, lease)
         return stopped_or_failed(engine, job_id)
     staging = settings.artifact_dir / "staging" / f"{job_id}-{attempt}"
     try:
         checkpoints = checkpoint_folder(settings, job_id)
         with lease, failures_recorded(engine, job_id, attempt, cleanup=checkpoints):
-            spec = confine_spec(settings, spec)
+            spec = artifacts.local_model(settings, confine_spec(settings, spec))
             return run_finetune(settings, engine, job_id, attempt, spec, staging, lease)
         return stopped_or_failed(engine, job_id)
     finally:
@@ -102,7 +102,7 @@ def stopped_or_failed(engine: Engine, job_id: str) -> str:
 
 @contextmanager
 def failures_recorded(
-    engine: Engine, job_id: str, attempt: int, *, cleanup: Path | None = None
+    engine: Engine, job_id: str, attempt: int, *, cleanup: artifacts.Location | None = None
 ) -> Iterator[None]:
     """Fail the job on any error: a ``TuneqError`` with its message, anything else as an
     internal error with its traceback. The worker carries on either way."""
@@ -129,7 +129,7 @@ def failures_recorded(
     if failed:
         notify_end(engine, job_id)
     if cleanup is not None:
-        shutil.rmtree(cleanup, ignore_errors=True)
+        artifacts.remove_folder(cleanup)
 
 
 def run_finetune(
@@ -168,12 +168,14 @@ def run_finetune(
     summary = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.phases.items())
     store.add_event(engine, job_id=job_id, attempt=attempt, kind="phases", message=summary)
     metrics = dict(result.metrics, phases=result.phases)
+    stored_at = upload_model(settings, spec.model_name(), f"{job_id}-{attempt}", staging)
     model = store.register_model(
         engine,
         job_id=job_id,
         attempt=attempt,
         staged_dir=staging,
         models_dir=settings.artifact_dir / "models",
+        stored_at=stored_at,
         model={
             "name": spec.model_name(),
             "base_model": spec.model,
@@ -184,6 +186,8 @@ def run_finetune(
     )
     if model is None:
         log.warning("job %s lost its lease before registering; result discarded", job_id)
+        if stored_at is not None:
+            artifacts.remove_folder(stored_at)
         return "lost"
     shutil.rmtree(checkpoints, ignore_errors=True)
     log.info("job %s succeeded: %s:%s at %s", job_id, model.name, model.version, model.path)
@@ -191,14 +195,30 @@ def run_finetune(
     return "succeeded"
 
 
+def upload_model(settings: Settings, name: str, key: str, staging: Path) -> str | None:
+    """With an artifact store, upload the staged model to ``models/NAME/KEY`` there and return
+    its URI; without one, ``None`` (registering moves the folder into the artifact folder).
+
+    The key is the job and attempt, not the version: the version is allocated when the model
+    is registered, after the upload, so two jobs racing for one version never write to the
+    same place, and a zombie attempt never overwrites the attempt that registered.
+    """
+    if not settings.artifact_store:
+        return None
+    location = artifacts.store_location(settings, "models", name, key)
+    artifacts.put_folder(staging, location)
+    return location
+
+
 def checkpoint_folder(settings: Settings, job_id: str) -> Path:
     """Where a fine-tune keeps its checkpoints until its model is registered."""
     return settings.artifact_dir / "checkpoints" / job_id
 
 
-def scoring_folder(settings: Settings, job_id: str) -> Path:
-    """Where a scoring job keeps its staged input and scored parts (in the shared store)."""
-    return settings.artifact_dir / "scoring" / job_id
+def scoring_folder(settings: Settings, job_id: str) -> str:
+    """Where a scoring job keeps its staged input and scored parts: in the artifact store
+    (or the shared artifact folder), which every worker scoring its shards can reach."""
+    return artifacts.store_location(settings, "scoring", job_id)
 
 
 def start_scoring(
@@ -206,7 +226,7 @@ def start_scoring(
     job_id: str,
     attempt: int,
     spec: ScoreSpec,
-    folder: Path,
+    folder: str,
     publish_shard: PublishShard,
     lease: Lease,
 ) -> str:
@@ -214,15 +234,14 @@ def start_scoring(
     from tuneq.worker.score import check_vocabulary, stage_input
 
     store.record_progress(engine, job_id=job_id, attempt=attempt, progress={"phase": "staging"})
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    artifacts.remove_folder(folder)
     staged = stage_input(spec, folder)
     lease.check()
     warning = check_vocabulary(spec, folder)
     if warning:
         store.add_event(engine, job_id=job_id, attempt=attempt, kind="warning", message=warning)
     if not store.create_shards(engine, job_id=job_id, attempt=attempt, sizes=staged.shard_sizes):
-        shutil.rmtree(folder, ignore_errors=True)
+        artifacts.remove_folder(folder)
         return "lost"
     queue = store.get_job(engine, job_id).queue
     for index in range(len(staged.shard_sizes)):
@@ -250,7 +269,7 @@ def run_shard(settings: Settings, job_id: str, index: int, *, worker: str) -> st
     )
     left: int | None = None
     with lease, failures_recorded(engine, job_id, job.attempt, cleanup=folder):
-        spec = confine_spec(settings, spec)
+        spec = artifacts.local_model(settings, confine_spec(settings, spec))
         result = score_shard(spec, folder, index, on_batch=lease.check)
         left = store.finish_shard(
             engine,
@@ -267,14 +286,20 @@ def run_shard(settings: Settings, job_id: str, index: int, *, worker: str) -> st
             f"job {job_id} output",
         )
         with assembly, failures_recorded(engine, job_id, job.attempt, cleanup=folder):
-            return finish_scoring(engine, job_id, job.attempt, spec, folder, assembly)
+            return finish_scoring(settings, engine, job_id, job.attempt, spec, folder, assembly)
     if left is not None:
         return "running"
     return stopped_or_failed(engine, job_id)
 
 
 def finish_scoring(
-    engine: Engine, job_id: str, attempt: int, spec: ScoreSpec, folder: Path, lease: Lease
+    settings: Settings,
+    engine: Engine,
+    job_id: str,
+    attempt: int,
+    spec: ScoreSpec,
+    folder: str,
+    lease: Lease,
 ) -> str:
     """Assemble the parts into the output, then mark the job succeeded pointing at it."""
     from tuneq.worker.score import assemble_output
@@ -284,8 +309,9 @@ def finish_scoring(
     store.record_progress(
         engine, job_id=job_id, attempt=attempt, progress=dict(job.progress or {}, phase="writing")
     )
-    output = Path(spec.output)
-    assemble_output(folder, len(shards), output, on_part=lease.check)
+    output = spec.output
+    scratch = settings.artifact_dir / "staging"
+    assemble_output(folder, len(shards), output, on_part=lease.check, scratch=scratch)
     rows = sum(s.row_count for s in shards)
     wall = max(1e-6, (utcnow() - store.aware(job.started_at or utcnow())).total_seconds())
     metrics = {
@@ -299,11 +325,11 @@ def finish_scoring(
         "scoring_seconds": round(sum(s.seconds or 0 for s in shards), 3),
     }
     if not store.mark_scored(
-        engine, job_id=job_id, attempt=attempt, output_path=str(output), metrics=metrics
+        engine, job_id=job_id, attempt=attempt, output_path=output, metrics=metrics
     ):
         log.warning("job %s lost its lease before finishing; output left in place", job_id)
         return "lost"
-    shutil.rmtree(folder, ignore_errors=True)
+    artifacts.remove_folder(folder)
     log.info("job %s succeeded: %d rows scored into %s", job_id, rows, output)
     notify_end(engine, job_id)
     return "succeeded"
@@ -317,7 +343,7 @@ def cancel_job(settings: Settings, job_id: str) -> str:
     if not store.cancel_job(engine, job_id=job.id):
         current = store.get_job(engine, job.id).status
         raise JobStateError(f"job {job.id} already {current}; nothing to cancel")
-    shutil.rmtree(scoring_folder(settings, job.id), ignore_errors=True)
+    artifacts.remove_folder(scoring_folder(settings, job.id))
     shutil.rmtree(checkpoint_folder(settings, job.id), ignore_errors=True)
     notify_end(engine, job.id)
     return job.id

@@ -2,12 +2,15 @@
 
 Knows nothing of Celery or the database. Memory stays flat whatever the input's size: the
 input is read in chunks, a shard is at most ``shard_rows`` rows, and the output is written one
-shard at a time.
+shard at a time. The work folder (staged input and scored parts) is a location: a local folder,
+or a URI in the artifact store, which workers that share nothing else can all reach.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ import pyarrow.parquet as pq
 
 from tuneq.schemas.errors import DataError
 from tuneq.schemas.specs import ScoreSpec
+from tuneq.worker.artifacts import Location, is_uri, join, open_artifact, put_file, writing
 from tuneq.worker.files import TableWriter, iter_batches
 
 STAGED_INPUT = "input.parquet"
@@ -30,7 +34,7 @@ PARTS = "parts"
 class StagedInput:
     """The input, re-written as Parquet with one row group per shard."""
 
-    path: Path
+    path: str
     shard_sizes: list[int]
 
     @property
@@ -52,12 +56,17 @@ def output_columns(input_columns: list[str], labels: list[str], probabilities: b
     return [f"predicted_{n}" if n in input_columns else n for n in names]
 
 
-def stage_input(spec: ScoreSpec, folder: Path) -> StagedInput:
+def stage_input(spec: ScoreSpec, folder: Location) -> StagedInput:
     """Read ``spec.input`` in chunks into ``folder/input.parquet``, one row group per shard."""
+    staged = join(folder, STAGED_INPUT)
+    with writing(staged) as sink:
+        sizes = write_shards(spec, sink)
+    return StagedInput(staged, sizes)
+
+
+def write_shards(spec: ScoreSpec, sink: object) -> list[int]:
+    """Write ``spec.input`` to ``sink`` as Parquet, one row group per shard; the shard sizes."""
     source = Path(spec.input)
-    folder.mkdir(parents=True, exist_ok=True)
-    staged = folder / STAGED_INPUT
-    partial = staged.with_suffix(".partial")
     writer: pq.ParquetWriter | None = None
     sizes: list[int] = []
     pending: list[pa.RecordBatch] = []
@@ -66,7 +75,7 @@ def stage_input(spec: ScoreSpec, folder: Path) -> StagedInput:
         for batch in iter_batches(source, encoding=spec.encoding, column_names=spec.columns):
             if writer is None:
                 check_columns(batch.schema, spec, source)
-                writer = pq.ParquetWriter(partial, batch.schema)
+                writer = pq.ParquetWriter(sink, batch.schema)
             pending.append(batch)
             pending_rows += batch.num_rows
             while pending_rows >= spec.shard_rows:
@@ -83,8 +92,7 @@ def stage_input(spec: ScoreSpec, folder: Path) -> StagedInput:
     finally:
         if writer is not None:
             writer.close()
-    os.replace(partial, staged)
-    return StagedInput(staged, sizes)
+    return sizes
 
 
 def check_columns(schema: pa.Schema, spec: ScoreSpec, source: Path) -> None:
@@ -96,7 +104,7 @@ def check_columns(schema: pa.Schema, spec: ScoreSpec, source: Path) -> None:
             )
 
 
-def check_vocabulary(spec: ScoreSpec, folder: Path) -> str | None:
+def check_vocabulary(spec: ScoreSpec, folder: Location) -> str | None:
     """A warning if the model's vocabulary does not cover the first shard's texts."""
     from tuneq.worker.models import load_tokenizer
     from tuneq.worker.vocabulary import SAMPLE_TEXTS, unknown_share, vocabulary_warning
@@ -105,13 +113,15 @@ def check_vocabulary(spec: ScoreSpec, folder: Path) -> str | None:
     tokenizer = load_tokenizer(
         spec.model, spec.model_path, trust_remote_code=spec.trust_remote_code
     )
-    first = read_shard(folder / STAGED_INPUT, 0).slice(0, SAMPLE_TEXTS)
+    first = read_shard(join(folder, STAGED_INPUT), 0).slice(0, SAMPLE_TEXTS)
     texts = pc.cast(first.column(spec.text_column), pa.string()).to_pylist()
     return vocabulary_warning(spec.model, unknown_share(tokenizer, texts))
 
 
-def read_shard(staged: Path, index: int) -> pa.Table:
-    return pq.ParquetFile(staged).read_row_group(index)
+def read_shard(staged: Location, index: int) -> pa.Table:
+    """Row group ``index`` of the staged input; only it (and the footer) is read."""
+    with open_artifact(staged) as handle:
+        return pq.ParquetFile(handle).read_row_group(index)
 
 
 def score_table(
@@ -154,7 +164,7 @@ def score_table(
 
 
 def score_shard(
-    spec: ScoreSpec, folder: Path, index: int, on_batch: Callable[[], None] | None = None
+    spec: ScoreSpec, folder: Location, index: int, on_batch: Callable[[], None] | None = None
 ) -> ShardResult:
     """Score shard ``index`` of the staged input into ``folder/parts/<index>.parquet``;
     ``on_batch`` is called before each batch and may raise to stop."""
@@ -163,25 +173,37 @@ def score_shard(
     started = time.perf_counter()
     assert spec.model_path is not None
     classifier = load_for_inference(spec.model_path, spec.precision, spec.trust_remote_code)
-    table = read_shard(folder / STAGED_INPUT, index)
+    table = read_shard(join(folder, STAGED_INPUT), index)
     scored, empty = score_table(table, spec, classifier, on_batch)
-    part = part_path(folder, index)
-    part.parent.mkdir(parents=True, exist_ok=True)
-    partial = part.with_suffix(f".{os.getpid()}.partial")
-    pq.write_table(scored, partial)
-    os.replace(partial, part)  # a part exists whole or not at all
+    with writing(part_path(folder, index)) as sink:  # a part exists whole or not at all
+        pq.write_table(scored, sink)
     return ShardResult(table.num_rows, empty, round(time.perf_counter() - started, 3))
 
 
-def part_path(folder: Path, index: int) -> Path:
-    return folder / PARTS / f"{index:06d}.parquet"
+def part_path(folder: Location, index: int) -> str:
+    return join(folder, PARTS, f"{index:06d}.parquet")
 
 
 def assemble_output(
-    folder: Path, shards: int, output: Path, on_part: Callable[[], None] | None = None
+    folder: Location,
+    shards: int,
+    output: Location,
+    on_part: Callable[[], None] | None = None,
+    *,
+    scratch: Path | None = None,
 ) -> None:
     """Concatenate the parts, in shard order, into ``output``; it appears whole or not at all.
-    ``on_part`` runs before each part and may raise to stop."""
+    ``on_part`` runs before each part and may raise to stop. An output URI is assembled in a
+    temporary folder under ``scratch`` (default: the system's), then uploaded."""
+    if is_uri(output):
+        if scratch is not None:
+            scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="output-", dir=scratch) as temp:
+            local = Path(temp) / posixpath.basename(str(output))
+            assemble_output(folder, shards, local, on_part)
+            put_file(local, output)
+        return
+    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
     writer: TableWriter | None = None
@@ -189,7 +211,8 @@ def assemble_output(
         for index in range(shards):
             if on_part is not None:
                 on_part()
-            part = pq.read_table(part_path(folder, index))
+            with open_artifact(part_path(folder, index)) as handle:
+                part = pq.read_table(handle)
             if writer is None:
                 writer = TableWriter(partial, part.schema, output_format=output)
             writer.write(part)

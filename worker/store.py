@@ -190,9 +190,11 @@ def register_model(
     models_dir: Path,
     model: dict[str, Any],
     metrics: dict[str, Any],
+    stored_at: str | None = None,
 ) -> Model | None:
     """Move ``staged_dir`` into place as the next version of ``model['name']``, register it,
-    and mark the job succeeded, all in one transaction.
+    and mark the job succeeded, all in one transaction. A model already uploaded to an
+    artifact store is registered at ``stored_at`` instead, and nothing is moved.
 
     Returns ``None`` (and deletes ``staged_dir``) if the job's lease was lost.
     """
@@ -206,6 +208,7 @@ def register_model(
                 models_dir=models_dir,
                 model=model,
                 metrics=metrics,
+                stored_at=stored_at,
             )
         except IntegrityError:
             continue  # another job took the same version at the same moment: take the next
@@ -221,6 +224,7 @@ def _register_once(
     models_dir: Path,
     model: dict[str, Any],
     metrics: dict[str, Any],
+    stored_at: str | None = None,
 ) -> Model | None:
     final_dir: Path | None = None
     try:
@@ -235,12 +239,13 @@ def _register_once(
                 select(func.max(Model.version)).where(Model.name == model["name"])
             )
             version = (latest or 0) + 1
-            final_dir = models_dir / model["name"] / str(version)
-            final_dir.parent.mkdir(parents=True, exist_ok=True)
-            staged_dir.rename(final_dir)
+            if stored_at is None:
+                final_dir = models_dir / model["name"] / str(version)
+                final_dir.parent.mkdir(parents=True, exist_ok=True)
+                staged_dir.rename(final_dir)
             row = Model(
                 version=version,
-                path=str(final_dir),
+                path=stored_at or str(final_dir),
                 job_id=job_id,
                 metrics=metrics,
                 created_at=utcnow(),
