@@ -7,6 +7,7 @@ import json
 import click
 
 from tuneq.cli.context import engine, settings
+from tuneq.cli.queue import describe_estimate, estimate_json
 from tuneq.cli.render import JOB_HEADERS, describe_job, job_json, job_row, model_json, table
 from tuneq.schemas.tables import JobStatus
 
@@ -55,12 +56,20 @@ def show(job_id: str, as_json: bool) -> None:
     db = engine()
     job = get_job(db, job_id)
     model = job_model(db, job)
+    estimate = None
+    if job.status in ("queued", "retrying", "running"):
+        from tuneq.worker.eta import queue_estimates
+
+        estimates = queue_estimates(db, interval_s=settings().reap_interval_s)
+        estimate = next((e for e in estimates if e.job_id == job.id), None)
     if as_json:
         data = job_json(job)
         data["model"] = model_json(model) if model else None
+        data["estimate"] = estimate_json(estimate) if estimate else None
         click.echo(json.dumps(data, indent=2))
     else:
-        click.echo(describe_job(job, model, list_events(db, job.id)))
+        eta = describe_estimate(estimate) if estimate else None
+        click.echo(describe_job(job, model, list_events(db, job.id), eta=eta))
 
 
 @click.command()

@@ -12,6 +12,8 @@ from tuneq.cli.finetune import finetune
 from tuneq.cli.jobs import cancel, jobs, retry, show
 from tuneq.cli.models import models
 from tuneq.cli.predict import predict
+from tuneq.cli.queue import queue
+from tuneq.cli.report import report
 from tuneq.cli.score import score
 from tuneq.cli.sweep import compare, sweep
 from tuneq.cli.worker import worker
@@ -55,8 +57,10 @@ for command in (
     finetune,
     sweep,
     compare,
+    report,
     score,
     jobs,
+    queue,
     show,
     cancel,
     retry,

@@ -66,8 +66,11 @@ def job_row(job: Job) -> list[Any]:
 JOB_HEADERS = ["id", "kind", "status", "name", "model", "created", "seconds", "accuracy"]
 
 
-def describe_job(job: Job, model: Model | None, events: list[JobEvent]) -> str:
-    """Everything ``tuneq show`` prints about a job."""
+def describe_job(
+    job: Job, model: Model | None, events: list[JobEvent], eta: str | None = None
+) -> str:
+    """Everything ``tuneq show`` prints about a job; ``eta`` says when a waiting or running
+    job should start and end."""
     lines = [
         f"job       {job.id}",
         f"kind      {job.kind}",
@@ -85,6 +88,8 @@ def describe_job(job: Job, model: Model | None, events: list[JobEvent]) -> str:
         from tuneq.cli.follow import progress_line
 
         lines.append(f"progress  {progress_line(job)}")
+    if eta:
+        lines.append(f"eta       {eta}")
     lines.append("spec")
     lines += [f"  {key}: {value}" for key, value in job.spec.items() if value is not None]
     if job.metrics and job.kind == "score":

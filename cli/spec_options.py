@@ -25,9 +25,11 @@ def _click_type(annotation: Any) -> Any:
         return _click_type(args[0])
     if origin is typing.Annotated:
         return _click_type(args[0])
+    if origin is typing.Literal:
+        return click.Choice([str(choice) for choice in typing.get_args(annotation)])
     if annotation in (int, float, str):
         return annotation
-    return str  # lists arrive comma-separated; literals and the rest as text
+    return str  # lists arrive comma-separated; the rest as text
 
 
 def spec_options(

@@ -12,21 +12,25 @@ import click
 from tuneq.cli.context import engine, settings
 from tuneq.cli.render import table
 from tuneq.cli.spec_options import absolute_paths, build_spec, read_job_file
-from tuneq.schemas.errors import JobNotFound
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.schemas.tables import FINISHED, Job, JobStatus
-
-METRIC_COLUMNS = ("accuracy", "macro_f1", "eval_loss")
 
 
 @click.command()
 @click.argument("sweep_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--wait", is_flag=True, help="Wait until every job has ended, then compare.")
-def sweep(sweep_file: Path, wait: bool) -> None:
+@click.option(
+    "--notify",
+    metavar="URL",
+    help="POST the group's summary (counts, best run, every run) here once all jobs have ended; "
+    "overrides the file's notify.",
+)
+def sweep(sweep_file: Path, wait: bool, notify: str | None) -> None:
     """Queue one fine-tune per combination of a grid (and of data sets), as one group.
 
-    SWEEP_FILE (YAML or JSON) has a `base` spec, a `grid` of lists, an optional `data` list
-    and an optional `name`. Prints the group id, then one job id per line.
+    SWEEP_FILE (YAML or JSON) has a `base` spec, a `grid` of lists, an optional `data` list,
+    an optional `name` and an optional `notify` URL for the whole group (a `notify` in `base`
+    posts once per job instead). Prints the group id, then one job id per line.
 
     \b
     Example sweep.yaml:
@@ -35,16 +39,22 @@ def sweep(sweep_file: Path, wait: bool) -> None:
       grid: {learning_rate: [1.0e-4, 5.0e-5], batch_size: [8, 16]}
     \b
       tuneq sweep sweep.yaml --wait
+      tuneq sweep sweep.yaml --notify https://hooks.example.com/tuneq
       tuneq compare imdb-lr-1a2b3c
     """
+    from tuneq.worker.store import create_group
     from tuneq.worker.submit import submit_job
     from tuneq.worker.sweep import expand
 
-    plan = expand(read_job_file(sweep_file), sweep_file.stem)
+    document = read_job_file(sweep_file)
+    if notify is not None:
+        document["notify"] = notify
+    plan = expand(document, sweep_file.stem)
     specs = []
     for run in plan.runs:
         absolute_paths(run, ("data", "eval_data", "model"))
         specs.append(build_spec(FinetuneSpec, run))  # every spec is valid before any is queued
+    create_group(engine(), group_id=plan.group_id, size=len(specs), notify=plan.notify)
     click.echo(plan.group_id)
     for spec in specs:
         click.echo(submit_job(settings(), spec, group_id=plan.group_id).id)
@@ -63,35 +73,10 @@ def wait_for_group(group_id: str, poll_s: float = 1.0) -> list[Job]:
         time.sleep(poll_s)
 
 
-def compare_rows(group_id: str) -> tuple[list[str], list[dict[str, Any]]]:
-    """The group's jobs, best first: succeeded ones by accuracy, then the rest."""
-    from tuneq.worker.store import job_model, list_jobs
-    from tuneq.worker.sweep import varied_fields
-
-    jobs = list_jobs(engine(), group_id=group_id, limit=10_000)
-    if not jobs:
-        raise JobNotFound(f"no jobs in group {group_id!r}; `tuneq sweep FILE` starts one")
-    varied = varied_fields([job.spec for job in jobs])
-    rows = []
-    for job in jobs:
-        metrics = job.metrics or {}
-        model = job_model(engine(), job)
-        rows.append(
-            {
-                "job": job.id,
-                "status": job.status,
-                **{key: job.spec.get(key) for key in varied},
-                **{key: metrics.get(key) for key in METRIC_COLUMNS},
-                "train_s": (metrics.get("phases") or {}).get("train"),
-                "model": f"{model.name}:{model.version}" if model else None,
-            }
-        )
-    rows.sort(key=lambda r: (r["status"] != "succeeded", -(r["accuracy"] or 0.0), r["job"]))
-    return varied, rows
-
-
 def compare_table(group_id: str) -> str:
-    _varied, rows = compare_rows(group_id)
+    from tuneq.worker.sweep import compare_rows
+
+    rows = compare_rows(engine(), group_id)
     headers = list(rows[0])
 
     def cell(value: Any) -> Any:
@@ -112,6 +97,8 @@ def compare(group_id: str, as_json: bool) -> None:
       tuneq compare imdb-lr-1a2b3c --json
     """
     if as_json:
-        click.echo(json.dumps(compare_rows(group_id)[1], indent=2))
+        from tuneq.worker.sweep import compare_rows
+
+        click.echo(json.dumps(compare_rows(engine(), group_id), indent=2))
     else:
         click.echo(compare_table(group_id))

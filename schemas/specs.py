@@ -53,6 +53,13 @@ Queue = Annotated[
     str | None,
     Field(description="Worker queue to send the job to; default: chosen by device."),
 ]
+Priority = Annotated[
+    Literal["high", "normal", "low"],
+    Field(
+        description="Place in the queue: high jobs start before normal ones, normal before low "
+        "(on Redis; the embedded broker keeps arrival order)."
+    ),
+]
 NotifyUrl = Annotated[
     str | None,
     AfterValidator(check_notify_url),
@@ -130,8 +137,16 @@ class FinetuneSpec(BaseModel):
         description="Checkpoint every this many steps; a retry after a lost worker resumes "
         "from the newest. Null for none.",
     )
+    eval_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Also evaluate every this many steps, for a finer eval-loss curve (each "
+        "costs one pass over the eval data); default: after each epoch but the last, and at the "
+        "end.",
+    )
     device: Device = "auto"
     queue: Queue = None
+    priority: Priority = "normal"
 
     @field_validator("name")
     @classmethod
@@ -210,6 +225,7 @@ class ScoreSpec(BaseModel):
     )
     device: Device = "auto"
     queue: Queue = None
+    priority: Priority = "normal"
     notify: NotifyUrl = None
     model_path: str | None = Field(
         None, description="Model folder, resolved when the job is submitted (set by tuneq)."

@@ -139,6 +139,18 @@ class Model(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class JobGroup(Base):
+    """Jobs submitted together (a sweep): how many, and who to tell when all have ended."""
+
+    __tablename__ = "job_groups"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(Integer)
+    notify: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    notified_at: Mapped[datetime | None]
+
+
 class ModelTag(Base):
     """A movable name for one version of a model: ``imdb-sentiment@champion``."""
 

@@ -30,6 +30,8 @@ def test_finetune_saves_a_labelled_safetensors_model(
 
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
+        "confusion.png",
+        "loss.png",
         "model.safetensors",
         "tokenizer.json",
         "tokenizer_config.json",
@@ -43,8 +45,20 @@ def test_finetune_saves_a_labelled_safetensors_model(
     assert metrics["accuracy"] >= 0.9
     assert metrics["data"]["train_rows"] == 120 and metrics["data"]["eval_rows"] == 40
     assert metrics["train_steps"] == 8 * -(-120 // 16)  # 8 epochs of 8 batches
+    evaluated_at = [point["step"] for point in metrics["eval_curve"]]
+    assert evaluated_at == [8, 16, 24, 32, 40, 48, 56, 64], "after each epoch; the last at the end"
+    assert metrics["eval_curve"][-1]["loss"] == round(metrics["eval_loss"], 5)
+    assert metrics["plots"] == ["loss.png", "confusion.png"]
     assert metrics["loss_curve"][0]["loss"] > metrics["loss_curve"][-1]["loss"]
-    assert set(result.phases) == {"load_data", "load_model", "tokenize", "train", "eval", "save"}
+    assert set(result.phases) == {
+        "load_data",
+        "load_model",
+        "tokenize",
+        "train",
+        "eval",
+        "save",
+        "plots",
+    }
 
     steps = [p["step"] for p in progress if p.get("phase") == "training"]
     assert steps[0] == 0 and steps[-1] == metrics["train_steps"]

@@ -3,8 +3,11 @@ notifications, the vocabulary check, and three-class string labels."""
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -13,7 +16,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import SHARED_DATA, invoke_cli, queue_name, unavailable
+from tests.conftest import (
+    REDIS_URL,
+    SHARED_DATA,
+    invoke_cli,
+    queue_name,
+    redis_available,
+    unavailable,
+)
 from tuneq.cli.render import table
 from tuneq.worker.db import get_engine
 from tuneq.worker.store import list_events
@@ -31,7 +41,7 @@ def tiny_base(tiny_model: Path, reviews_csv: Path, queue: str) -> dict[str, Any]
 
 
 def test_a_sweep_runs_every_combination_and_compare_ranks_them(
-    env, start_worker, tiny_model: Path, reviews_csv: Path, tmp_path: Path
+    env, start_worker, tiny_model: Path, reviews_csv: Path, tmp_path: Path, hook_url: str
 ) -> None:
     queue = queue_name()
     start_worker(env, queue)
@@ -45,7 +55,7 @@ def test_a_sweep_runs_every_combination_and_compare_ranks_them(
             }
         )
     )
-    result = invoke_cli(env, "sweep", str(sweep_file), "--wait")
+    result = invoke_cli(env, "sweep", str(sweep_file), "--wait", "--notify", hook_url)
     assert result.exit_code == 0, result.output
     group, *job_ids = result.stdout.split()
     assert group.startswith("tiny-lr-") and len(job_ids) == 4
@@ -73,6 +83,25 @@ def test_a_sweep_runs_every_combination_and_compare_ranks_them(
     assert compared.stdout == expected + "\n"
     assert shown[0]["spec"]["learning_rate"] == 2e-3, "the higher rate learns in 4 epochs"
     assert result.stderr.endswith(expected + "\n"), "--wait ends with the comparison"
+    [summary] = Hook.received  # once, for the whole group, when its last job ended
+    runs = json.loads(invoke_cli(env, "compare", group, "--json").stdout)
+    assert {k: summary[k] for k in ("group", "jobs", "succeeded", "failed", "cancelled")} == {
+        "group": group, "jobs": 4, "succeeded": 4, "failed": 0, "cancelled": 0
+    }  # fmt: skip
+    assert (summary["best"], summary["runs"]) == (runs[0], runs)
+
+    for job in shown:  # each fine-tune drew its plots beside its model
+        folder = Path(job["model"]["path"])
+        assert job["metrics"]["plots"] == ["loss.png", "confusion.png"]
+        for name in job["metrics"]["plots"]:
+            assert (folder / name).read_bytes().startswith(PNG)
+        assert job["metrics"]["eval_curve"][-1] == {
+            "step": job["metrics"]["train_steps"],
+            "loss": round(job["metrics"]["eval_loss"], 5),
+        }
+        assert len(job["metrics"]["eval_curve"]) == 4, "after epochs 1-3, and at the end"
+    check_report(env, group, tmp_path / "group.html", [job["id"] for job in shown])
+    check_report(env, shown[0]["id"], tmp_path / "job.html", [shown[0]["id"]])
 
     best = f"{shown[0]['model']['name']}:{shown[0]['model']['version']}"
     assert invoke_cli(env, "models", "tag", best, "champion").stdout == (
@@ -85,6 +114,74 @@ def test_a_sweep_runs_every_combination_and_compare_ranks_them(
     unknown = invoke_cli(env, "predict", "tiny-sweep@nightly", "text")
     assert unknown.exit_code == 1
     assert "model 'tiny-sweep' has no tag 'nightly'" in unknown.stderr
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def check_report(env: dict[str, str], target: str, path: Path, job_ids: list[str]) -> None:
+    """``tuneq report`` writes one self-contained file: every job in order, two plots each."""
+    result = invoke_cli(env, "report", target, "--output", str(path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{path}\n"
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    positions = [page.index(f"<h2 id='{job_id}'>") for job_id in job_ids]
+    assert positions == sorted(positions), "best first"
+    images = re.findall(r"<img src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(images) == 2 * len(job_ids)
+    assert all(base64.b64decode(image).startswith(PNG) for image in images)
+    assert not re.search(r"(src|href)=['\"](https?:|//|file:)", page), "nothing fetched"
+    for heading in ("Settings", "Metrics", "Per class (eval)", "Label distribution", "Plots"):
+        assert page.count(f"<h3>{heading}</h3>") == len(job_ids)
+    if len(job_ids) > 1:
+        assert "<h2>Runs, best first</h2>" in page
+
+
+def test_high_priority_jobs_start_first_and_the_queue_shows_the_order(
+    env, start_worker, tiny_model: Path, reviews_csv: Path
+) -> None:
+    """Jobs wait on Redis while no worker listens; the worker then takes them by priority."""
+    if not redis_available(REDIS_URL):
+        unavailable(f"Redis is not reachable at {REDIS_URL}")
+    env = {**env, "TUNEQ_BROKER_URL": REDIS_URL}
+    queue = queue_name()
+    base = ["--data", str(reviews_csv), "--model", str(tiny_model), "--queue", queue,
+            "--train-size", "40", "--eval-size", "20"]  # fmt: skip
+    ids = {}
+    for priority in ("low", "normal", "high", "low"):
+        result = invoke_cli(env, "finetune", *base, "--priority", priority)
+        assert result.exit_code == 0, result.output
+        ids.setdefault(priority, []).append(result.stdout.strip())
+    expected = [ids["high"][0], ids["normal"][0], *ids["low"]]
+    waiting = json.loads(invoke_cli(env, "queue", "--queue", queue, "--json").stdout)
+    assert [(e["job"], e["position"]) for e in waiting] == [
+        (j, i + 1) for i, j in enumerate(expected)
+    ]
+    assert {e["basis"] for e in waiting} == {f"no live worker listens on queue {queue}"}
+    shown = invoke_cli(env, "show", expected[-1]).stdout
+    assert (
+        f"eta       #4 on queue {queue} (low priority); starts in ?, ends in ? (no live " in shown
+    )
+
+    start_worker(env, queue, "--concurrency", "1")
+    started = {}
+    for job_id in expected:
+        job = wait_for_end(env, job_id)
+        assert job["status"] == "succeeded", job["error"]
+        started[job_id] = job["started_at"]
+    assert sorted(expected, key=started.__getitem__) == expected, "high, normal, then low in order"
+    assert invoke_cli(env, "queue", "--queue", queue).stdout == "nothing is queued or running\n"
+
+
+def wait_for_end(env: dict[str, str], job_id: str, timeout_s: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = json.loads(invoke_cli(env, "show", job_id, "--json").stdout)
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout_s}s")
 
 
 class Hook(BaseHTTPRequestHandler):

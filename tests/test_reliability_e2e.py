@@ -184,7 +184,7 @@ def test_a_duplicate_delivery_runs_once(fast_env, start_worker, tiny_model, revi
     queue = queue_name()
     job_id = submit(fast_env, *finetune_args(queue, reviews_csv, tiny_model))
     app = create_app(load_settings(fast_env))
-    send_job(app, job_id, queue)  # the same job id, delivered a second time
+    send_job(app, job_id, queue, "normal")  # the same job id, delivered a second time
     app.close()
     start_worker(fast_env, queue)
     job = wait_for(fast_env, job_id, finished)

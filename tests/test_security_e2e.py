@@ -77,7 +77,7 @@ def test_a_pickle_message_is_refused_and_the_worker_carries_on(
     assert worker.alive
 
     app = create_app(settings)
-    send_job(app, job.id, queue)  # the same job, as JSON
+    send_job(app, job.id, queue, "normal")  # the same job, as JSON
     app.close()
     wait_for(lambda: store.get_job(engine, job.id).status == JobStatus.succeeded, what="the job")
     assert Path(spec.output).exists()

@@ -17,6 +17,10 @@ RUN_SHARD = "tuneq.run_shard"
 # Above the longest job: kombu redelivers unacked Redis messages older than this even while
 # they run (celery#5935). The job row's lease, not this timeout, is what prevents double runs.
 VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
+# Redis priorities: kombu keeps one list per step and pops the lists in order, 0 first. A
+# message without a priority lands in the first list, so every message carries one.
+PRIORITY_STEPS = [0, 3, 6]
+PRIORITIES = {"high": 0, "normal": 3, "low": 6}
 
 
 class EmbeddedTransport(SQLAlchemyTransport):  # type: ignore[misc]
@@ -58,8 +62,8 @@ def create_app(settings: Settings) -> Celery:
     def run_job(job_id: str) -> str | None:
         from tuneq.worker.runner import run_job as run
 
-        def publish_shard(index: int, queue: str) -> None:
-            send_shard(app, job_id, index, queue)
+        def publish_shard(index: int, queue: str, priority: str) -> None:
+            send_shard(app, job_id, index, queue, priority)
 
         return run(settings, job_id, worker=pool_process_name(), publish_shard=publish_shard)
 
@@ -76,17 +80,17 @@ def transport_options(settings: Settings) -> dict[str, object]:
     """Broker options: the embedded SQLite broker passes them to ``create_engine``."""
     if settings.uses_embedded_broker:
         return {"connect_args": {"timeout": 60}}
-    return {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    return {"visibility_timeout": VISIBILITY_TIMEOUT_S, "priority_steps": PRIORITY_STEPS}
 
 
-def send_job(app: Celery, job_id: str, queue: str) -> None:
-    """Publish a job's id to ``queue``."""
-    app.send_task(RUN_JOB, args=[job_id], queue=queue)
+def send_job(app: Celery, job_id: str, queue: str, priority: str) -> None:
+    """Publish a job's id to ``queue`` with ``priority`` (high, normal or low)."""
+    app.send_task(RUN_JOB, args=[job_id], queue=queue, priority=PRIORITIES[priority])
 
 
-def send_shard(app: Celery, job_id: str, index: int, queue: str) -> None:
-    """Publish one shard of a scoring job to ``queue``."""
-    app.send_task(RUN_SHARD, args=[job_id, index], queue=queue)
+def send_shard(app: Celery, job_id: str, index: int, queue: str, priority: str) -> None:
+    """Publish one shard of a scoring job to ``queue``, with its job's priority."""
+    app.send_task(RUN_SHARD, args=[job_id, index], queue=queue, priority=PRIORITIES[priority])
 
 
 Waiting = set[tuple[str, ...]]  # ("job", id) and ("shard", id, index) of waiting messages
@@ -98,9 +102,14 @@ def waiting_messages(app: Celery, queue: str) -> Waiting | None:
     with app.connection_for_write() as connection:
         if connection.transport.driver_type != "redis":
             return None
-        client = connection.default_channel.client
+        channel = connection.default_channel
+        raws = [
+            raw
+            for step in PRIORITY_STEPS
+            for raw in channel.client.lrange(channel._q_for_pri(queue, step), 0, -1)
+        ]
         waiting: Waiting = set()
-        for raw in client.lrange(queue, 0, -1):
+        for raw in raws:
             message = json.loads(raw)
             body = message.get("body", "")
             if message.get("properties", {}).get("body_encoding") == "base64":

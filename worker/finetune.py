@@ -28,10 +28,12 @@ from tuneq.worker.models import (
     load_tokenizer,
     resolve_model_source,
 )
+from tuneq.worker.plots import write_plots
 from tuneq.worker.vocabulary import unknown_share, vocabulary_warning
 
 Progress = Callable[[dict[str, Any]], None]
 MANIFEST = "tuneq.json"
+CURVES = ("loss_curve", "eval_curve")
 TRAINER_DIR = ".trainer"
 
 
@@ -109,8 +111,8 @@ def finetune(
         report({"phase": "tokenizing"})
         train_set = tokenize(tokenizer, data.train, spec.max_length)
         eval_set = tokenize(tokenizer, data.eval, spec.max_length, sort_by_length=True)
-    trainer, loss_curve = build_trainer(
-        spec, model, tokenizer, train_set, out_dir, report, checkpoint_dir
+    trainer, curves = build_trainer(
+        spec, model, tokenizer, train_set, eval_set, out_dir, report, checkpoint_dir
     )
     resume = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
     if resume is not None:
@@ -129,15 +131,19 @@ def finetune(
     metrics = classification_metrics(
         np.argmax(prediction.predictions, axis=-1), prediction.label_ids, data.label_names
     )
+    eval_loss = float(prediction.metrics["test_loss"])
     metrics.update(
-        eval_loss=float(prediction.metrics["test_loss"]),
+        eval_loss=eval_loss,
         train_loss=float(train_output.training_loss),
         train_steps=int(train_output.global_step),
         precision="bf16" if training_bf16(spec.precision) else "fp32",
         train_samples_per_second=float(train_output.metrics.get("train_samples_per_second", 0)),
-        loss_curve=loss_curve,
+        loss_curve=curves.train,
+        eval_curve=[*curves.eval, {"step": train_output.global_step, "loss": round(eval_loss, 5)}],
         data=data.summary,
     )
+    with timer.phase("plots"):
+        metrics["plots"] = write_plots(out_dir, metrics, data.label_names)
     result = FinetuneResult(
         metrics,
         data.label_names,
@@ -178,17 +184,27 @@ def tokenize(
     return ExampleSet(features)
 
 
+@dataclass
+class LossCurves:
+    """Losses logged while training: ``{"step", "loss"}`` points, train and eval."""
+
+    train: list[dict[str, float]] = field(default_factory=list)
+    eval: list[dict[str, float]] = field(default_factory=list)
+
+
 def build_trainer(
     spec: FinetuneSpec,
     model: Any,
     tokenizer: Any,
     train_set: ExampleSet,
+    eval_set: ExampleSet,
     out_dir: Path,
     report: Progress,
     checkpoint_dir: Path | None = None,
-) -> tuple[Any, list[dict[str, float]]]:
-    """A Trainer that reports progress through ``report`` and saves nothing by itself but
-    checkpoints into ``checkpoint_dir``, when given."""
+) -> tuple[Any, LossCurves]:
+    """A Trainer that reports progress through ``report``, evaluates on ``eval_set`` as
+    :class:`EvalSchedule` says, and saves nothing by itself but checkpoints into
+    ``checkpoint_dir``, when given."""
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -205,7 +221,7 @@ def build_trainer(
         seed=spec.seed,
         data_seed=spec.seed,
         train_sampling_strategy="group_by_length",
-        eval_strategy="no",
+        eval_strategy="no",  # EvalSchedule decides when
         save_strategy="steps" if checkpoints else "no",
         save_steps=spec.checkpoint_steps or 500,
         save_total_limit=2,
@@ -218,17 +234,43 @@ def build_trainer(
         optim="adamw_torch_fused",  # one kernel for all parameters: AdamW took a fifth of a step
         dataloader_num_workers=0,
     )
-    loss_curve: list[dict[str, float]] = []
+    curves = LossCurves()
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_set,
+        eval_dataset=eval_set,
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
-        callbacks=[ProgressCallback(report, loss_curve), CheckpointMarker()],
+        callbacks=[
+            ProgressCallback(report, curves),
+            EvalSchedule(spec.eval_steps),
+            CheckpointMarker(),
+        ],
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to the job row, not to stdout
-    return trainer, loss_curve
+    return trainer, curves
+
+
+class EvalSchedule(TrainerCallback):  # type: ignore[misc]
+    """Evaluates at the end of every epoch but the last, and every ``every`` steps when set:
+    the points of the eval-loss curve. The final evaluation, after training, is the job's own."""
+
+    def __init__(self, every: int | None) -> None:
+        self.every = every
+        self.evaluated_at = -1
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = state.global_step
+        if self.every and step % self.every == 0 and step < state.max_steps:
+            control.should_evaluate = True
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.evaluated_at < state.global_step < state.max_steps:
+            control.should_evaluate = True
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.evaluated_at = state.global_step
 
 
 COMPLETE_MARKER = "tuneq-complete"
@@ -257,20 +299,21 @@ def latest_checkpoint(folder: Path) -> Path | None:
 class ProgressCallback(TrainerCallback):  # type: ignore[misc]
     """Reports steps and losses to tuneq while the Trainer runs."""
 
-    def __init__(self, report: Progress, loss_curve: list[dict[str, float]]) -> None:
+    def __init__(self, report: Progress, curves: LossCurves) -> None:
         self.report = report
-        self.loss_curve = loss_curve
+        self.curves = curves
         self.started = time.monotonic()
         self.first_step = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.started = time.monotonic()
         self.first_step = state.global_step  # above 0 when resumed from a checkpoint
-        self.loss_curve[:] = [
-            {"step": log["step"], "loss": round(float(log["loss"]), 5)}
-            for log in state.log_history
-            if "loss" in log and "step" in log
-        ]
+        for key, curve in (("loss", self.curves.train), ("eval_loss", self.curves.eval)):
+            curve[:] = [
+                {"step": log["step"], "loss": round(float(log[key]), 5)}
+                for log in state.log_history
+                if key in log and "step" in log
+            ]
         self.report({"phase": "training", "step": 0, "total": state.max_steps})
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -284,16 +327,15 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
                 "step": step,
                 "total": total,
                 "epoch": round(float(state.epoch or 0), 3),
-                "loss": self.loss_curve[-1]["loss"] if self.loss_curve else None,
+                "loss": self.curves.train[-1]["loss"] if self.curves.train else None,
                 "eta_s": round(eta, 1) if eta is not None else None,
             }
         )
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        if logs and "loss" in logs:
-            self.loss_curve.append(
-                {"step": state.global_step, "loss": round(float(logs["loss"]), 5)}
-            )
+        for key, curve in (("loss", self.curves.train), ("eval_loss", self.curves.eval)):
+            if logs and key in logs:
+                curve.append({"step": state.global_step, "loss": round(float(logs[key]), 5)})
 
 
 def write_manifest(
@@ -308,8 +350,8 @@ def write_manifest(
         "base_model": spec.model,
         "spec": spec.model_dump(mode="json"),
         "labels": result.label_names,
-        "metrics": {k: v for k, v in result.metrics.items() if k != "loss_curve"},
-        "loss_curve": result.metrics.get("loss_curve", []),
+        "metrics": {k: v for k, v in result.metrics.items() if k not in CURVES},
+        **{key: result.metrics.get(key, []) for key in CURVES},
         "data_fingerprint": data.fingerprint,
         "phases": result.phases,
         "versions": {

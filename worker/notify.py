@@ -1,4 +1,5 @@
-"""Telling someone a job ended: a JSON summary POSTed to the URL its spec names.
+"""Telling someone a job ended: a JSON summary POSTed to the URL its spec names, and a group's
+summary to the group's URL once all of its jobs have ended.
 
 Sent once, by whoever made the final transition (each is a compare-and-set, so only one
 process can); a failed notification is recorded on the job and never fails it.
@@ -15,12 +16,13 @@ from typing import Any
 from sqlalchemy import Engine
 
 from tuneq.schemas.specs import parse_spec
-from tuneq.schemas.tables import Job
+from tuneq.schemas.tables import Job, JobGroup
 from tuneq.worker import store
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_S = 10.0
+GROUP_COUNTS = ("succeeded", "failed", "cancelled")
 SUMMARY_METRICS = ("accuracy", "macro_f1", "eval_loss", "rows", "empty_rows", "rows_per_second")
 
 
@@ -51,19 +53,51 @@ def post_json(url: str, payload: dict[str, Any]) -> None:
         response.read()
 
 
+def group_summary(engine: Engine, group: JobGroup) -> dict[str, Any]:
+    """What a group's notification says: how its jobs ended, and its runs best first."""
+    from tuneq.worker.sweep import compare_rows
+
+    runs = compare_rows(engine, group.id)
+    counts = {status: sum(run["status"] == status for run in runs) for status in GROUP_COUNTS}
+    return {
+        "group": group.id,
+        "jobs": group.size,
+        **counts,
+        "best": runs[0] if runs and runs[0]["status"] == "succeeded" else None,
+        "runs": runs,
+        "finished_at": group.notified_at.isoformat() if group.notified_at else None,
+    }
+
+
+def send(engine: Engine, job: Job, url: str, payload: dict[str, Any], what: str) -> None:
+    """POST ``payload`` and record on ``job`` whether it arrived."""
+    try:
+        post_json(url, payload)
+        kind, message = "notified", f"posted the {what} to {url}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        kind, message = "warning", f"could not post the {what} to {url}: {exc}"
+    store.add_event(engine, job_id=job.id, attempt=job.attempt, kind=kind, message=message)
+
+
 def notify_end(engine: Engine, job_id: str) -> None:
-    """POST job ``job_id``'s summary to its spec's ``notify`` URL, if any; record the outcome.
-    Never raises: the job has ended whatever happens here."""
+    """POST job ``job_id``'s summary to its spec's ``notify`` URL, if any; when it was the last
+    of its group to end, the group's summary to the group's URL. Never raises: the job has
+    ended whatever happens here."""
     try:
         job = store.get_job(engine, job_id)
         url = parse_spec(job.spec).notify
-        if not url:
-            return
-        try:
-            post_json(url, summary(engine, job))
-            kind, message = "notified", f"posted the summary to {url}"
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            kind, message = "warning", f"could not notify {url}: {exc}"
-        store.add_event(engine, job_id=job.id, attempt=job.attempt, kind=kind, message=message)
+        if url:
+            send(engine, job, url, summary(engine, job), "summary")
+        group = (
+            store.claim_group_notification(engine, group_id=job.group_id) if job.group_id else None
+        )
+        if group is not None and group.notify:
+            send(
+                engine,
+                job,
+                group.notify,
+                group_summary(engine, group),
+                f"summary of group {group.id}",
+            )
     except Exception:
         log.exception("notifying the end of job %s failed", job_id)

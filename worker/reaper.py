@@ -24,8 +24,8 @@ from tuneq.worker.notify import notify_end
 
 log = logging.getLogger(__name__)
 
-PublishJob = Callable[[str, str], None]  # job id, queue
-PublishShard = Callable[[str, int, str], None]  # job id, shard index, queue
+PublishJob = Callable[[str, str, str], None]  # job id, queue, priority
+PublishShard = Callable[[str, int, str, str], None]  # job id, shard index, queue, priority
 WaitingIn = Callable[[str], Waiting | None]  # queue -> messages it holds, if the broker can tell
 
 
@@ -57,7 +57,7 @@ def reap(
             attempt=job.attempt,
             reason=f"worker {job.worker} lost (no heartbeat); requeued",
         ):
-            publish_job(job.id, job.queue)
+            publish_job(job.id, job.queue, store.priority_of(job))
             actions.append(f"requeued job {job.id} after attempt {job.attempt}")
     for shard in store.stale_shards(engine, before=stale):
         job = store.get_job(engine, shard.job_id)
@@ -69,7 +69,7 @@ def reap(
         elif store.requeue_shard(
             engine, job_id=shard.job_id, index=shard.index, attempt=shard.attempt
         ):
-            publish_shard(shard.job_id, shard.index, job.queue)
+            publish_shard(shard.job_id, shard.index, job.queue, store.priority_of(job))
             actions.append(f"requeued shard {shard.job_id}/{shard.index}")
     unclaimed = now - timedelta(seconds=settings.requeue_after_s)
     waiting: dict[str, Waiting | None] = {}
@@ -85,14 +85,15 @@ def reap(
         if not lost(job.queue, ("job", job.id)):
             store.mark_published(engine, job_id=job.id)  # still waiting its turn: look later
         elif store.mark_published(engine, job_id=job.id, before=unclaimed):
-            publish_job(job.id, job.queue)
+            publish_job(job.id, job.queue, store.priority_of(job))
             actions.append(f"published job {job.id} again")
-    for shard, queue in store.unclaimed_shards(engine, before=unclaimed):
+    for shard, owner in store.unclaimed_shards(engine, before=unclaimed):
         key = ("shard", shard.job_id, str(shard.index))
+        queue = owner.queue
         if not lost(queue, key):
             store.mark_published(engine, job_id=shard.job_id, index=shard.index)
         elif store.mark_published(engine, job_id=shard.job_id, index=shard.index, before=unclaimed):
-            publish_shard(shard.job_id, shard.index, queue)
+            publish_shard(shard.job_id, shard.index, queue, store.priority_of(owner))
             actions.append(f"published shard {shard.job_id}/{shard.index} again")
     for action in actions:
         log.warning("reaper: %s", action)

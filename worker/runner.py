@@ -58,7 +58,8 @@ class ProgressRecorder:
                 self.lease.check()
 
 
-PublishShard = Callable[[int, str], None]  # shard index, queue
+PublishShard = Callable[[int, str, str], None]  # shard index, queue, priority
+PublishJob = Callable[[str, str, str], None]  # job id, queue, priority
 
 
 def run_job(
@@ -245,7 +246,7 @@ def start_scoring(
         return "lost"
     queue = store.get_job(engine, job_id).queue
     for index in range(len(staged.shard_sizes)):
-        publish_shard(index, queue)
+        publish_shard(index, queue, spec.priority)
     return "running"
 
 
@@ -349,7 +350,7 @@ def cancel_job(settings: Settings, job_id: str) -> str:
     return job.id
 
 
-def retry_job(settings: Settings, job_id: str, publish_job: Callable[[str, str], None]) -> str:
+def retry_job(settings: Settings, job_id: str, publish_job: PublishJob) -> str:
     """Queue a failed or cancelled job again, from the start, under the same id."""
     engine = get_engine(settings.database_url)
     job = store.get_job(engine, job_id)
@@ -359,5 +360,5 @@ def retry_job(settings: Settings, job_id: str, publish_job: Callable[[str, str],
     ):
         current = store.get_job(engine, job.id).status
         raise JobStateError(f"job {job.id} is {current}; only failed or cancelled jobs retry")
-    publish_job(job.id, job.queue)
+    publish_job(job.id, job.queue, store.priority_of(job))
     return job.id

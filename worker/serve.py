@@ -74,8 +74,10 @@ def run_worker(
         )
         start_reaper(
             settings,
-            publish_job=lambda job_id, queue: send_job(app, job_id, queue),
-            publish_shard=lambda job_id, index, queue: send_shard(app, job_id, index, queue),
+            publish_job=lambda job_id, queue, priority: send_job(app, job_id, queue, priority),
+            publish_shard=lambda job_id, index, queue, priority: send_shard(
+                app, job_id, index, queue, priority
+            ),
             waiting_in=lambda queue: waiting_messages(app, queue),
             heartbeat=lambda: registry.beat(engine, name=name),
         )

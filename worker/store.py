@@ -19,8 +19,10 @@ from sqlalchemy.orm import Session
 from tuneq.schemas.errors import JobNotFound, ModelNotFound
 from tuneq.schemas.specs import JobSpec
 from tuneq.schemas.tables import (
+    FINISHED,
     Job,
     JobEvent,
+    JobGroup,
     JobStatus,
     Model,
     ModelTag,
@@ -66,6 +68,40 @@ def create_job(engine: Engine, *, spec: JobSpec, group_id: str | None = None) ->
         session.add(job)
         session.add(JobEvent(job_id=job.id, attempt=0, kind="queued", message="job queued"))
     return job
+
+
+def create_group(engine: Engine, *, group_id: str, size: int, notify: str | None) -> JobGroup:
+    """Record a group of ``size`` jobs about to be submitted (a sweep)."""
+    group = JobGroup(id=group_id, size=size, notify=notify, created_at=utcnow())
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        session.add(group)
+    return group
+
+
+def claim_group_notification(engine: Engine, *, group_id: str) -> JobGroup | None:
+    """The group, if every one of its jobs has ended and nobody has claimed its notification
+    yet; a compare-and-set, so of the processes finishing its last jobs exactly one gets it."""
+    ended = (
+        select(func.count())
+        .select_from(Job)
+        .where(Job.group_id == group_id, Job.status.in_([s.value for s in FINISHED]))
+        .scalar_subquery()
+    )
+    claim = (
+        update(JobGroup)
+        .where(JobGroup.id == group_id, JobGroup.notified_at.is_(None), JobGroup.size == ended)
+        .values(notified_at=utcnow())
+    )
+    with engine.begin() as conn:
+        if conn.execute(claim).rowcount != 1:
+            return None
+    with Session(engine) as session:
+        return session.get(JobGroup, group_id)
+
+
+def priority_of(job: Job) -> str:
+    """The job's place in its queue: high, normal or low (jobs from before priorities: normal)."""
+    return str(job.spec.get("priority") or "normal")
 
 
 def get_job(engine: Engine, job_id: str) -> Job:
@@ -654,10 +690,10 @@ def unclaimed_jobs(engine: Engine, *, before: datetime) -> list[Job]:
         return list(session.scalars(query))
 
 
-def unclaimed_shards(engine: Engine, *, before: datetime) -> list[tuple[Shard, str]]:
-    """Queued shards of running jobs published before ``before``, with their job's queue."""
+def unclaimed_shards(engine: Engine, *, before: datetime) -> list[tuple[Shard, Job]]:
+    """Queued shards of running jobs published before ``before``, with their job."""
     query = (
-        select(Shard, Job.queue)
+        select(Shard, Job)
         .join(Job, Job.id == Shard.job_id)
         .where(
             Job.status == JobStatus.running.value,
@@ -666,4 +702,4 @@ def unclaimed_shards(engine: Engine, *, before: datetime) -> list[tuple[Shard, s
         )
     )
     with Session(engine) as session:
-        return [(shard, queue) for shard, queue in session.execute(query).all()]
+        return [(shard, job) for shard, job in session.execute(query).all()]

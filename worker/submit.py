@@ -41,7 +41,7 @@ def submit_job(settings: Settings, spec: JobSpec, *, group_id: str | None = None
     job = store.create_job(engine, spec=spec, group_id=group_id)
     app = create_app(settings)
     try:
-        send_job(app, job.id, job.queue)
+        send_job(app, job.id, job.queue, spec.priority)
     except Exception as exc:  # kombu raises OperationalError, ConnectionError, …
         store.fail_unsent(engine, job_id=job.id, error=f"broker unreachable: {exc}")
         raise BrokerUnavailable(
@@ -59,6 +59,8 @@ def retry(settings: Settings, job_id: str) -> str:
 
     app = create_app(settings)
     try:
-        return retry_job(settings, job_id, lambda job, queue: send_job(app, job, queue))
+        return retry_job(
+            settings, job_id, lambda job, queue, priority: send_job(app, job, queue, priority)
+        )
     finally:
         app.close()

@@ -9,16 +9,21 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from tuneq.schemas.errors import ConfigError
-from tuneq.schemas.specs import FinetuneSpec
+from sqlalchemy import Engine
 
-SWEEP_KEYS = ("name", "base", "grid", "data")
+from tuneq.schemas.errors import ConfigError, JobNotFound
+from tuneq.schemas.specs import FinetuneSpec, check_notify_url
+from tuneq.worker import store
+
+SWEEP_KEYS = ("name", "base", "grid", "data", "notify")
+METRIC_COLUMNS = ("accuracy", "macro_f1", "eval_loss")
 
 
 @dataclass(frozen=True)
 class Sweep:
     group_id: str
     runs: list[dict[str, Any]]  # spec fields, one mapping per job
+    notify: str | None = None  # URL for the group's summary once every job has ended
 
 
 def expand(document: dict[str, Any], default_name: str) -> Sweep:
@@ -49,7 +54,14 @@ def expand(document: dict[str, Any], default_name: str) -> Sweep:
         for values in itertools.product(*grid.values())
     ]
     stem = re.sub(r"[^a-z0-9-]+", "-", str(document.get("name") or default_name).lower()).strip("-")
-    return Sweep(group_id=f"{stem or 'sweep'}-{uuid.uuid4().hex[:6]}", runs=runs)
+    notify = document.get("notify")
+    if notify is not None:
+        try:
+            check_notify_url(str(notify))
+        except ValueError as exc:
+            raise ConfigError(f"notify {exc}") from None
+    group_id = f"{stem or 'sweep'}-{uuid.uuid4().hex[:6]}"
+    return Sweep(group_id=group_id, runs=runs, notify=str(notify) if notify else None)
 
 
 def varied_fields(specs: list[dict[str, Any]]) -> list[str]:
@@ -59,3 +71,28 @@ def varied_fields(specs: list[dict[str, Any]]) -> list[str]:
     return [
         key for key in order if key in keys and len({repr(spec.get(key)) for spec in specs}) > 1
     ]
+
+
+def compare_rows(engine: Engine, group_id: str) -> list[dict[str, Any]]:
+    """The group's jobs, best first (succeeded ones by accuracy, then the rest): the fields
+    that vary between them, their metrics, train seconds and model."""
+    jobs = store.list_jobs(engine, group_id=group_id, limit=10_000)
+    if not jobs:
+        raise JobNotFound(f"no jobs in group {group_id!r}; `tuneq sweep FILE` starts one")
+    varied = varied_fields([job.spec for job in jobs])
+    rows = []
+    for job in jobs:
+        metrics = job.metrics or {}
+        model = store.job_model(engine, job)
+        rows.append(
+            {
+                "job": job.id,
+                "status": job.status,
+                **{key: job.spec.get(key) for key in varied},
+                **{key: metrics.get(key) for key in METRIC_COLUMNS},
+                "train_s": (metrics.get("phases") or {}).get("train"),
+                "model": f"{model.name}:{model.version}" if model else None,
+            }
+        )
+    rows.sort(key=lambda r: (r["status"] != "succeeded", -(r["accuracy"] or 0.0), r["job"]))
+    return rows

@@ -1,0 +1,186 @@
+"""What is ahead of a queued job, and when it should start and end.
+
+Durations come from measured throughput: finished fine-tunes give seconds per training example
+and epoch (per base model where there are some, else over all), finished scoring jobs of a
+model their median wall time. The queue is then played forward over the live worker processes
+that listen on it: running jobs first (their own progress ETA), then the queued jobs in the
+order the broker hands them out (priority, then arrival).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from tuneq.schemas.tables import Job, JobStatus, utcnow
+from tuneq.worker import registry, store
+
+PRIORITY_ORDER = {"high": 0, "normal": 1, "low": 2}
+HISTORY = 200  # finished jobs looked at, newest first
+WAITING = (JobStatus.queued.value, JobStatus.retrying.value)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A job's place in its queue and its expected start and duration (``None``: unknown)."""
+
+    job_id: str
+    queue: str
+    priority: str
+    position: int  # 0 while running; 1 for the next job to start, and so on
+    start_in_s: float | None
+    duration_s: float | None
+    basis: str  # where the duration comes from, or why there is none
+
+    @property
+    def end_in_s(self) -> float | None:
+        if self.start_in_s is None or self.duration_s is None:
+            return None
+        return self.start_in_s + self.duration_s
+
+
+@dataclass
+class Throughput:
+    """Finished jobs' measurements, from which a job's duration is estimated."""
+
+    finetune_s_per_example: dict[str, list[float]]  # base model -> s per example-epoch
+    train_rows: dict[str, int]  # data path -> rows last trained on
+    score_seconds: dict[str, list[float]]  # model reference -> wall seconds
+
+    def duration(self, job: Job) -> tuple[float | None, str]:
+        """Expected wall seconds of ``job`` and how that was worked out."""
+        spec = job.spec
+        if job.kind == "score":
+            runs = self.score_seconds.get(str(spec.get("model")), [])
+            if not runs:
+                return None, f"no finished scoring job of {spec.get('model')} to go by"
+            return statistics.median(runs), f"median of {len(runs)} scoring jobs of that model"
+        rows = spec.get("train_size") or self.train_rows.get(str(spec.get("data")))
+        if not rows:
+            return None, "the training data's size is not known until it is read"
+        model = str(spec.get("model"))
+        samples = self.finetune_s_per_example.get(model)
+        scope = f"of {model}"
+        if not samples:
+            samples = [s for values in self.finetune_s_per_example.values() for s in values]
+            scope = "of any model"
+        if not samples:
+            return None, "no finished fine-tune to go by"
+        rate = statistics.median(samples)
+        epochs = float(spec.get("epochs") or 1.0)
+        count = f"{len(samples)} fine-tune{'s' if len(samples) != 1 else ''} {scope}"
+        return rows * epochs * rate, f"{rate:.3g} s per example and epoch, from {count}"
+
+
+def measured_throughput(engine: Engine) -> Throughput:
+    """Throughput of the newest ``HISTORY`` succeeded jobs."""
+    query = (
+        select(Job)
+        .where(Job.status == JobStatus.succeeded.value, Job.started_at.is_not(None))
+        .order_by(Job.finished_at.desc())
+        .limit(HISTORY)
+    )
+    with Session(engine) as session:
+        finished = list(session.scalars(query))
+    per_example: dict[str, list[float]] = {}
+    rows: dict[str, int] = {}
+    scoring: dict[str, list[float]] = {}
+    for job in finished:
+        seconds = wall_seconds(job)
+        metrics = job.metrics or {}
+        if seconds is None:
+            continue
+        if job.kind == "score":
+            scoring.setdefault(str(job.spec.get("model")), []).append(seconds)
+            continue
+        train_rows = (metrics.get("data") or {}).get("train_rows")
+        if not train_rows:
+            continue
+        rows.setdefault(str(job.spec.get("data")), int(train_rows))
+        epochs = float(job.spec.get("epochs") or 1.0)
+        per_example.setdefault(str(job.spec.get("model")), []).append(
+            seconds / (train_rows * epochs)
+        )
+    return Throughput(per_example, rows, scoring)
+
+
+def wall_seconds(job: Job) -> float | None:
+    if job.started_at is None or job.finished_at is None:
+        return None
+    return (store.aware(job.finished_at) - store.aware(job.started_at)).total_seconds()
+
+
+def queue_estimates(
+    engine: Engine, *, interval_s: float, now: datetime | None = None
+) -> list[Estimate]:
+    """Every running and waiting job, queue by queue, in the order they will run."""
+    now = now or utcnow()
+    with Session(engine) as session:
+        active = list(
+            session.scalars(select(Job).where(Job.status.in_([*WAITING, JobStatus.running.value])))
+        )
+    processes: dict[str, int] = {}
+    for live in registry.live_workers(engine, interval_s=interval_s, now=now):
+        for queue in live.worker.queues:
+            processes[queue] = processes.get(queue, 0) + live.worker.concurrency
+    throughput = measured_throughput(engine)
+    estimates: list[Estimate] = []
+    for queue in sorted({job.queue for job in active}):
+        jobs = [job for job in active if job.queue == queue]
+        estimates += play_queue(queue, jobs, processes.get(queue, 0), throughput, now)
+    return estimates
+
+
+def play_queue(
+    queue: str, jobs: list[Job], processes: int, throughput: Throughput, now: datetime
+) -> list[Estimate]:
+    """Run ``queue`` forward on ``processes`` slots: each job starts when a slot frees up."""
+    running = [job for job in jobs if job.status == JobStatus.running.value]
+    waiting = sorted(
+        (job for job in jobs if job.status in WAITING),
+        key=lambda job: (
+            PRIORITY_ORDER.get(store.priority_of(job), 1),
+            store.aware(job.created_at),
+        ),
+    )
+    slots: list[float | None] = []
+    estimates = []
+    for job in running:
+        remaining, basis = remaining_seconds(job, throughput, now)
+        slots.append(remaining)
+        estimates.append(Estimate(job.id, queue, store.priority_of(job), 0, 0.0, remaining, basis))
+    slots += [0.0] * max(0, processes - len(slots))
+    for position, job in enumerate(waiting, start=1):
+        duration, basis = throughput.duration(job)
+        if not processes:
+            estimates.append(
+                Estimate(job.id, queue, store.priority_of(job), position, None, duration,
+                         f"no live worker listens on queue {queue}")
+            )  # fmt: skip
+            continue
+        known = [slot for slot in slots if slot is not None]
+        start = min(known) if len(known) == len(slots) else None
+        estimates.append(
+            Estimate(job.id, queue, store.priority_of(job), position, start, duration, basis)
+        )
+        if start is not None:
+            index = slots.index(start)
+            slots[index] = start + duration if duration is not None else None
+    return estimates
+
+
+def remaining_seconds(job: Job, throughput: Throughput, now: datetime) -> tuple[float | None, str]:
+    """How long a running job has left: its own progress ETA, else expected minus elapsed."""
+    progress: dict[str, Any] = job.progress or {}
+    if progress.get("eta_s") is not None:
+        return float(progress["eta_s"]), "the job's own progress"
+    duration, basis = throughput.duration(job)
+    if duration is None or job.started_at is None:
+        return None, basis
+    elapsed = (now - store.aware(job.started_at)).total_seconds()
+    return max(0.0, duration - elapsed), basis
