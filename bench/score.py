@@ -25,7 +25,7 @@ from common import (  # noqa: E402
     machine,
     matmul_flops_per_second,
     run_job,
-    tuneq_worker,
+    tuneq_workers,
     write_result,
 )
 
@@ -63,14 +63,21 @@ def pipeline_run(folder: str, texts: list[str], batch_size: int) -> tuple[list[s
 
 
 def tuneq_job(
-    folder: str, source: Path, output: Path, precision: str, work: Path
+    folder: str,
+    source: Path,
+    output: Path,
+    precision: str,
+    work: Path,
+    worker_options: tuple[list[str], dict[str, str]] = ([], {}),
 ) -> dict[str, Any]:
-    """A real scoring job: a worker process on the embedded broker, submitted as the CLI does."""
+    """A real scoring job: a worker process on the embedded broker, submitted as the CLI does;
+    ``worker_options`` are its extra ``tuneq worker`` options and environment."""
     from tuneq.schemas.specs import ScoreSpec
     from tuneq.worker.files import iter_batches
 
     work.mkdir(parents=True, exist_ok=True)
-    with tuneq_worker(work, [str(source.parent), folder]) as (settings, _sampler):
+    allowed = [str(source.parent), folder]
+    with tuneq_workers(work, allowed, "bench", [worker_options]) as (settings, _samplers):
         spec = ScoreSpec(
             model=folder,
             model_path=folder,
@@ -82,6 +89,18 @@ def tuneq_job(
         job, wall = run_job(settings, spec)
     labels = [r["label"] for b in iter_batches(output) for r in b.to_pylist()]
     return {"metrics": job.metrics, "wall_from_submit_s": round(wall, 2), "labels": labels}
+
+
+def in_process_classify(folder: str, texts: list[str], precision: str) -> float:
+    """Seconds for tuneq's own batching and forward pass (``classify``) on ``texts`` in this
+    process, model loaded: the job's compute without its staging, queueing and file writing."""
+    from tuneq.worker.predict import classify, load_for_inference
+
+    classifier = load_for_inference(folder, precision)
+    classify(classifier, texts[:8])  # warm up
+    started = time.perf_counter()
+    classify(classifier, texts)
+    return time.perf_counter() - started
 
 
 def agreement(a: list[Any], b: list[Any]) -> float:
@@ -179,6 +198,38 @@ def main() -> None:
             {k: v for k, v in runs[f"tuneq_{precision}"].items() if k != "labels"},
             flush=True,
         )
+    fp32_labels = runs["tuneq_fp32"]["labels"]
+    # The same fp32 job on one worker with two single-threaded processes (shards side by side):
+    # the layout the scaling benchmark found fastest for scoring on this machine.
+    two = tuneq_job(
+        folder,
+        source,
+        work / "out-fp32-2x1.csv",
+        "fp32",
+        work / "run-fp32-2x1",
+        (["--concurrency", "2"], {"TUNEQ_WORKER_THREADS": "1"}),
+    )
+    seconds = two["metrics"]["seconds"]
+    runs["tuneq_fp32_2_processes"] = {
+        "rows_per_s": two["metrics"]["rows_per_second"],
+        "seconds": seconds,
+        "worker": "--concurrency 2, TUNEQ_WORKER_THREADS=1",
+        "labels_agree_with_tuneq_fp32": agreement(two["labels"], fp32_labels),
+        "model_flops_per_s": flops / seconds,
+        "utilisation_of_matmul": flops / seconds / ceiling["fp32"],
+    }
+    print("fp32, 2 processes", runs["tuneq_fp32_2_processes"], flush=True)
+    for precision in ("fp32", "bf16"):
+        seconds = in_process_classify(folder, texts, precision)
+        runs[f"classify_in_process_{precision}"] = {
+            "rows_per_s": len(texts) / seconds,
+            "seconds": seconds,
+            "model_flops_per_s": flops / seconds,
+            "utilisation_of_matmul": flops / seconds / ceiling[precision],
+        }
+        print(precision, "in process", runs[f"classify_in_process_{precision}"], flush=True)
+    ceiling_after = {name: matmul_flops_per_second(name) for name in ("fp32", "bf16")}
+    print(f"matmul ceiling at the end: {ceiling_after}", flush=True)
     pipeline_agree = agreement(labels_b, tutorial_labels)
     truth = [id2label[r["label"]] for r in reviews]
     for name in ("tuneq_fp32", "tuneq_bf16", "tuneq_int8"):
@@ -192,6 +243,7 @@ def main() -> None:
         "model": folder,
         "model_flops": flops,
         "matmul_flops_per_s": ceiling,
+        "matmul_flops_per_s_at_the_end": ceiling_after,
         "pipeline_labels_agree_with_tutorial": pipeline_agree,
         "runs": runs,
         "speedups": {
@@ -199,7 +251,7 @@ def main() -> None:
                 "vs_tutorial": runs[name]["rows_per_s"] / a,
                 "vs_pipeline": runs[name]["rows_per_s"] / b,
             }
-            for name in ("tuneq_fp32", "tuneq_bf16", "tuneq_int8")
+            for name in ("tuneq_fp32", "tuneq_fp32_2_processes", "tuneq_bf16", "tuneq_int8")
         },
         "torch_threads": torch.get_num_threads(),
     }
