@@ -53,6 +53,7 @@ Queue = Annotated[
     str | None,
     Field(description="Worker queue to send the job to; default: chosen by device."),
 ]
+PRIORITY_LEVELS = ("high", "normal", "low")  # the order in which waiting jobs start
 Priority = Annotated[
     Literal["high", "normal", "low"],
     Field(

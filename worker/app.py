@@ -10,6 +10,7 @@ from celery import Celery
 from kombu.transport.sqlalchemy import Transport as SQLAlchemyTransport
 
 from tuneq.schemas.settings import Settings
+from tuneq.schemas.specs import PRIORITY_LEVELS
 from tuneq.worker.registry import pool_process_name
 
 RUN_JOB = "tuneq.run_job"
@@ -20,7 +21,7 @@ VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 # Redis priorities: kombu keeps one list per step and pops the lists in order, 0 first. A
 # message without a priority lands in the first list, so every message carries one.
 PRIORITY_STEPS = [0, 3, 6]
-PRIORITIES = {"high": 0, "normal": 3, "low": 6}
+PRIORITIES = dict(zip(PRIORITY_LEVELS, PRIORITY_STEPS, strict=True))
 
 
 class EmbeddedTransport(SQLAlchemyTransport):  # type: ignore[misc]

@@ -17,10 +17,10 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from tuneq.schemas.specs import PRIORITY_LEVELS
 from tuneq.schemas.tables import Job, JobStatus, utcnow
 from tuneq.worker import registry, store
 
-PRIORITY_ORDER = {"high": 0, "normal": 1, "low": 2}
 HISTORY = 200  # finished jobs looked at, newest first
 WAITING = (JobStatus.queued.value, JobStatus.retrying.value)
 
@@ -144,7 +144,7 @@ def play_queue(
     waiting = sorted(
         (job for job in jobs if job.status in WAITING),
         key=lambda job: (
-            PRIORITY_ORDER.get(store.priority_of(job), 1),
+            PRIORITY_LEVELS.index(store.priority_of(job)),
             store.aware(job.created_at),
         ),
     )

@@ -68,8 +68,9 @@ def build_report(engine: Engine, target: str) -> str:
     """The HTML report of group ``target`` (every job in it, best first) or of job ``target``."""
     jobs = store.list_jobs(engine, group_id=target, limit=10_000)
     if jobs:
-        title, summary = f"Group {target}", group_summary(engine, target)
-        order = {row["job"]: i for i, row in enumerate(compare_rows(engine, target))}
+        rows = compare_rows(engine, target)
+        title, summary = f"Group {target}", group_summary(rows)
+        order = {row["job"]: i for i, row in enumerate(rows)}
         jobs.sort(key=lambda job: order[job.id])
     else:
         try:
@@ -90,9 +91,8 @@ def build_report(engine: Engine, target: str) -> str:
     )
 
 
-def group_summary(engine: Engine, group_id: str) -> str:
-    """The comparison table: the fields that vary, the metrics, best first."""
-    rows = compare_rows(engine, group_id)
+def group_summary(rows: list[dict[str, Any]]) -> str:
+    """The comparison table (``compare_rows``): the fields that vary, the metrics, best first."""
     headers = list(rows[0])
     body = []
     for i, row in enumerate(rows):
