@@ -34,6 +34,7 @@ def report(target: str, output: Path | None) -> None:
 
     page = build_report(engine(), target)
     path = (output or Path(f"tuneq-report-{target}.html")).expanduser().absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(page, encoding="utf-8")
     os.replace(partial, path)  # a reader never sees half a report

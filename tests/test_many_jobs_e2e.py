@@ -101,7 +101,7 @@ def test_a_sweep_runs_every_combination_and_compare_ranks_them(
         }
         assert len(job["metrics"]["eval_curve"]) == 4, "after epochs 1-3, and at the end"
     check_report(env, group, tmp_path / "group.html", [job["id"] for job in shown])
-    check_report(env, shown[0]["id"], tmp_path / "job.html", [shown[0]["id"]])
+    check_report(env, shown[0]["id"], tmp_path / "new" / "job.html", [shown[0]["id"]])
 
     best = f"{shown[0]['model']['name']}:{shown[0]['model']['version']}"
     assert invoke_cli(env, "models", "tag", best, "champion").stdout == (
