@@ -107,6 +107,10 @@ def load_for_inference(
 
         model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     model = model.to(device)
+    if device.type == "cpu" and precision in ("fp32", "bf16"):
+        from tuneq.worker.onednn import pack_linear_layers
+
+        pack_linear_layers(model, torch.float32 if precision == "fp32" else torch.bfloat16)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     return Classifier(model, tokenizer, device, precision, labels)
 
