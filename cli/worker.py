@@ -34,7 +34,8 @@ from tuneq.cli.context import settings
     "--gpu",
     type=click.IntRange(0),
     default=None,
-    help="Use only this GPU (CUDA_VISIBLE_DEVICES), one job at a time, a fresh process per job.",
+    help="Run on this GPU (the Nth that CUDA_VISIBLE_DEVICES allows), one job at a time. "
+    "Without --gpu a worker runs on the CPU and sees no GPU.",
 )
 @click.option("--name", default=None, help="Worker name (default: celery@HOST).")
 @click.option(

@@ -232,6 +232,14 @@ class ScoreSpec(BaseModel):
         None, description="Model folder, resolved when the job is submitted (set by tuneq)."
     )
 
+    @model_validator(mode="after")
+    def _check_int8_device(self) -> ScoreSpec:
+        if self.precision == "int8" and self.device == "gpu":
+            raise ValueError(
+                "int8 scoring runs on a CPU: use precision bf16 on a GPU, or device cpu"
+            )
+        return self
+
     @field_validator("output")
     @classmethod
     def _check_output(cls, value: str) -> str:

@@ -10,11 +10,13 @@ import pytest
 from sqlalchemy import update
 
 from tests.conftest import invoke_cli, queue_name
+from tuneq.schemas.errors import TuneqError
 from tuneq.schemas.settings import Settings, load_settings
 from tuneq.schemas.specs import FinetuneSpec, ScoreSpec
 from tuneq.schemas.tables import Worker, utcnow
 from tuneq.worker import registry, store
 from tuneq.worker.db import get_engine
+from tuneq.worker.serve import visible_devices
 from tuneq.worker.submit import route
 
 
@@ -84,17 +86,51 @@ def test_live_workers_show_what_their_processes_run(settings: Settings) -> None:
     ]
 
 
-def test_a_gpu_worker_sees_one_gpu_and_lists_itself(env, start_worker) -> None:
-    """CUDA_VISIBLE_DEVICES is set before the pool process imports torch; the registry says
-    gpu:N, one process. (On a machine without a GPU, torch then simply finds none.)"""
-    queue = queue_name()
-    worker = start_worker(env, queue, "--gpu", "1", "--concurrency", "3")
+@pytest.mark.parametrize(
+    ("gpu", "given", "visible"),
+    [
+        (None, None, ""),  # a CPU worker sees no GPU
+        (None, "0,1", ""),
+        (1, None, "1"),
+        (1, "5,7", "7"),  # the Nth GPU of a scheduler's allocation
+        (0, " 3 ", "3"),
+    ],
+)
+def test_a_worker_sees_its_own_gpu_or_none(gpu: int | None, given: str | None, visible: str):
+    environ = {} if given is None else {"CUDA_VISIBLE_DEVICES": given}
+    assert visible_devices(gpu, environ) == visible
+
+
+def test_a_gpu_outside_the_allocation_is_refused() -> None:
+    with pytest.raises(TuneqError, match="CUDA_VISIBLE_DEVICES='5,7' lets this process see GPUs 0"):
+        visible_devices(2, {"CUDA_VISIBLE_DEVICES": "5,7"})
+    with pytest.raises(TuneqError, match="no GPU"):
+        visible_devices(0, {"CUDA_VISIBLE_DEVICES": ""})
+
+
+def wait_for_pool(worker) -> str:
     deadline = time.monotonic() + 60
     while b"ready for jobs" not in worker.log.read_bytes():
         assert time.monotonic() < deadline, worker.log.read_text()
         time.sleep(0.2)
-    assert b"CUDA_VISIBLE_DEVICES=1)" in worker.log.read_bytes()
+    return str(worker.log.read_text())
+
+
+def test_a_gpu_worker_sees_one_gpu_and_lists_itself(env, start_worker) -> None:
+    """CUDA_VISIBLE_DEVICES is set before the pool process imports torch; the registry says
+    gpu:N, one process. (On a machine without a GPU, torch then simply finds none.)"""
+    queue = queue_name()
+    allocated = {**env, "CUDA_VISIBLE_DEVICES": "5,7"}
+    worker = start_worker(allocated, queue, "--gpu", "1", "--concurrency", "3")
+    assert "CUDA_VISIBLE_DEVICES=7)" in wait_for_pool(worker)
     [listed] = json.loads(invoke_cli(env, "workers", "--json").stdout)
     assert (listed["queues"], listed["device"], listed["concurrency"]) == ([queue], "gpu:1", 1)
     worker.stop()
     assert invoke_cli(env, "workers").stdout == "no live workers; start one with `tuneq worker`\n"
+
+
+def test_a_cpu_worker_hides_the_gpus(env, start_worker) -> None:
+    worker = start_worker({**env, "CUDA_VISIBLE_DEVICES": "0"}, queue_name())
+    assert "CUDA_VISIBLE_DEVICES=)" in wait_for_pool(worker)
+    [listed] = json.loads(invoke_cli(env, "workers", "--json").stdout)
+    assert listed["device"] == "cpu"

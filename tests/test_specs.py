@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from tuneq.schemas.specs import FinetuneSpec, parse_spec
+from tuneq.schemas.specs import FinetuneSpec, ScoreSpec, parse_spec
 
 
 def test_defaults_are_the_documented_recipe() -> None:
@@ -43,3 +43,11 @@ def test_label_names_need_two_distinct_names() -> None:
 def test_every_field_is_documented() -> None:
     undocumented = [n for n, f in FinetuneSpec.model_fields.items() if not f.description]
     assert undocumented == ["kind"]
+
+
+def test_int8_scoring_is_refused_for_a_gpu() -> None:
+    fields = {"model": "m", "input": "in.csv", "output": "out.csv", "precision": "int8"}
+    with pytest.raises(ValidationError, match="int8 scoring runs on a CPU: use precision bf16"):
+        ScoreSpec(**fields, device="gpu")
+    assert ScoreSpec(**fields, device="cpu").precision == "int8"
+    assert ScoreSpec(**fields).device == "auto"  # routing sends int8 to the cpu queue

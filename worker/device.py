@@ -1,22 +1,28 @@
-"""What arithmetic this machine does fast: the rule behind ``precision: auto``."""
+"""What this machine computes on: the rule behind ``precision: auto``, and GPU memory given
+back between jobs."""
 
 from __future__ import annotations
 
+import gc
+import logging
+import sys
 from functools import cache
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @cache
 def native_bf16() -> bool:
-    """Whether bf16 matmuls run natively here: a CUDA GPU that supports them, or a CPU with
-    AVX512-BF16 or AMX (torch also "supports" bf16 on plain AVX-512, but by emulation, slower
-    than fp32)."""
+    """Whether bf16 matmuls run natively here: a CUDA GPU that computes them (Ampere and
+    later), or a CPU with AVX512-BF16 or AMX. torch also "supports" bf16 by emulation, on plain
+    AVX-512 and on older GPUs, slower than fp32; that does not count."""
     import torch
 
     if torch.cuda.is_available():
-        return bool(torch.cuda.is_bf16_supported())
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:  # not Linux: be conservative
@@ -27,3 +33,21 @@ def native_bf16() -> bool:
 def training_bf16(precision: str) -> bool:
     """Whether a fine-tune with ``precision`` (auto, fp32, bf16) trains under bf16 autocast."""
     return precision == "bf16" or (precision == "auto" and native_bf16())
+
+
+def release_gpu_memory(job_id: str) -> None:
+    """After a fine-tune in a GPU worker's long-lived process: collect what the job left and
+    return the allocator's cached blocks to the GPU, so that the next job, or another process,
+    finds the memory free. Models cached for scoring stay. Does nothing where CUDA never
+    started."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return
+    gc.collect()
+    torch.cuda.empty_cache()
+    log.info(
+        "job %s: GPU memory held after it: %.0f MiB allocated, %.0f MiB reserved",
+        job_id,
+        torch.cuda.memory_allocated() / 2**20,
+        torch.cuda.memory_reserved() / 2**20,
+    )

@@ -3,6 +3,7 @@ no gradients, each model loaded once per process, in fp32, bf16 or int8."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from sqlalchemy import Engine
 from tuneq.schemas.errors import ModelError
 from tuneq.worker.artifacts import exists, fetch_folder, is_uri, join
 from tuneq.worker.store import find_model
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "int8")
 # Texts tokenized per call. A fast tokenizer keeps every truncated text's overflow, offsets and
@@ -112,6 +115,7 @@ def load_for_inference(
 
         pack_linear_layers(model, torch.float32 if precision == "fp32" else torch.bfloat16)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    log.info("loaded %s for %s scoring on %s", folder, precision, device)
     return Classifier(model, tokenizer, device, precision, labels)
 
 

@@ -23,6 +23,7 @@ from tuneq.schemas.specs import FinetuneSpec, ScoreSpec, parse_spec
 from tuneq.schemas.tables import JobStatus, utcnow
 from tuneq.worker import artifacts, store
 from tuneq.worker.db import get_engine
+from tuneq.worker.device import release_gpu_memory
 from tuneq.worker.lease import JobStopped, Lease
 from tuneq.worker.notify import notify_end
 from tuneq.worker.paths import confine_spec
@@ -94,6 +95,7 @@ def run_job(
         return stopped_or_failed(engine, job_id)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        release_gpu_memory(job_id)
 
 
 def stopped_or_failed(engine: Engine, job_id: str) -> str:

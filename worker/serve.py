@@ -6,10 +6,12 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from celery import signals
 
+from tuneq.schemas.errors import TuneqError
 from tuneq.schemas.settings import Settings
 from tuneq.worker import registry
 from tuneq.worker.app import create_app, send_job, send_shard, waiting_messages
@@ -19,6 +21,32 @@ from tuneq.worker.registry import worker_name
 from tuneq.worker.threads import configure_torch, share_of_cores
 
 log = logging.getLogger(__name__)
+
+
+def visible_devices(gpu: int | None, environ: Mapping[str, str]) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for a worker: none for a CPU worker, so that its jobs do not
+    take a GPU that the registry says it does not use; for ``--gpu N``, the Nth of the GPUs
+    this process may see (a scheduler may have set CUDA_VISIBLE_DEVICES to its allocation)."""
+    if gpu is None:
+        return ""
+    if "CUDA_VISIBLE_DEVICES" not in environ:
+        return str(gpu)
+    given = environ["CUDA_VISIBLE_DEVICES"]
+    allowed = [d.strip() for d in given.split(",") if d.strip()]
+    if gpu >= len(allowed):
+        raise TuneqError(
+            f"--gpu {gpu}: CUDA_VISIBLE_DEVICES={given!r} lets this process see "
+            + (f"GPUs 0 to {len(allowed) - 1} only" if allowed else "no GPU")
+        )
+    return allowed[gpu]
+
+
+def nvidia_gpus() -> int:
+    """NVIDIA GPUs the driver lists, read without starting CUDA in this (parent) process."""
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
 
 
 def run_worker(
@@ -34,15 +62,22 @@ def run_worker(
     """Consume ``queues`` until stopped; blocks, then returns the worker's exit code.
 
     Each pool process runs one job at a time. With ``gpu``, the worker sees only that GPU
-    (``CUDA_VISIBLE_DEVICES``, set before any process imports torch), runs one job at a time,
-    and each job gets a fresh process, so that its GPU memory is returned when it ends."""
+    (``CUDA_VISIBLE_DEVICES``, set before any process imports torch) and runs one job at a
+    time; its process stays, so that scoring shards reuse the loaded model, and each fine-tune
+    gives its GPU memory back when it ends. Without, it sees no GPU."""
     logging.basicConfig(level=loglevel, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
+    if "torch" in sys.modules:
+        raise RuntimeError("torch was imported before the worker's GPUs were chosen")
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(gpu, os.environ)
     device = "cpu"
     if gpu is not None:
-        if "torch" in sys.modules:
-            raise RuntimeError("torch was imported before the GPU was chosen")
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        device, concurrency, jobs_per_child = f"gpu:{gpu}", 1, 1
+        device, concurrency = f"gpu:{gpu}", 1
+    elif gpus := nvidia_gpus():
+        log.info(
+            "this machine has %d NVIDIA GPU(s); this worker runs on the CPU only. "
+            "Start `tuneq worker --queues gpu --gpu N` for each GPU to use them",
+            gpus,
+        )
     engine = get_engine(settings.database_url)  # create or migrate the database first
     settings.artifact_dir.mkdir(parents=True, exist_ok=True)
     threads = settings.worker_threads or share_of_cores(concurrency)
