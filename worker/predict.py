@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -135,6 +136,19 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+def attention_backends(device: Any) -> AbstractContextManager[Any]:
+    """On CUDA, attention by any backend but cuDNN's: cuDNN builds a graph for every new shape
+    (on an H200, 5 ms of CPU time for 42 µs of GPU work), and length-sorted batches are nearly
+    all new shapes; bf16 scoring ran 3-4x slower with it."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(
+        [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    )
+
+
 def classify(
     classifier: Classifier,
     texts: list[str],
@@ -154,7 +168,7 @@ def classify(
         encoded += classifier.tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
     probabilities = np.zeros((len(texts), len(classifier.labels)), dtype=np.float32)
     autocast = classifier.precision == "bf16"
-    with torch.inference_mode():
+    with torch.inference_mode(), attention_backends(classifier.device):
         for batch in length_batches([len(ids) for ids in encoded], batch_tokens):
             if on_batch is not None:
                 on_batch()
