@@ -29,22 +29,90 @@ def imdb_reviews(split: str, rows: int, seed: int = 0) -> list[dict[str, Any]]:
     return table.take(order).select(["id", "text", "label"]).to_pylist()
 
 
-def matmul_flops_per_second(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of a large square ``torch.matmul`` in ``dtype_name`` on this machine, now: the
+def matmul_flops_per_second(
+    dtype_name: str, size: int = 2048, repeats: int = 10, device: str = "cpu"
+) -> float:
+    """FLOP/s of a large square ``torch.matmul`` in ``dtype_name`` on ``device``, now: the
     best of three timings, the ceiling the model's own FLOP/s are compared with."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
     torch.matmul(a, b)  # warm up
+    synchronize(device)
     best = float("inf")
     for _ in range(3):
         started = time.perf_counter()
         for _ in range(repeats):
             torch.matmul(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 * repeats / best
+
+
+def synchronize(device: str) -> None:
+    """Wait for the work queued on ``device`` (a GPU runs it asynchronously)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def tutorial_predict(folder: str, texts: list[str], device: str = "cpu") -> tuple[list[int], float]:
+    """The tutorial's predict(): pad every review to 512 tokens, fixed batches of 8, fp32, on
+    ``device``; returns the label ids and the seconds taken (after one warm-up batch)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval().to(device)
+
+    def run(batch_texts: list[str]) -> list[int]:
+        labels: list[int] = []
+        for start in range(0, len(batch_texts), 8):
+            batch = tokenizer(
+                batch_texts[start : start + 8],
+                padding="max_length",
+                truncation=True,
+                max_length=512,
+                return_tensors="pt",
+            ).to(device)
+            with torch.no_grad():
+                labels += model(**batch).logits.argmax(-1).tolist()
+        return labels
+
+    run(texts[:8])  # warm up
+    synchronize(device)
+    started = time.perf_counter()
+    labels = run(texts)
+    synchronize(device)
+    return labels, time.perf_counter() - started
+
+
+def onednn_linear_flops_per_second(
+    dtype_name: str, rows: int = 2048, features: tuple[int, int] = (384, 1536), repeats: int = 20
+) -> float:
+    """FLOP/s of tuneq's oneDNN linear layer (``PackedLinear``) on a ``rows`` × ``features``
+    product in ``dtype_name``, now: MiniLM's widest dense layer at a token budget of 2,048, the
+    best this machine does on the model's own shapes (on AMD CPUs well above ``torch.matmul``,
+    which takes MKL's AVX2 path there)."""
+    import torch
+
+    from tuneq.worker.onednn import PackedLinear
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    layer = PackedLinear(torch.nn.Linear(*features), dtype)
+    x = torch.randn(rows, features[0], dtype=dtype)
+    with torch.inference_mode():
+        layer(x)  # warm up
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            for _ in range(repeats):
+                layer(x)
+            best = min(best, time.perf_counter() - started)
+    return 2 * rows * features[0] * features[1] * repeats / best
 
 
 def encoder_flops(model: Any, lengths: list[int]) -> float:
