@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 
 import click
 
@@ -140,6 +141,8 @@ def start_worker(extra_roots: list[str]) -> subprocess.Popen[bytes]:
     ``extra_roots`` (the data named on the demo's command line)."""
     log = worker_log()
     settings().data_dir.mkdir(parents=True, exist_ok=True)
+    from tuneq.worker.serve import nvidia_gpus
+
     command = [
         sys.executable,
         "-m",
@@ -149,11 +152,19 @@ def start_worker(extra_roots: list[str]) -> subprocess.Popen[bytes]:
         DEMO_QUEUE,
         "--loglevel",
         "WARNING",
+        *gpu_option(os.environ, nvidia_gpus()),
     ]
     roots = [*map(str, settings().allowed_roots), *extra_roots]
     env = {**os.environ, "TUNEQ_ALLOWED_ROOTS": os.pathsep.join(roots)}
     with open(log, "ab") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def gpu_option(environ: Mapping[str, str], gpus: int) -> list[str]:
+    """``--gpu 0`` where the machine has an NVIDIA GPU that CUDA_VISIBLE_DEVICES does not hide
+    (a worker without --gpu runs on the CPU)."""
+    hidden = "CUDA_VISIBLE_DEVICES" in environ and not environ["CUDA_VISIBLE_DEVICES"].strip()
+    return ["--gpu", "0"] if gpus and not hidden else []
 
 
 def worker_log() -> str:

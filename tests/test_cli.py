@@ -121,3 +121,12 @@ def test_db_upgrade(env: dict[str, str]) -> None:
     head = head_revision()
     assert first.exit_code == 0 and f"upgraded from empty to revision {head}" in first.stdout
     assert f"already at revision {head}" in second.stdout
+
+
+def test_the_demo_worker_takes_a_gpu_where_there_is_one() -> None:
+    from tuneq.cli.demo import gpu_option
+
+    assert gpu_option({}, gpus=0) == []
+    assert gpu_option({}, gpus=2) == ["--gpu", "0"]
+    assert gpu_option({"CUDA_VISIBLE_DEVICES": "3"}, gpus=2) == ["--gpu", "0"]  # GPU 3, then
+    assert gpu_option({"CUDA_VISIBLE_DEVICES": ""}, gpus=2) == []  # hidden on purpose
