@@ -141,7 +141,7 @@ def start_worker(extra_roots: list[str]) -> subprocess.Popen[bytes]:
     ``extra_roots`` (the data named on the demo's command line)."""
     log = worker_log()
     settings().data_dir.mkdir(parents=True, exist_ok=True)
-    from tuneq.worker.serve import nvidia_gpus
+    from tuneq.worker.device import nvidia_gpus
 
     command = [
         sys.executable,

@@ -59,7 +59,7 @@ SCORE_ROWS, SHARD_ROWS = 600, 300
 
 class GpuMemory(threading.Thread):
     """Memory in use on CUDA device 0, whoever holds it (``cudaMemGetInfo``), sampled every
-    50 ms: its value before, its peak during a job, and whether it falls back afterwards.
+    50 ms: its value before a job and its peak while the job runs.
 
     Device 0 here is the worker's ``--gpu 0`` as long as CUDA_VISIBLE_DEVICES is unset for
     pytest (a machine of its own)."""

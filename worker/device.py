@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 from functools import cache
 from pathlib import Path
@@ -28,6 +29,15 @@ def native_bf16() -> bool:
     except OSError:  # not Linux: be conservative
         return False
     return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
+def nvidia_gpus() -> int:
+    """NVIDIA GPUs the driver lists, read without importing torch or starting CUDA (a worker's
+    parent process must do neither before it chooses its GPU)."""
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
 
 
 def training_bf16(precision: str) -> bool:

@@ -16,6 +16,7 @@ from tuneq.schemas.settings import Settings
 from tuneq.worker import registry
 from tuneq.worker.app import create_app, send_job, send_shard, waiting_messages
 from tuneq.worker.db import get_engine
+from tuneq.worker.device import nvidia_gpus
 from tuneq.worker.reaper import start_reaper
 from tuneq.worker.registry import worker_name
 from tuneq.worker.threads import configure_torch, share_of_cores
@@ -39,14 +40,6 @@ def visible_devices(gpu: int | None, environ: Mapping[str, str]) -> str:
             + (f"GPUs 0 to {len(allowed) - 1} only" if allowed else "no GPU")
         )
     return allowed[gpu]
-
-
-def nvidia_gpus() -> int:
-    """NVIDIA GPUs the driver lists, read without starting CUDA in this (parent) process."""
-    try:
-        return len(os.listdir("/proc/driver/nvidia/gpus"))
-    except OSError:
-        return 0
 
 
 def run_worker(
