@@ -41,7 +41,9 @@ def spec_options(
         for name, field in reversed(spec_class.model_fields.items()):
             if name in exclude:
                 continue
-            default = "" if field.is_required() else f" [default: {field.default}]"
+            # A None default is described in the field's own help ("default: ...").
+            shown = not field.is_required() and field.default is not None
+            default = f" [default: {field.default}]" if shown else ""
             help_text = (field.description or "") + default
             if field.annotation is bool:
                 flag = option_name(name)

@@ -217,8 +217,11 @@ class ScoreSpec(BaseModel):
         "quantisation (CPU). Check agreement with fp32 before trusting a faster mode.",
     )
     max_length: int = Field(512, ge=8, le=8192, description="Truncate texts to this many tokens.")
-    batch_tokens: int = Field(
-        4096, ge=64, description="Token budget of a batch (rows × padded length)."
+    batch_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="Token budget of a batch (rows × padded length); default 4096 on a CPU, "
+        "32768 on a GPU.",
     )
     trust_remote_code: TrustRemoteCode = False
     shard_rows: int = Field(
