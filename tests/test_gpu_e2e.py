@@ -37,6 +37,7 @@ from tests.conftest import (
     POSITIVE,
     WorkerProcess,
     invoke_cli,
+    save_tiny_bert,
     scoring_input,
     synthetic_reviews,
     write_csv,
@@ -95,24 +96,13 @@ class GpuService:
 def build_tiny_model(folder: Path) -> Path:
     """A 2-layer, 32-wide BERT whose WordPiece vocabulary is the synthetic reviews' words and
     single letters: built offline, no packaged model needed."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+    from transformers import BertTokenizer
 
     letters = list(string.ascii_lowercase)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     words += sorted(set(POSITIVE + NEGATIVE + FILLER)) + letters + [f"##{c}" for c in letters]
     tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(words)})
-    config = BertConfig(
-        vocab_size=len(words),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(folder, tokenizer, len(words))  # ids go up to len(words) - 1
 
 
 @pytest.fixture(scope="module")
