@@ -7,7 +7,8 @@ with a MiniLM-L6-shaped BERT of RANDOM weights (speed only: its labels mean noth
 The model is built from a config (6 layers, 384 wide, 12 heads, 1536 intermediate, as
 all-MiniLM-L6-v2) with a WordPiece vocabulary trained on the reviews themselves, so that nothing
 is downloaded and no model package is needed. Reviews come from a CSV with a ``text`` column,
-by default the first 2,000 IMDB test reviews in .gpucheck/ (see bench/score.py for the CPU
+by default the first 2,000 of ../shared/data/imdb/test.csv.gz; where that folder is missing (a
+GPU machine), pass a slice of it with --data (see bench/score.py for the CPU
 benchmark with a fine-tuned model, whose labels do mean something). Prints one JSON object and
 writes it to --out.
 """
@@ -27,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    REPO,
+    SHARED_DATA,
     encoder_flops,
     machine,
     matmul_flops_per_second,
@@ -35,7 +36,7 @@ from common import (  # noqa: E402
     tutorial_predict,
 )
 
-DEFAULT_DATA = REPO / ".gpucheck" / "imdb-test-2000.csv.gz"
+DEFAULT_DATA = SHARED_DATA / "imdb" / "test.csv.gz"
 RANDOM_WEIGHTS = "RANDOM WEIGHTS: a speed measurement only; the labels mean nothing"
 MINILM_L6 = {
     "hidden_size": 384,
