@@ -56,8 +56,15 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
 )
 @click.option("--train-size", default=1000, show_default=True, help="Training reviews.")
 @click.option("--eval-size", default=400, show_default=True, help="Evaluation reviews.")
-@click.option("--epochs", default=1.0, show_default=True, help="Training epochs.")
-@click.option("--max-length", default=256, show_default=True, help="Tokens kept per review.")
+@click.option(
+    "--epochs", type=float, default=None, help="Training epochs; default: a fine-tune's (3)."
+)
+@click.option(
+    "--max-length",
+    type=int,
+    default=None,
+    help="Tokens kept per review; default: a fine-tune's (fitted to the data, at most 256).",
+)
 @click.option(
     "--name", default="imdb-sentiment", show_default=True, help="Name to register the model under."
 )
@@ -66,8 +73,8 @@ def demo(
     model: str,
     train_size: int,
     eval_size: int,
-    epochs: float,
-    max_length: int,
+    epochs: float | None,
+    max_length: int | None,
     name: str,
 ) -> None:
     """Fine-tune a sentiment classifier on IMDB reviews through a queue and a worker that the
@@ -96,10 +103,9 @@ def demo(
         name=name,
         train_size=train_size,
         eval_size=eval_size,
-        epochs=epochs,
-        max_length=max_length,
         label_names=["negative", "positive"],
         queue=DEMO_QUEUE,
+        **{k: v for k, v in (("epochs", epochs), ("max_length", max_length)) if v is not None},
     )
     from tuneq.worker.artifacts import cache_folder
     from tuneq.worker.predict import model_folder, predict_texts

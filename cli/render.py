@@ -116,6 +116,7 @@ def describe_metrics(metrics: dict[str, Any]) -> list[str]:
         f"  eval loss  {metric(metrics.get('eval_loss'))}",
         f"  train loss {metric(metrics.get('train_loss'))}"
         f"  ({metrics.get('train_steps', '-')} steps)",
+        *describe_model_choice(metrics),
     ]
     per_class = metrics.get("per_class") or {}
     if per_class:
@@ -138,6 +139,24 @@ def describe_metrics(metrics: dict[str, Any]) -> list[str]:
     phases = metrics.get("phases") or {}
     if phases:
         lines.append("  phases     " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()))
+    return lines
+
+
+def describe_model_choice(metrics: dict[str, Any]) -> list[str]:
+    """Which evaluation the registered model is, why training ended, and its calibration."""
+    lines = []
+    training = metrics.get("training")
+    if training:
+        lines.append(
+            f"  kept       step {training['best_step']} of {training['final_step']}, best "
+            f"{training['metric']} {metric(training['best_metric'])}; {training['stop_reason']}"
+        )
+    calibration = metrics.get("calibration")
+    if calibration:
+        lines.append(
+            f"  calibrated temperature {calibration['temperature']:.3g}, ECE "
+            f"{metric(calibration['ece_before'])} -> {metric(calibration['ece_after'])}"
+        )
     return lines
 
 

@@ -26,6 +26,10 @@ class ModelError(TuneqError):
     """A model cannot be found or loaded."""
 
 
+class TrainingDiverged(TuneqError):
+    """A fine-tune ended no better than a constant guess: nothing worth registering."""
+
+
 class JobNotFound(TuneqError):
     """No job has the id that was given."""
 

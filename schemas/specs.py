@@ -96,6 +96,19 @@ class FinetuneSpec(BaseModel):
     columns: Columns = None
     text_column: str = Field("text", description="Column that holds the text.")
     label_column: str = Field("label", description="Column that holds the label (int or string).")
+    eval_text_column: str | None = Field(
+        None,
+        description="Text column of the evaluation data (--eval-data or a test split), where "
+        "it differs from the training data's; default: --text-column.",
+    )
+    eval_label_column: str | None = Field(
+        None,
+        description="Label column of the evaluation data, where it differs; default: "
+        "--label-column.",
+    )
+    encoding: str = Field(
+        "utf-8", description="Text encoding of CSV or TSV training and evaluation files."
+    )
     label_names: list[str] | None = Field(
         None,
         description="Names for integer labels 0, 1, … in order, e.g. negative,positive.",
@@ -108,8 +121,20 @@ class FinetuneSpec(BaseModel):
         description="Evaluate on this many rows (seeded shuffle); default: all, or 20% "
         "held out when there is no evaluation data.",
     )
-    max_length: int = Field(256, ge=8, le=8192, description="Truncate texts to this many tokens.")
-    epochs: float = Field(1.0, gt=0, le=100, description="Training epochs.")
+    max_length: int | None = Field(
+        None,
+        ge=8,
+        le=8192,
+        description="Truncate texts to this many tokens; default: enough for 99% of the "
+        "training texts, at most 256.",
+    )
+    epochs: float = Field(
+        3.0,
+        gt=0,
+        le=100,
+        description="Training epochs (the most, with --patience); the best evaluation's "
+        "weights are kept.",
+    )
     batch_size: int = Field(8, ge=1, le=4096, description="Training batch size.")
     learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak learning rate.")
     warmup: float = Field(
@@ -141,9 +166,19 @@ class FinetuneSpec(BaseModel):
     eval_steps: int | None = Field(
         None,
         ge=1,
-        description="Also evaluate every this many steps, for a finer eval-loss curve (each "
-        "costs one pass over the eval data); default: after each epoch but the last, and at the "
-        "end.",
+        description="Also evaluate every this many steps (each costs one pass over the eval "
+        "data); default: after each epoch. Each evaluation is a candidate for the best model.",
+    )
+    metric: Literal["macro_f1", "accuracy", "loss"] = Field(
+        "macro_f1",
+        description="Evaluation metric that picks the best checkpoint (the one registered) and "
+        "that --patience watches: macro_f1, accuracy, or loss (eval loss, lower is better).",
+    )
+    patience: int | None = Field(
+        None,
+        ge=1,
+        description="Early stopping: stop after this many evaluations in a row without an "
+        "improvement of --metric; default: train every epoch.",
     )
     device: Device = "auto"
     queue: Queue = None

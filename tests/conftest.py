@@ -41,6 +41,11 @@ for key in [k for k in os.environ if k.startswith("TUNEQ_") and not k.startswith
     os.environ.pop(key)  # each test chooses its own settings below
 
 
+# Settings under which the tiny BERT learns the synthetic reviews (a run that learns nothing is
+# refused, not registered).
+LEARNS: dict[str, Any] = {"epochs": 8, "learning_rate": 2e-3, "batch_size": 16}
+
+
 def unavailable(reason: str) -> None:
     """Skip for a missing service or data set, except in CI, where it is a failure."""
     if os.environ.get("CI"):
@@ -240,9 +245,7 @@ def trained_tiny_model(
     from tuneq.worker.finetune import finetune
 
     folder = tmp_path_factory.mktemp("trained-tiny")
-    spec = FinetuneSpec(
-        data=str(reviews_csv), model=str(tiny_model), epochs=8, learning_rate=2e-3, batch_size=16
-    )
+    spec = FinetuneSpec(data=str(reviews_csv), model=str(tiny_model), **LEARNS)
     finetune(spec, folder)
     return folder
 

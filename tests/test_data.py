@@ -166,3 +166,50 @@ def test_selection_picks_what_the_recipes_shuffle_and_select_pick(tmp_path: Path
     )
     assert data.train.texts == splits["train"].shuffle(seed=42).select(range(12))["text"]
     assert data.eval.texts == splits["test"].shuffle(seed=42).select(range(7))["text"]
+
+
+def test_a_latin_1_training_file_reads_with_its_encoding(tmp_path: Path) -> None:
+    path = tmp_path / "avis.csv"
+    rows = [(f"très bon film café {i}", "positive" if i % 2 else "négative") for i in range(20)]
+    body = "".join(f"{text},{label}\n" for text, label in rows)
+    path.write_bytes(("text,label\n" + body).encode("latin-1"))
+    with pytest.raises(DataError, match="--encoding"):
+        load_training_data(spec(path))
+    data = load_training_data(spec(path, encoding="latin-1"))
+    assert data.label_names == ["négative", "positive"]
+    assert sorted(data.train.texts + data.eval.texts) == sorted(t for t, _ in rows)
+
+
+def test_evaluation_data_may_name_its_columns_differently(tmp_path: Path) -> None:
+    """As SST-2's dev file does: ``content`` where the training file has ``sentence``."""
+    train = write_csv(tmp_path / "train.csv", ["sentence", "label"], ROWS)
+    dev = write_csv(tmp_path / "dev.csv", ["content", "polarity"], ROWS[:10])
+    with pytest.raises(DataError, match="no column 'sentence'.*--eval-text-column"):
+        load_training_data(spec(train, eval_data=str(dev), text_column="sentence"))
+    data = load_training_data(
+        spec(
+            train,
+            eval_data=str(dev),
+            text_column="sentence",
+            eval_text_column="content",
+            eval_label_column="polarity",
+        )
+    )
+    assert sorted(data.eval.texts) == sorted(text for text, _ in ROWS[:10])
+    assert len(data.train) == 50 and len(data.eval) == 10
+
+
+def test_sst2_trains_against_its_dev_file() -> None:
+    sst2 = SHARED_DATA / "sst2"
+    if not (sst2 / "dev.tsv").is_file():
+        unavailable(f"{sst2} is missing")
+    data = load_training_data(
+        spec(
+            sst2 / "train.tsv.gz",
+            eval_data=str(sst2 / "dev.tsv"),
+            text_column="sentence",
+            eval_text_column="content",
+            train_size=100,
+        )
+    )
+    assert len(data.eval) == 872 and data.label_names == ["0", "1"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.conftest import LEARNS
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.worker.finetune import MANIFEST, finetune
 from tuneq.worker.predict import predict_texts
@@ -29,6 +30,7 @@ def test_finetune_saves_a_labelled_safetensors_model(
     result = finetune(spec, out, on_progress=progress.append)
 
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
         "config.json",
         "confusion.png",
         "loss.png",
@@ -66,9 +68,10 @@ def test_finetune_saves_a_labelled_safetensors_model(
         "loading data",
         "loading model",
         "tokenizing",
-        "evaluating",
         "saving",
     ]
+    evaluated = [p["step"] for p in progress if p.get("phase") == "evaluating"]
+    assert evaluated == [8, 16, 24, 32, 40, 48, 56, 64], "reported as each evaluation starts"
 
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["labels"] == ["negative", "positive"]
@@ -83,7 +86,7 @@ def test_finetune_saves_a_labelled_safetensors_model(
 def test_the_same_seed_gives_the_same_model(
     tiny_model: Path, reviews_csv: Path, tmp_path: Path
 ) -> None:
-    spec = FinetuneSpec(data=str(reviews_csv), model=str(tiny_model), epochs=1, train_size=64)
+    spec = FinetuneSpec(data=str(reviews_csv), model=str(tiny_model), train_size=120, **LEARNS)
     runs = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
@@ -94,7 +97,11 @@ def test_the_same_seed_gives_the_same_model(
 
 def test_attention_dropout_can_be_set_for_training(tiny_model: Path, reviews_csv: Path, tmp_path):
     spec = FinetuneSpec(
-        data=str(reviews_csv), model=str(tiny_model), attention_dropout=0.0, train_size=40
+        data=str(reviews_csv),
+        model=str(tiny_model),
+        attention_dropout=0.0,
+        train_size=120,
+        **LEARNS,
     )
     finetune(spec, tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -110,7 +117,7 @@ def test_the_same_spec_trains_the_same_model(tiny_model: Path, reviews_csv: Path
     base = tmp_path / "encoder-only"  # like MiniLM: no classification head to start from
     AutoModel.from_pretrained(tiny_model).save_pretrained(base)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(base)
-    spec = FinetuneSpec(data=str(reviews_csv), model=str(base), epochs=1, train_size=40)
+    spec = FinetuneSpec(data=str(reviews_csv), model=str(base), train_size=120, **LEARNS)
     first = finetune(spec, tmp_path / "first")
     torch.rand(1000)  # as a worker process that ran other jobs before would have
     second = finetune(spec, tmp_path / "second")
@@ -118,3 +125,17 @@ def test_the_same_spec_trains_the_same_model(tiny_model: Path, reviews_csv: Path
     assert (tmp_path / "first" / "model.safetensors").read_bytes() == (
         tmp_path / "second" / "model.safetensors"
     ).read_bytes()
+
+
+def test_the_default_length_fits_the_data(tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from tuneq.worker.finetune import choose_max_length
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    short = [f"a short sentence number {i}" for i in range(200)]
+    assert choose_max_length(tokenizer, short) == 16, "no less than 16"
+    tweets = [" ".join(["word"] * (20 + i % 30)) for i in range(200)]
+    assert choose_max_length(tokenizer, tweets) == 56, "99th percentile: 49 words + 2, to 8s"
+    reviews = [" ".join(["word"] * 900) for _ in range(10)]
+    assert choose_max_length(tokenizer, reviews) == 256, "long reviews keep 256"

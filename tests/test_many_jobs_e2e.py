@@ -34,7 +34,7 @@ def tiny_base(tiny_model: Path, reviews_csv: Path, queue: str) -> dict[str, Any]
         "data": str(reviews_csv),
         "model": str(tiny_model),
         "name": "tiny-sweep",
-        "epochs": 4,
+        "epochs": 8,
         "queue": queue,
         "checkpoint_steps": None,
     }
@@ -51,7 +51,7 @@ def test_a_sweep_runs_every_combination_and_compare_ranks_them(
             {
                 "name": "tiny-lr",
                 "base": tiny_base(tiny_model, reviews_csv, queue),
-                "grid": {"learning_rate": [2e-3, 1e-5], "batch_size": [8, 16]},
+                "grid": {"learning_rate": [2e-3, 1e-3], "batch_size": [8, 16]},
             }
         )
     )
@@ -81,7 +81,6 @@ def test_a_sweep_runs_every_combination_and_compare_ranks_them(
     )  # fmt: skip
     compared = invoke_cli(env, "compare", group)
     assert compared.stdout == expected + "\n"
-    assert shown[0]["spec"]["learning_rate"] == 2e-3, "the higher rate learns in 4 epochs"
     assert result.stderr.endswith(expected + "\n"), "--wait ends with the comparison"
     [summary] = Hook.received  # once, for the whole group, when its last job ended
     runs = json.loads(invoke_cli(env, "compare", group, "--json").stdout)
@@ -95,11 +94,14 @@ def test_a_sweep_runs_every_combination_and_compare_ranks_them(
         assert job["metrics"]["plots"] == ["loss.png", "confusion.png"]
         for name in job["metrics"]["plots"]:
             assert (folder / name).read_bytes().startswith(PNG)
-        assert job["metrics"]["eval_curve"][-1] == {
-            "step": job["metrics"]["train_steps"],
-            "loss": round(job["metrics"]["eval_loss"], 5),
-        }
-        assert len(job["metrics"]["eval_curve"]) == 4, "after epochs 1-3, and at the end"
+        assert job["metrics"]["eval_curve"][-1]["step"] == job["metrics"]["train_steps"]
+        [best] = [
+            point
+            for point in job["metrics"]["eval_curve"]
+            if point["step"] == job["metrics"]["training"]["best_step"]
+        ]
+        assert best["loss"] == round(job["metrics"]["eval_loss"], 5), "the best is registered"
+        assert len(job["metrics"]["eval_curve"]) == 8, "after each epoch"
     check_report(env, group, tmp_path / "group.html", [job["id"] for job in shown])
     check_report(env, shown[0]["id"], tmp_path / "new" / "job.html", [shown[0]["id"]])
 
@@ -139,14 +141,15 @@ def check_report(env: dict[str, str], target: str, path: Path, job_ids: list[str
 
 
 def test_high_priority_jobs_start_first_and_the_queue_shows_the_order(
-    env, start_worker, tiny_model: Path, reviews_csv: Path
+    env, start_worker, trained_tiny_model: Path, reviews_csv: Path
 ) -> None:
     """Jobs wait on Redis while no worker listens; the worker then takes them by priority."""
     if not redis_available(REDIS_URL):
         unavailable(f"Redis is not reachable at {REDIS_URL}")
     env = {**env, "TUNEQ_BROKER_URL": REDIS_URL}
     queue = queue_name()
-    base = ["--data", str(reviews_csv), "--model", str(tiny_model), "--queue", queue,
+    # From the model trained on these reviews: a few steps are enough to learn them again.
+    base = ["--data", str(reviews_csv), "--model", str(trained_tiny_model), "--queue", queue,
             "--train-size", "40", "--eval-size", "20"]  # fmt: skip
     ids = {}
     for priority in ("low", "normal", "high", "low"):
@@ -207,11 +210,11 @@ def hook_url() -> Iterator[str]:
 
 
 def test_a_notification_is_posted_when_a_job_ends(
-    env, start_worker, tiny_model: Path, reviews_csv: Path, hook_url: str, tmp_path: Path
+    env, start_worker, trained_tiny_model: Path, reviews_csv: Path, hook_url: str, tmp_path: Path
 ) -> None:
     queue = queue_name()
     start_worker(env, queue)
-    args = ["--model", str(tiny_model), "--queue", queue, "--notify", hook_url, "--wait"]
+    args = ["--model", str(trained_tiny_model), "--queue", queue, "--notify", hook_url, "--wait"]
     done = invoke_cli(env, "finetune", "--data", str(reviews_csv), "--name", "hooked", *args)
     assert done.exit_code == 0, done.output
     missing = tmp_path / "missing.csv"
@@ -241,14 +244,15 @@ def worker_on_shared_data(env: dict[str, str], start_worker, data_set: str) -> t
 
 
 def test_an_english_vocabulary_on_chinese_reviews_warns(env, start_worker) -> None:
-    """MiniLM's uncased English vocabulary on ChnSentiCorp (TSV without a header)."""
+    """MiniLM's uncased English vocabulary on ChnSentiCorp (TSV without a header): a warning
+    as the job starts, and a model that learned nothing is refused, saying why."""
     env, queue = worker_on_shared_data(env, start_worker, "chnsenticorp")
     result = invoke_cli(
         env, "finetune", "--data", str(SHARED_DATA / "chnsenticorp"), "--columns", "text,label",
         "--model", "minilm", "--train-size", "16", "--eval-size", "8", "--max-length", "64",
         "--queue", queue, "--wait",
     )  # fmt: skip
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
     [warning] = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     share = int(warning.split("%")[0].removeprefix("warning: "))
     assert share > 10, warning
@@ -259,15 +263,17 @@ def test_an_english_vocabulary_on_chinese_reviews_warns(env, start_worker) -> No
         "(bert-base-multilingual-cased or xlm-roberta-base)"
     )
     shown = json.loads(invoke_cli(env, "show", result.stdout.strip(), "--json").stdout)
-    assert shown["metrics"]["data"]
+    assert shown["status"] == "failed" and shown["model"] is None
+    assert shown["error"].startswith("training did not learn")
+    assert "Likely why: " in shown["error"] and "unknown to the vocabulary" in shown["error"]
 
 
-def test_three_string_labels_on_xlmt(env, start_worker, tiny_model: Path) -> None:
+def test_three_string_labels_on_xlmt(env, start_worker) -> None:
     env, queue = worker_on_shared_data(env, start_worker, "xlmt")
     result = invoke_cli(
-        env, "finetune", "--data", str(SHARED_DATA / "xlmt"), "--model", str(tiny_model),
+        env, "finetune", "--data", str(SHARED_DATA / "xlmt"), "--model", "minilm",
         "--train-size", "300", "--eval-size", "150", "--max-length", "64", "--queue", queue,
-        "--wait",
+        "--epochs", "2", "--learning-rate", "1e-4", "--wait",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     shown = json.loads(invoke_cli(env, "show", result.stdout.strip(), "--json").stdout)

@@ -112,7 +112,9 @@ def test_cancel_a_queued_job_and_retry_it(fast_env, start_worker, tiny_model, re
     )
 
 
-def test_cancel_a_running_fine_tune(fast_env, start_worker, tiny_model, reviews_csv):
+def test_cancel_a_running_fine_tune(
+    fast_env, start_worker, tiny_model, trained_tiny_model, reviews_csv
+):
     queue = queue_name()
     start_worker(fast_env, queue)
     job_id = submit(fast_env, *finetune_args(queue, reviews_csv, tiny_model, epochs="100"))
@@ -120,7 +122,9 @@ def test_cancel_a_running_fine_tune(fast_env, start_worker, tiny_model, reviews_
     [listed] = json.loads(invoke_cli(fast_env, "workers", "--json").stdout)
     assert (listed["queues"], listed["device"], listed["running"]) == ([queue], "cpu", [job_id])
     invoke_cli(fast_env, "cancel", job_id)
-    quick = submit(fast_env, *finetune_args(queue, reviews_csv, tiny_model, epochs="1"), "--wait")
+    # One epoch: from the model already trained on these reviews, so that it learns in that time
+    quick_args = finetune_args(queue, reviews_csv, trained_tiny_model, epochs="1")
+    quick = submit(fast_env, *quick_args, "--wait")
     assert json.loads(invoke_cli(fast_env, "show", quick, "--json").stdout)["status"] == "succeeded"
     job = json.loads(invoke_cli(fast_env, "show", job_id, "--json").stdout)
     assert job["status"] == "cancelled" and job["model_id"] is None
@@ -180,15 +184,15 @@ def test_cancel_a_queued_scoring_job(fast_env, start_worker, trained_tiny_model,
     assert list_shards(get_engine(fast_env["TUNEQ_DATABASE_URL"]), job_id) == []
 
 
-def test_a_duplicate_delivery_runs_once(fast_env, start_worker, tiny_model, reviews_csv):
+def test_a_duplicate_delivery_runs_once(fast_env, start_worker, trained_tiny_model, reviews_csv):
     queue = queue_name()
-    job_id = submit(fast_env, *finetune_args(queue, reviews_csv, tiny_model))
+    job_id = submit(fast_env, *finetune_args(queue, reviews_csv, trained_tiny_model))
     app = create_app(load_settings(fast_env))
     send_job(app, job_id, queue, "normal")  # the same job id, delivered a second time
     app.close()
     start_worker(fast_env, queue)
     job = wait_for(fast_env, job_id, finished)
-    later = submit(fast_env, *finetune_args(queue, reviews_csv, tiny_model, "1"), "--wait")
+    later = submit(fast_env, *finetune_args(queue, reviews_csv, trained_tiny_model, "1"), "--wait")
     assert later
     engine = get_engine(fast_env["TUNEQ_DATABASE_URL"])
     assert (job["status"], job["attempt"]) == ("succeeded", 1)
@@ -247,7 +251,7 @@ def test_kill_9_during_scoring_loses_no_row(fast_env, start_worker, trained_tiny
     assert scored == original, "every row exactly once, in order"
 
 
-def test_jobs_survive_a_flushed_broker(fast_env, start_worker, tiny_model, reviews_csv):
+def test_jobs_survive_a_flushed_broker(fast_env, start_worker, trained_tiny_model, reviews_csv):
     if not redis_available(REDIS_URL):
         unavailable(f"Redis is not reachable at {REDIS_URL}")
     import redis
@@ -255,7 +259,8 @@ def test_jobs_survive_a_flushed_broker(fast_env, start_worker, tiny_model, revie
     url = REDIS_URL.rsplit("/", 1)[0] + "/13"  # a database of this test's own
     env = {**fast_env, "TUNEQ_BROKER_URL": url}
     queue = queue_name()
-    jobs = [submit(env, *finetune_args(queue, reviews_csv, tiny_model, "1")) for _ in range(3)]
+    args = finetune_args(queue, reviews_csv, trained_tiny_model, "1")
+    jobs = [submit(env, *args) for _ in range(3)]
     redis.Redis.from_url(url).flushdb()  # the broker restarts empty
     start_worker(env, queue)
     for job_id in jobs:

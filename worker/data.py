@@ -52,7 +52,7 @@ def is_local(source: str) -> bool:
 
 
 def read_folder(
-    folder: Path, column_names: list[str] | None = None
+    folder: Path, column_names: list[str] | None = None, encoding: str = "utf-8"
 ) -> tuple[pa.Table, pa.Table | None]:
     """A folder's training table and, if it has one, its evaluation table.
 
@@ -65,11 +65,12 @@ def read_folder(
     by_stem = {p.name.split(".")[0].lower(): p for p in files}
     train = next((by_stem[n] for n in TRAIN_NAMES if n in by_stem), None)
     if train is None:
-        return concat_tables([read_table(p, column_names) for p in files], folder), None
+        tables = [read_table(p, column_names, encoding) for p in files]
+        return concat_tables(tables, folder), None
     evaluation = next((by_stem[n] for n in EVAL_NAMES if n in by_stem), None)
     return (
-        read_table(train, column_names),
-        read_table(evaluation, column_names) if evaluation else None,
+        read_table(train, column_names, encoding),
+        read_table(evaluation, column_names, encoding) if evaluation else None,
     )
 
 
@@ -107,7 +108,7 @@ def load_hub(name: str) -> tuple[pa.Table, pa.Table | None, list[str] | None]:
 
 
 def load_source(
-    source: str, column_names: list[str] | None = None
+    source: str, column_names: list[str] | None = None, encoding: str = "utf-8"
 ) -> tuple[pa.Table, pa.Table | None, list[str] | None]:
     """Read ``source`` (file, folder or Hub name) into train and optional eval tables."""
     if not is_local(source):
@@ -116,9 +117,9 @@ def load_source(
     if not path.exists():
         raise DataError(f"{source}: no such file or folder")
     if path.is_dir():
-        train, evaluation = read_folder(path, column_names)
+        train, evaluation = read_folder(path, column_names, encoding)
         return train, evaluation, None
-    return read_table(path, column_names), None, None
+    return read_table(path, column_names, encoding), None, None
 
 
 def column_values(table: pa.Table, column: str, option: str, source: str) -> list[Any]:
@@ -195,9 +196,9 @@ def sample(n: int, size: int | None, seed: int) -> np.ndarray:
 
 def load_training_data(spec: FinetuneSpec) -> TrainingData:
     """Load, select and encode the rows a fine-tune will use: at most train_size + eval_size."""
-    train_table, eval_table, hub_names = load_source(spec.data, spec.columns)
+    train_table, eval_table, hub_names = load_source(spec.data, spec.columns, spec.encoding)
     if spec.eval_data is not None:
-        eval_table, _, _ = load_source(spec.eval_data, spec.columns)
+        eval_table, _, _ = load_source(spec.eval_data, spec.columns, spec.encoding)
     eval_source = spec.eval_data or spec.data
     texts = column_values(train_table, spec.text_column, "--text-column", spec.data)
     raw_labels = column_values(train_table, spec.label_column, "--label-column", spec.data)
@@ -218,8 +219,10 @@ def load_training_data(spec: FinetuneSpec) -> TrainingData:
         eval_raw = [raw_labels[i] for i in eval_idx]
     else:
         train_idx = sample(len(texts), spec.train_size, spec.seed)
-        e_texts = column_values(eval_table, spec.text_column, "--text-column", eval_source)
-        e_labels = column_values(eval_table, spec.label_column, "--label-column", eval_source)
+        text_column = spec.eval_text_column or spec.text_column
+        label_column = spec.eval_label_column or spec.label_column
+        e_texts = column_values(eval_table, text_column, "--eval-text-column", eval_source)
+        e_labels = column_values(eval_table, label_column, "--eval-label-column", eval_source)
         e_texts, e_labels, e_dropped = clean_rows(e_texts, e_labels)
         dropped += e_dropped
         if not e_texts:
@@ -234,7 +237,8 @@ def load_training_data(spec: FinetuneSpec) -> TrainingData:
         train_raw, spec.label_names or hub_names, spec.data, spec.label_column
     )
     train_labels = encode_labels(train_raw, label_names, spec.data, spec.label_column)
-    eval_labels = encode_labels(eval_raw, label_names, eval_source, spec.label_column)
+    eval_label_column = spec.eval_label_column or spec.label_column
+    eval_labels = encode_labels(eval_raw, label_names, eval_source, eval_label_column)
     train = Examples(train_texts, train_labels)
     evaluation = Examples(eval_texts, eval_labels)
     return TrainingData(

@@ -49,14 +49,18 @@ def check_data_file(path: Path) -> str:
     return suffix
 
 
-def read_table(path: Path, column_names: list[str] | None = None) -> pa.Table:
+def read_table(
+    path: Path, column_names: list[str] | None = None, encoding: str = "utf-8"
+) -> pa.Table:
     """Read one whole data file into a table (for training sets, which fit in memory)."""
-    batches = list(iter_batches(path, infer_types=True, column_names=column_names))
+    batches = list(
+        iter_batches(path, infer_types=True, column_names=column_names, encoding=encoding)
+    )
     table = pa.Table.from_batches(batches) if batches else None
     if table is None or table.num_rows == 0:
         raise DataError(f"{path} has no rows")
     if any(pa.types.is_binary(field.type) for field in table.schema):
-        raise not_encoded(path, "utf-8")
+        raise not_encoded(path, encoding)
     return table
 
 

@@ -3,6 +3,7 @@ no gradients, each model loaded once per process, in fp32, bf16 or int8."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -48,6 +49,7 @@ class Classifier:
     device: Any
     precision: str
     labels: list[str]
+    temperature: float = 1.0  # fitted on the evaluation rows when the model was trained
 
 
 def model_location(engine: Engine, ref: str) -> str:
@@ -121,7 +123,16 @@ def load_for_inference(
         pack_linear_layers(model, torch.float32 if precision == "fp32" else torch.bfloat16)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     log.info("loaded %s for %s scoring on %s", folder, precision, device)
-    return Classifier(model, tokenizer, device, precision, labels)
+    return Classifier(model, tokenizer, device, precision, labels, fitted_temperature(folder))
+
+
+def fitted_temperature(folder: str) -> float:
+    """The temperature stored with a tuneq model (``tuneq.json``); 1 for any other model."""
+    manifest = Path(folder) / "tuneq.json"
+    if not manifest.is_file():
+        return 1.0
+    calibration = json.loads(manifest.read_text()).get("calibration") or {}
+    return float(calibration.get("temperature", 1.0))
 
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -187,7 +198,8 @@ def classify(
             inputs = {k: v.to(classifier.device) for k, v in padded.items()}
             with torch.autocast(classifier.device.type, torch.bfloat16, enabled=autocast):
                 logits = classifier.model(**inputs).logits
-            probabilities[batch] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            scaled = logits.float() / classifier.temperature
+            probabilities[batch] = torch.softmax(scaled, dim=-1).cpu().numpy()
     return probabilities
 
 

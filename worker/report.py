@@ -35,6 +35,8 @@ HYPER_PARAMETERS = (
     "attention_dropout",
     "precision",
     "seed",
+    "metric",
+    "patience",
 )
 HEADLINE_METRICS = (
     "accuracy",
@@ -122,8 +124,10 @@ def job_section(engine: Engine, job: Job) -> str:
         "Settings", [(k, job.spec.get(k)) for k in HYPER_PARAMETERS if job.spec.get(k) is not None]
     )
     headline = key_values("Metrics", [(k, metrics[k]) for k in HEADLINE_METRICS if k in metrics])
+    choice = key_values("Model choice", list((metrics.get("training") or {}).items()))
+    calibration = key_values("Calibration", list((metrics.get("calibration") or {}).items()))
     phases = key_values("Seconds per phase", list((metrics.get("phases") or {}).items()))
-    blocks = [settings, headline, phases]
+    blocks = [settings, headline, choice, calibration, phases]
     if metrics.get("per_class"):
         blocks.append(per_class_table(metrics["per_class"]))
     if metrics.get("data"):
