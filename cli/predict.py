@@ -27,6 +27,9 @@ def predict(model: str, texts: tuple[str, ...], as_json: bool) -> None:
 
     folder = model_folder(engine(), model, cache=cache_folder(settings()))
     predictions = predict_texts(folder, list(texts))
+    if predictions and predictions[0].value is not None:  # a regression model: numbers
+        show_values(texts, [p.value or 0.0 for p in predictions], as_json)
+        return
     if as_json:
         for text, p in zip(texts, predictions, strict=True):
             click.echo(json.dumps({"text": text, "label": p.label, "score": round(p.score, 4)}))
@@ -35,6 +38,15 @@ def predict(model: str, texts: tuple[str, ...], as_json: bool) -> None:
         [p.label, f"{p.score:.3f}", shorten(t)] for t, p in zip(texts, predictions, strict=True)
     ]
     click.echo(table(["label", "score", "text"], rows))
+
+
+def show_values(texts: tuple[str, ...], values: list[float], as_json: bool) -> None:
+    if as_json:
+        for text, value in zip(texts, values, strict=True):
+            click.echo(json.dumps({"text": text, "value": round(value, 4)}))
+        return
+    rows = [[f"{v:.3f}", shorten(t)] for t, v in zip(texts, values, strict=True)]
+    click.echo(table(["value", "text"], rows))
 
 
 def shorten(text: str, width: int = 70) -> str:

@@ -109,6 +109,8 @@ def describe_job(
 
 
 def describe_metrics(metrics: dict[str, Any]) -> list[str]:
+    if "mae" in metrics:
+        return describe_regression(metrics)
     lines = [
         "metrics",
         f"  accuracy   {metric(metrics.get('accuracy'))}",
@@ -140,6 +142,20 @@ def describe_metrics(metrics: dict[str, Any]) -> list[str]:
     if phases:
         lines.append("  phases     " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()))
     return lines
+
+
+def describe_regression(metrics: dict[str, Any]) -> list[str]:
+    return [
+        "metrics",
+        f"  MAE        {metric(metrics.get('mae'))}  (predicting the mean: "
+        f"{metric(metrics.get('constant_mae'))})",
+        f"  RMSE       {metric(metrics.get('rmse'))}",
+        f"  Spearman   {metric(metrics.get('spearman'))}",
+        f"  eval loss  {metric(metrics.get('eval_loss'))}",
+        f"  train loss {metric(metrics.get('train_loss'))}"
+        f"  ({metrics.get('train_steps', '-')} steps)",
+        *describe_model_choice(metrics),
+    ]
 
 
 def describe_model_choice(metrics: dict[str, Any]) -> list[str]:

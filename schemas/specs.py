@@ -68,6 +68,13 @@ NotifyUrl = Annotated[
 ]
 
 
+# The metrics that measure each task; the first is the default.
+TASK_METRICS = {
+    "classification": ("macro_f1", "accuracy", "loss"),
+    "regression": ("mae", "spearman", "loss"),
+}
+
+
 class FinetuneSpec(BaseModel):
     """A fine-tune of a pretrained encoder into a text classifier."""
 
@@ -169,10 +176,16 @@ class FinetuneSpec(BaseModel):
         description="Also evaluate every this many steps (each costs one pass over the eval "
         "data); default: after each epoch. Each evaluation is a candidate for the best model.",
     )
-    metric: Literal["macro_f1", "accuracy", "loss"] = Field(
-        "macro_f1",
+    task: Literal["classification", "regression"] = Field(
+        "classification",
+        description="classification: one label per text; regression: a number per text (the "
+        "label column holds numbers, e.g. a 1-10 rating).",
+    )
+    metric: Literal["macro_f1", "accuracy", "loss", "mae", "spearman"] | None = Field(
+        None,
         description="Evaluation metric that picks the best checkpoint (the one registered) and "
-        "that --patience watches: macro_f1, accuracy, or loss (eval loss, lower is better).",
+        "that --patience watches: macro_f1 or accuracy (classification), mae or spearman "
+        "(regression), or loss (lower is better); default: macro_f1, or mae for regression.",
     )
     patience: int | None = Field(
         None,
@@ -203,6 +216,22 @@ class FinetuneSpec(BaseModel):
             if len(set(value)) != len(value):
                 raise ValueError("names must be different")
         return value
+
+    @model_validator(mode="after")
+    def _check_task(self) -> FinetuneSpec:
+        allowed = TASK_METRICS[self.task]
+        if self.metric is not None and self.metric not in allowed:
+            raise ValueError(
+                f"metric {self.metric} does not measure {self.task}; use one of "
+                f"{', '.join(allowed)}"
+            )
+        if self.task == "regression" and self.label_names is not None:
+            raise ValueError("label_names name classes; a regression target has none")
+        return self
+
+    def chosen_metric(self) -> str:
+        """The metric that picks the best checkpoint: the one asked for, or the task's."""
+        return self.metric or TASK_METRICS[self.task][0]
 
     @model_validator(mode="after")
     def _check_warmup(self) -> FinetuneSpec:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tuneq.worker.metrics import classification_metrics
+from tuneq.worker.metrics import classification_metrics, regression_metrics, spearman
 
 
 def test_metrics_of_a_known_confusion() -> None:
@@ -26,3 +26,21 @@ def test_metrics_of_a_known_confusion() -> None:
 def test_a_class_never_predicted_scores_zero_not_nan() -> None:
     metrics = classification_metrics(np.array([0, 0]), np.array([0, 1]), ["a", "b"])
     assert metrics["per_class"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+
+
+def test_regression_metrics_of_known_values() -> None:
+    actual = np.array([1.0, 2.0, 3.0, 4.0])
+    predicted = np.array([1.5, 2.0, 2.0, 5.0])
+    metrics = regression_metrics(predicted, actual, constant=2.5)
+    assert metrics["mae"] == pytest.approx((0.5 + 0 + 1 + 1) / 4)
+    assert metrics["rmse"] == pytest.approx(np.sqrt((0.25 + 0 + 1 + 1) / 4))
+    assert metrics["constant_mae"] == pytest.approx(1.0)
+    # ranks of predicted with the tie shared: 1, 2.5, 2.5, 4 against 1, 2, 3, 4
+    assert metrics["spearman"] == pytest.approx(np.corrcoef([1, 2.5, 2.5, 4], [1, 2, 3, 4])[0, 1])
+
+
+def test_spearman_is_one_for_any_increasing_map_and_zero_for_a_constant() -> None:
+    x = np.array([3.0, -1.0, 8.0, 2.0, 5.0])
+    assert spearman(np.exp(x), x) == pytest.approx(1.0)
+    assert spearman(-x, x) == pytest.approx(-1.0)
+    assert spearman(np.ones(5), x) == 0.0

@@ -8,7 +8,7 @@ def test_defaults_are_the_ones_the_quality_benchmark_chose() -> None:
     spec = FinetuneSpec(data="reviews.csv")
     assert (spec.model, spec.batch_size, spec.max_length) == ("minilm", 8, None)  # None: fit data
     assert (spec.epochs, spec.learning_rate, spec.warmup) == (3.0, 5e-5, 0.1)
-    assert (spec.metric, spec.patience) == ("macro_f1", None)
+    assert (spec.chosen_metric(), spec.patience, spec.task) == ("macro_f1", None, "classification")
     assert spec.queue is None and spec.device == "auto"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,6 @@ import numpy as np
 from transformers import TrainerCallback
 
 from tuneq.schemas.errors import TrainingDiverged
-from tuneq.worker.metrics import classification_metrics
 
 STATE_FILE = "best.json"
 LOGITS_FILE = "logits.npy"
@@ -39,11 +39,15 @@ def metric_key(metric: str) -> str:
     return f"eval_{metric}"
 
 
+LOWER_IS_BETTER = ("loss", "mae")
+Scorer = Callable[[np.ndarray, np.ndarray], dict[str, float]]
+
+
 def is_better(metric: str, candidate: dict[str, float], best: dict[str, float]) -> bool:
     """Whether ``candidate`` beats ``best`` on ``metric``; a tie goes to the lower eval loss,
     so that of two checkpoints that label the same rows alike the more confident one wins."""
     key = metric_key(metric)
-    sign = -1.0 if metric == "loss" else 1.0
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     new, old = sign * candidate[key], sign * best[key]
     if new != old:
         return new > old
@@ -62,7 +66,7 @@ class BestModel(TrainerCallback):  # type: ignore[misc]
     metric: str
     patience: int | None
     folder: Path
-    label_names: list[str]
+    scorer: Scorer  # the metrics of one pass, from its logits and labels
     best: Evaluation | None = None
     last: Evaluation | None = None
     since_best: int = 0
@@ -73,8 +77,7 @@ class BestModel(TrainerCallback):  # type: ignore[misc]
         logits = np.asarray(prediction.predictions, dtype=np.float32)
         labels = np.asarray(prediction.label_ids)
         self.pending = (logits, labels)
-        scores = classification_metrics(logits.argmax(axis=-1), labels, self.label_names)
-        return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+        return self.scorer(logits, labels)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """After a resume, the best kept so far counts only if it is no newer than the
@@ -163,27 +166,34 @@ class BestModel(TrainerCallback):  # type: ignore[misc]
 def check_learned(
     evaluation: Evaluation,
     train_loss: float | None,
-    train_labels: list[int],
+    train_labels: list[Any],
     spec: Any,
     warnings: list[str],
 ) -> None:
-    """Refuse a model that learned nothing: every evaluation row given one label while the
-    training loss stays at what guessing the label shares scores (a learning rate too high
-    for the model, as 2e-4 is for MiniLM on IMDB)."""
-    counts = np.bincount(np.asarray(train_labels), minlength=2).astype(np.float64)
-    shares = counts[counts > 0] / counts.sum()
-    chance = float(-(shares * np.log(shares)).sum())
-    predicted = np.unique(evaluation.logits.argmax(axis=-1))
+    """Refuse a model that learned nothing: every evaluation row given one label (or, for
+    regression, one value) while the training loss stays at what guessing scores: the label
+    shares' entropy, or the variance of the standardised targets (a learning rate too high for
+    the model, as 2e-4 is for MiniLM on IMDB)."""
+    if spec.task == "regression":
+        chance = 1.0
+        constant = float(np.std(evaluation.logits)) < 0.02
+    else:
+        counts = np.bincount(np.asarray(train_labels), minlength=2).astype(np.float64)
+        shares = counts[counts > 0] / counts.sum()
+        chance = float(-(shares * np.log(shares)).sum())
+        constant = len(np.unique(evaluation.logits.argmax(axis=-1))) == 1
     if train_loss is not None and not math.isfinite(train_loss):
         raise TrainingDiverged(
             f"training diverged: the loss became {train_loss}; lower --learning-rate "
             f"(this run: {spec.learning_rate:g}). No model was registered."
         )
-    if train_loss is None or len(predicted) > 1 or train_loss < 0.9 * chance:
+    if train_loss is None or not constant or train_loss < 0.9 * chance:
         return
+    guess = "the mean" if spec.task == "regression" else "the label shares"
     raise TrainingDiverged(
         f"training did not learn: the training loss ended at {train_loss:.3f}, where guessing "
-        f"the label shares scores {chance:.3f}, and every evaluation row got the same label. "
+        f"{guess} scores {chance:.3f}, and every evaluation row got the same "
+        f"{'value' if spec.task == 'regression' else 'label'}. "
         f"Lower --learning-rate (this run: {spec.learning_rate:g}) or train longer "
         f"(--epochs, this run: {spec.epochs:g}). No model was registered."
         + "".join(f" Likely why: {warning}." for warning in warnings)

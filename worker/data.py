@@ -25,7 +25,7 @@ class Examples:
     """Texts and their label ids, ready to tokenize."""
 
     texts: list[str]
-    labels: list[int]
+    labels: list[Any]  # class ids, or numbers for regression
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -233,12 +233,22 @@ def load_training_data(spec: FinetuneSpec) -> TrainingData:
 
     train_texts = [texts[i] for i in train_idx]
     train_raw = [raw_labels[i] for i in train_idx]
-    label_names = choose_label_names(
-        train_raw, spec.label_names or hub_names, spec.data, spec.label_column
-    )
-    train_labels = encode_labels(train_raw, label_names, spec.data, spec.label_column)
     eval_label_column = spec.eval_label_column or spec.label_column
-    eval_labels = encode_labels(eval_raw, label_names, eval_source, eval_label_column)
+    summary: dict[str, Any] = {"dropped_rows": dropped}
+    if spec.task == "regression":
+        label_names = [spec.label_column]  # the model's one output is named after its target
+        train_labels: list[Any] = numeric_targets(train_raw, spec.data, spec.label_column)
+        eval_labels: list[Any] = numeric_targets(eval_raw, eval_source, eval_label_column)
+        summary.update(train_target=describe_target(train_labels))
+        summary.update(eval_target=describe_target(eval_labels))
+    else:
+        label_names = choose_label_names(
+            train_raw, spec.label_names or hub_names, spec.data, spec.label_column
+        )
+        train_labels = encode_labels(train_raw, label_names, spec.data, spec.label_column)
+        eval_labels = encode_labels(eval_raw, label_names, eval_source, eval_label_column)
+        summary.update(train_label_counts=label_counts(train_labels, label_names))
+        summary.update(eval_label_counts=label_counts(eval_labels, label_names))
     train = Examples(train_texts, train_labels)
     evaluation = Examples(eval_texts, eval_labels)
     return TrainingData(
@@ -246,14 +256,43 @@ def load_training_data(spec: FinetuneSpec) -> TrainingData:
         eval=evaluation,
         label_names=label_names,
         fingerprint=fingerprint(train, evaluation),
-        summary={
-            "train_rows": len(train),
-            "eval_rows": len(evaluation),
-            "dropped_rows": dropped,
-            "train_label_counts": label_counts(train_labels, label_names),
-            "eval_label_counts": label_counts(eval_labels, label_names),
-        },
+        summary={"train_rows": len(train), "eval_rows": len(evaluation), **summary},
     )
+
+
+def numeric_targets(raw: list[Any], source: str, column: str) -> list[float]:
+    """Regression targets as floats; a value that is no number names its row."""
+    targets = []
+    for row, value in enumerate(raw, start=1):
+        number = as_number(value)
+        if number is None:
+            raise DataError(
+                f"{source}: a regression target must be a number, but column {column!r} holds "
+                f"{value!r} (row {row} of the selected rows); check --label-column, or drop "
+                "--task regression to treat the values as classes"
+            )
+        targets.append(number)
+    return targets
+
+
+def as_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
+def describe_target(targets: list[float]) -> dict[str, float]:
+    values = np.asarray(targets, dtype=np.float64)
+    return {
+        "mean": round(float(values.mean()), 4),
+        "std": round(float(values.std()), 4),
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
 
 
 def label_counts(labels: list[int], names: list[str]) -> dict[str, int]:

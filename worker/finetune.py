@@ -19,11 +19,11 @@ import numpy as np
 from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from tuneq.schemas.specs import FinetuneSpec
-from tuneq.worker.best_model import BestModel, check_learned
+from tuneq.worker.best_model import BestModel, Evaluation, Scorer, check_learned
 from tuneq.worker.calibration import calibrate
 from tuneq.worker.data import Examples, TrainingData, load_training_data
 from tuneq.worker.device import training_bf16
-from tuneq.worker.metrics import classification_metrics
+from tuneq.worker.metrics import classification_metrics, regression_metrics
 from tuneq.worker.model_card import write_model_card
 from tuneq.worker.models import (
     attention_dropout_override,
@@ -86,6 +86,7 @@ def finetune(
     """
     report = on_progress or (lambda _progress: None)
     timer = PhaseTimer()
+    regression = spec.task == "regression"
     with timer.phase("load_data"):
         report({"phase": "loading data"})
         data = load_training_data(spec)
@@ -105,6 +106,7 @@ def finetune(
             source,
             trust_remote_code=spec.trust_remote_code,
             num_labels=len(data.label_names),
+            problem_type="regression" if regression else "single_label_classification",
             ignore_mismatched_sizes=True,  # a head for 2 labels on a base, now 3: a new head
             id2label=dict(enumerate(data.label_names)),
             label2id={name: i for i, name in enumerate(data.label_names)},
@@ -115,16 +117,19 @@ def finetune(
                 trust_remote_code=spec.trust_remote_code,
             ),
         )
+    scale = TargetScale.of(data.train.labels) if regression else None
     with timer.phase("tokenize"):
         report({"phase": "tokenizing"})
         max_length = spec.max_length or choose_max_length(tokenizer, data.train.texts)
-        train_set = tokenize(tokenizer, data.train, max_length)
-        eval_set = tokenize(tokenizer, data.eval, max_length, sort_by_length=True)
+        train_set = tokenize(tokenizer, model_targets(data.train, scale), max_length)
+        eval_set = tokenize(
+            tokenizer, model_targets(data.eval, scale), max_length, sort_by_length=True
+        )
     keeper = BestModel(
-        spec.metric,
+        spec.chosen_metric(),
         spec.patience,
         (checkpoint_dir or out_dir / TRAINER_DIR) / BEST_DIR,
-        data.label_names,
+        evaluation_scorer(data.label_names, scale),
     )
     trainer, curves = build_trainer(
         spec, model, tokenizer, train_set, eval_set, out_dir, report, keeper, checkpoint_dir
@@ -148,7 +153,7 @@ def finetune(
         # save_pretrained rather than Trainer.save_model, which adds a pickled training_args.bin
         trainer.model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
-    metrics = classification_metrics(best.logits.argmax(axis=-1), best.labels, data.label_names)
+    metrics = final_metrics(best, data.label_names, scale)
     metrics.update(
         eval_loss=best.metrics["eval_loss"],
         train_loss=float(train_output.training_loss),
@@ -159,7 +164,6 @@ def finetune(
             **keeper.summary(trainer.state.max_steps, final_step),
             "max_length": max_length,
         },
-        calibration=calibrate(best.logits, best.labels).to_dict(),
         loss_curve=curves.train,
         eval_curve=curves.eval,
         data=data.summary,
@@ -189,6 +193,60 @@ class ExampleSet:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.features[index]
+
+
+@dataclass(frozen=True)
+class TargetScale:
+    """Regression targets are standardised for training (a new head starts near 0, and a
+    1-10 rating would take it many steps to reach); predictions are scaled back."""
+
+    mean: float
+    std: float
+
+    @classmethod
+    def of(cls, targets: list[float]) -> TargetScale:
+        values = np.asarray(targets, dtype=np.float64)
+        return cls(float(values.mean()), float(values.std()) or 1.0)
+
+    def restore(self, values: np.ndarray) -> np.ndarray:
+        return np.asarray(values, dtype=np.float64).reshape(-1) * self.std + self.mean
+
+
+def model_targets(examples: Examples, scale: TargetScale | None) -> Examples:
+    """What the model is trained to output: class ids, or standardised numbers."""
+    if scale is None:
+        return examples
+    standard = [(y - scale.mean) / scale.std for y in examples.labels]
+    return Examples(examples.texts, standard)
+
+
+def evaluation_scorer(label_names: list[str], scale: TargetScale | None) -> Scorer:
+    """The metrics of each evaluation pass, from its logits and (model-side) labels."""
+
+    def classification(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        scores = classification_metrics(logits.argmax(axis=-1), labels, label_names)
+        return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+
+    def regression(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        assert scale is not None
+        scores = regression_metrics(scale.restore(logits), scale.restore(labels), scale.mean)
+        return {key: scores[key] for key in ("mae", "rmse", "spearman")}
+
+    return classification if scale is None else regression
+
+
+def final_metrics(
+    best: Evaluation, label_names: list[str], scale: TargetScale | None
+) -> dict[str, Any]:
+    """The registered model's metrics on the evaluation rows; a classifier's with its
+    calibration, a regressor's with how its targets were scaled."""
+    if scale is None:
+        metrics = classification_metrics(best.logits.argmax(axis=-1), best.labels, label_names)
+        metrics["calibration"] = calibrate(best.logits, best.labels).to_dict()
+        return metrics
+    metrics = regression_metrics(scale.restore(best.logits), scale.restore(best.labels), scale.mean)
+    metrics["target_scale"] = {"mean": scale.mean, "std": scale.std}
+    return metrics
 
 
 def choose_max_length(tokenizer: Any, texts: list[str]) -> int:
@@ -407,8 +465,10 @@ def write_manifest(
         "labels": result.label_names,
         "metrics": {k: v for k, v in result.metrics.items() if k not in CURVES},
         **{key: result.metrics.get(key, []) for key in CURVES},
+        "task": spec.task,
         "data_fingerprint": data.fingerprint,
         "calibration": result.metrics.get("calibration"),
+        "target_scale": result.metrics.get("target_scale"),
         "training": result.metrics.get("training"),
         "warnings": result.warnings,
         "phases": result.phases,

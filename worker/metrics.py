@@ -41,3 +41,37 @@ def classification_metrics(
         },
         "confusion_matrix": matrix.tolist(),
     }
+
+
+def regression_metrics(
+    predicted: np.ndarray, actual: np.ndarray, constant: float
+) -> dict[str, float]:
+    """MAE, RMSE and Spearman's rank correlation of ``predicted`` against ``actual``, and the MAE
+    of always predicting ``constant`` (the training mean): what a model must beat."""
+    predicted = np.asarray(predicted, dtype=np.float64).reshape(-1)
+    actual = np.asarray(actual, dtype=np.float64).reshape(-1)
+    errors = predicted - actual
+    return {
+        "mae": float(np.abs(errors).mean()),
+        "rmse": float(np.sqrt((errors**2).mean())),
+        "spearman": spearman(predicted, actual),
+        "constant_mae": float(np.abs(constant - actual).mean()),
+    }
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho: the Pearson correlation of the ranks, tied values sharing their mean
+    rank; 0 where either side is constant (no order to agree with)."""
+    ranks_a, ranks_b = average_ranks(a), average_ranks(b)
+    if ranks_a.std() == 0 or ranks_b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]

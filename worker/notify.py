@@ -23,7 +23,16 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_S = 10.0
 GROUP_COUNTS = ("succeeded", "failed", "cancelled")
-SUMMARY_METRICS = ("accuracy", "macro_f1", "eval_loss", "rows", "empty_rows", "rows_per_second")
+SUMMARY_METRICS = (
+    "accuracy",
+    "macro_f1",
+    "mae",
+    "spearman",
+    "eval_loss",
+    "rows",
+    "empty_rows",
+    "rows_per_second",
+)
 
 
 def summary(engine: Engine, job: Job) -> dict[str, Any]:

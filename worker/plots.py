@@ -14,13 +14,16 @@ PLOTS = (LOSS_PNG, CONFUSION_PNG)
 
 
 def write_plots(out_dir: Path, metrics: dict[str, Any], label_names: list[str]) -> list[str]:
-    """Write ``loss.png`` and ``confusion.png`` into ``out_dir``; returns the file names."""
+    """Write ``loss.png`` and, for a classifier, ``confusion.png`` into ``out_dir``; returns
+    the file names."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # no display on workers; never pick a GUI backend
     plot_losses(
         out_dir / LOSS_PNG, metrics.get("loss_curve") or [], metrics.get("eval_curve") or []
     )
+    if "confusion_matrix" not in metrics:  # a regression has no classes to confuse
+        return [LOSS_PNG]
     plot_confusion(out_dir / CONFUSION_PNG, metrics["confusion_matrix"], label_names)
     return list(PLOTS)
 

@@ -34,10 +34,12 @@ TOKENIZE_CHUNK = 512
 
 @dataclass(frozen=True)
 class Prediction:
-    """A text's label (by the model's own names) and that label's probability."""
+    """A text's label (by the model's own names) and that label's probability; for a
+    regression model, its value (and the label is the value, printed)."""
 
     label: str
     score: float
+    value: float | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,11 @@ class Classifier:
     precision: str
     labels: list[str]
     temperature: float = 1.0  # fitted on the evaluation rows when the model was trained
+    target_scale: tuple[float, float] | None = None  # a regression model's (mean, std)
+
+    @property
+    def regression(self) -> bool:
+        return self.target_scale is not None
 
 
 def model_location(engine: Engine, ref: str) -> str:
@@ -123,16 +130,26 @@ def load_for_inference(
         pack_linear_layers(model, torch.float32 if precision == "fp32" else torch.bfloat16)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     log.info("loaded %s for %s scoring on %s", folder, precision, device)
-    return Classifier(model, tokenizer, device, precision, labels, fitted_temperature(folder))
+    manifest = read_manifest(folder)
+    calibration = manifest.get("calibration") or {}
+    temperature = float(calibration.get("temperature", 1.0))
+    return Classifier(
+        model, tokenizer, device, precision, labels, temperature, target_scale(model, manifest)
+    )
 
 
-def fitted_temperature(folder: str) -> float:
-    """The temperature stored with a tuneq model (``tuneq.json``); 1 for any other model."""
-    manifest = Path(folder) / "tuneq.json"
-    if not manifest.is_file():
-        return 1.0
-    calibration = json.loads(manifest.read_text()).get("calibration") or {}
-    return float(calibration.get("temperature", 1.0))
+def read_manifest(folder: str) -> dict[str, Any]:
+    """The ``tuneq.json`` of a tuneq model; empty for any other model."""
+    path = Path(folder) / "tuneq.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def target_scale(model: Any, manifest: dict[str, Any]) -> tuple[float, float] | None:
+    """How a regression model's outputs map back to its targets; None for a classifier."""
+    if getattr(model.config, "problem_type", None) != "regression":
+        return None
+    scale = manifest.get("target_scale") or {}
+    return float(scale.get("mean", 0.0)), float(scale.get("std", 1.0))
 
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -172,10 +189,33 @@ def classify(
     batch_tokens: int | None = None,
     on_batch: Callable[[], None] | None = None,
 ) -> np.ndarray:
-    """Probabilities, one row per text in the given order, one column per label.
+    """Probabilities, one row per text in the given order, one column per label (the logits
+    divided by the model's fitted temperature); for a regression model, one column: the
+    predicted value.
 
     ``batch_tokens`` defaults to the device's budget; ``on_batch`` runs before each batch (a
     cancellation check may raise there)."""
+    logits = model_outputs(
+        classifier, texts, max_length=max_length, batch_tokens=batch_tokens, on_batch=on_batch
+    )
+    if classifier.target_scale is not None:
+        mean, std = classifier.target_scale
+        return logits * std + mean
+    scaled = logits / classifier.temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def model_outputs(
+    classifier: Classifier,
+    texts: list[str],
+    *,
+    max_length: int,
+    batch_tokens: int | None,
+    on_batch: Callable[[], None] | None,
+) -> np.ndarray:
+    """The model's raw outputs (logits, fp32), one row per text in the given order."""
     import torch
 
     if batch_tokens is None:
@@ -186,7 +226,7 @@ def classify(
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         chunk = texts[start : start + TOKENIZE_CHUNK]
         encoded += classifier.tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
-    probabilities = np.zeros((len(texts), len(classifier.labels)), dtype=np.float32)
+    outputs = np.zeros((len(texts), len(classifier.labels)), dtype=np.float32)
     autocast = classifier.precision == "bf16"
     with torch.inference_mode(), attention_backends(classifier.device):
         for batch in length_batches([len(ids) for ids in encoded], batch_tokens):
@@ -198,9 +238,8 @@ def classify(
             inputs = {k: v.to(classifier.device) for k, v in padded.items()}
             with torch.autocast(classifier.device.type, torch.bfloat16, enabled=autocast):
                 logits = classifier.model(**inputs).logits
-            scaled = logits.float() / classifier.temperature
-            probabilities[batch] = torch.softmax(scaled, dim=-1).cpu().numpy()
-    return probabilities
+            outputs[batch] = logits.float().cpu().numpy()
+    return outputs
 
 
 def predict_texts(
@@ -209,6 +248,9 @@ def predict_texts(
     """Label ``texts`` in their order."""
     classifier = load_for_inference(str(folder), precision)
     probabilities = classify(classifier, texts, max_length=max_length)
+    if classifier.regression:
+        values = probabilities[:, 0].astype(float)
+        return [Prediction(label=f"{v:.3f}", score=float("nan"), value=v) for v in values]
     best = probabilities.argmax(axis=1)
     return [
         Prediction(label=classifier.labels[i], score=float(probabilities[row, i]))

@@ -35,12 +35,17 @@ HYPER_PARAMETERS = (
     "attention_dropout",
     "precision",
     "seed",
+    "task",
     "metric",
     "patience",
 )
 HEADLINE_METRICS = (
     "accuracy",
     "macro_f1",
+    "mae",
+    "rmse",
+    "spearman",
+    "constant_mae",
     "eval_loss",
     "train_loss",
     "train_steps",

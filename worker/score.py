@@ -49,10 +49,16 @@ class ShardResult:
     seconds: float
 
 
-def output_columns(input_columns: list[str], labels: list[str], probabilities: bool) -> list[str]:
+def output_columns(
+    input_columns: list[str], labels: list[str], probabilities: bool, regression: bool = False
+) -> list[str]:
     """Names of the columns scoring adds: ``label``, ``score`` (``predicted_…`` if the input
-    has those already) and, on request, ``prob_<label>`` per label."""
-    names = ["label", "score"] + ([f"prob_{label}" for label in labels] if probabilities else [])
+    has those already) and, on request, ``prob_<label>`` per label; for a regression model,
+    ``value``."""
+    if regression:
+        names = ["value"]
+    else:
+        names = ["label", "score"] + ([f"prob_{k}" for k in labels] if probabilities else [])
     return [f"predicted_{n}" if n in input_columns else n for n in names]
 
 
@@ -146,6 +152,12 @@ def score_table(
     )
     mask = np.ones(len(texts), dtype=bool)
     mask[present] = False
+    if classifier.regression:
+        [name] = output_columns(table.column_names, [], False, regression=True)
+        values = np.zeros(len(texts), dtype=np.float64)
+        values[present] = probabilities[:, 0]
+        table = table.append_column(name, pa.array(values, mask=mask))
+        return table, len(texts) - len(present)
     labels = np.array(classifier.labels, dtype=object)
     best = probabilities.argmax(axis=1) if len(present) else np.zeros(0, dtype=int)
     label_values = np.full(len(texts), None, dtype=object)
