@@ -111,10 +111,21 @@ def describe_job(
 def describe_metrics(metrics: dict[str, Any]) -> list[str]:
     if "mae" in metrics:
         return describe_regression(metrics)
+    if "micro_f1" in metrics:
+        headline = [
+            f"  micro-F1   {metric(metrics.get('micro_f1'))}  (one label set for every row: "
+            f"{metric(metrics.get('constant_micro_f1'))})",
+            f"  macro-F1   {metric(metrics.get('macro_f1'))}",
+            f"  all right  {metric(metrics.get('subset_accuracy'))} of rows",
+        ]
+    else:
+        headline = [
+            f"  accuracy   {metric(metrics.get('accuracy'))}",
+            f"  macro-F1   {metric(metrics.get('macro_f1'))}",
+        ]
     lines = [
         "metrics",
-        f"  accuracy   {metric(metrics.get('accuracy'))}",
-        f"  macro-F1   {metric(metrics.get('macro_f1'))}",
+        *headline,
         f"  eval loss  {metric(metrics.get('eval_loss'))}",
         f"  train loss {metric(metrics.get('train_loss'))}"
         f"  ({metrics.get('train_steps', '-')} steps)",
@@ -124,9 +135,13 @@ def describe_metrics(metrics: dict[str, Any]) -> list[str]:
     if per_class:
         rows = [
             [name, metric(v["precision"]), metric(v["recall"]), metric(v["f1"]), v["support"]]
+            + ([metric(v["threshold"], 2)] if "threshold" in v else [])
             for name, v in per_class.items()
         ]
-        body = table(["label", "precision", "recall", "f1", "support"], rows)
+        columns = ["label", "precision", "recall", "f1", "support"]
+        if rows and len(rows[0]) > len(columns):
+            columns.append("threshold")
+        body = table(columns, rows)
         lines += ["  " + line for line in body.splitlines()]
     matrix = metrics.get("confusion_matrix")
     if matrix and per_class:
@@ -166,6 +181,12 @@ def describe_model_choice(metrics: dict[str, Any]) -> list[str]:
         lines.append(
             f"  kept       step {training['best_step']} of {training['final_step']}, best "
             f"{training['metric']} {metric(training['best_metric'])}; {training['stop_reason']}"
+        )
+    issues = metrics.get("label_issues")
+    if issues:
+        lines.append(
+            f"  label errors {issues['found']} of {issues['rows_checked']} training rows look "
+            f"mislabelled ({issues['file']} beside the model)"
         )
     calibration = metrics.get("calibration")
     if calibration:

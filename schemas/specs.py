@@ -71,6 +71,7 @@ NotifyUrl = Annotated[
 # The metrics that measure each task; the first is the default.
 TASK_METRICS = {
     "classification": ("macro_f1", "accuracy", "loss"),
+    "multi_label": ("micro_f1", "macro_f1", "loss"),
     "regression": ("mae", "spearman", "loss"),
 }
 
@@ -176,16 +177,33 @@ class FinetuneSpec(BaseModel):
         description="Also evaluate every this many steps (each costs one pass over the eval "
         "data); default: after each epoch. Each evaluation is a candidate for the best model.",
     )
-    task: Literal["classification", "regression"] = Field(
+    task: Literal["classification", "regression", "multi_label"] = Field(
         "classification",
-        description="classification: one label per text; regression: a number per text (the "
-        "label column holds numbers, e.g. a 1-10 rating).",
+        description="classification: one label per text; multi_label: any number of labels "
+        "per text (a column of lists, or labels joined by --label-separator); regression: a "
+        "number per text (the label column holds numbers, e.g. a 1-10 rating).",
     )
-    metric: Literal["macro_f1", "accuracy", "loss", "mae", "spearman"] | None = Field(
+    label_separator: str = Field(
+        "|",
+        min_length=1,
+        description="multi_label: the separator of labels joined in one text field, as in "
+        "action|comedy. A column of lists (JSON lines, Parquet) needs none.",
+    )
+    metric: Literal["macro_f1", "accuracy", "loss", "mae", "spearman", "micro_f1"] | None = Field(
         None,
         description="Evaluation metric that picks the best checkpoint (the one registered) and "
-        "that --patience watches: macro_f1 or accuracy (classification), mae or spearman "
-        "(regression), or loss (lower is better); default: macro_f1, or mae for regression.",
+        "that --patience watches: macro_f1 or accuracy (classification), micro_f1 or macro_f1 "
+        "(multi_label), mae or spearman (regression), or loss (lower is better); default: the "
+        "first of the task's.",
+    )
+    label_error_folds: int | None = Field(
+        None,
+        ge=2,
+        le=10,
+        description="Look for training rows whose label is probably wrong: train this many "
+        "extra models, each on all folds but one, score the rows each did not see, and rank "
+        "them by how unlikely their given label is (confident learning, cleanlab). Writes "
+        "label_issues.csv beside the model; costs about this many more fine-tunes.",
     )
     patience: int | None = Field(
         None,
@@ -225,6 +243,8 @@ class FinetuneSpec(BaseModel):
                 f"metric {self.metric} does not measure {self.task}; use one of "
                 f"{', '.join(allowed)}"
             )
+        if self.task != "classification" and self.label_error_folds is not None:
+            raise ValueError(f"label_error_folds works on classification, not {self.task}")
         if self.task == "regression" and self.label_names is not None:
             raise ValueError("label_names name classes; a regression target has none")
         return self

@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from tuneq.worker.metrics import classification_metrics, regression_metrics, spearman
+from tuneq.worker.metrics import (
+    classification_metrics,
+    fit_thresholds,
+    multilabel_metrics,
+    regression_metrics,
+    spearman,
+)
 
 
 def test_metrics_of_a_known_confusion() -> None:
@@ -44,3 +50,23 @@ def test_spearman_is_one_for_any_increasing_map_and_zero_for_a_constant() -> Non
     assert spearman(np.exp(x), x) == pytest.approx(1.0)
     assert spearman(-x, x) == pytest.approx(-1.0)
     assert spearman(np.ones(5), x) == 0.0
+
+
+def test_multilabel_metrics_of_a_known_case() -> None:
+    actual = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=bool)
+    predicted = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 1, 1]], dtype=bool)
+    metrics = multilabel_metrics(predicted, actual, ["a", "b", "c"])
+    # true positives 2, 1, 1; predicted 2, 2, 1; actual 2, 2, 2
+    assert metrics["micro_f1"] == pytest.approx(2 * 4 / (5 + 6))
+    assert metrics["per_class"]["a"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}
+    assert metrics["per_class"]["c"]["recall"] == pytest.approx(0.5)
+    assert metrics["macro_f1"] == pytest.approx((1.0 + 0.5 + 2 / 3) / 3)
+    assert metrics["subset_accuracy"] == pytest.approx(0.25)
+
+
+def test_thresholds_are_fitted_per_label() -> None:
+    rng = np.random.default_rng(0)
+    actual = rng.random((400, 2)) < 0.5
+    # label 0 is separable at 0.3, label 1 at 0.8; probabilities carry that and nothing else
+    probabilities = np.where(actual, [0.35, 0.85], [0.25, 0.75]) + rng.normal(0, 0.01, (400, 2))
+    assert fit_thresholds(probabilities, actual).tolist() == [0.3, 0.8]

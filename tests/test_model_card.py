@@ -225,3 +225,12 @@ def test_write_model_card_writes_readme(tmp_path: Path, manifest: dict[str, Any]
     assert path == tmp_path / "README.md"
     assert path.read_text(encoding="utf-8") == model_card(manifest)
     assert manifest == original
+
+
+def test_label_issues_are_counted_when_the_job_looked() -> None:
+    issues = {"found": 23, "rows_checked": 400, "folds": 3, "file": "label_issues.csv"}
+    manifest = {"name": "m", "metrics": {"label_issues": issues}}
+    card = model_card(manifest)
+    assert "## Likely label errors" in card
+    assert "23 of 400 training rows look mislabelled" in card and "`label_issues.csv`" in card
+    assert "## Likely label errors" not in model_card({"name": "m", "metrics": {}})

@@ -177,6 +177,11 @@ def check_learned(
     if spec.task == "regression":
         chance = 1.0
         constant = float(np.std(evaluation.logits)) < 0.02
+    elif spec.task == "multi_label":
+        shares = np.clip(np.asarray(evaluation.labels, dtype=np.float64).mean(axis=0), 1e-6, 1)
+        entropy = -(shares * np.log(shares) + (1 - shares) * np.log(np.clip(1 - shares, 1e-6, 1)))
+        chance = float(entropy.mean())
+        constant = len(np.unique(evaluation.logits >= 0, axis=0)) == 1
     else:
         counts = np.bincount(np.asarray(train_labels), minlength=2).astype(np.float64)
         shares = counts[counts > 0] / counts.sum()
@@ -190,10 +195,17 @@ def check_learned(
     if train_loss is None or not constant or train_loss < 0.9 * chance:
         return
     guess = "the mean" if spec.task == "regression" else "the label shares"
+    same = (
+        "value"
+        if spec.task == "regression"
+        else "label"
+        if spec.task == "classification"
+        else "label set"
+    )
     raise TrainingDiverged(
         f"training did not learn: the training loss ended at {train_loss:.3f}, where guessing "
         f"{guess} scores {chance:.3f}, and every evaluation row got the same "
-        f"{'value' if spec.task == 'regression' else 'label'}. "
+        f"{same}. "
         f"Lower --learning-rate (this run: {spec.learning_rate:g}) or train longer "
         f"(--epochs, this run: {spec.epochs:g}). No model was registered."
         + "".join(f" Likely why: {warning}." for warning in warnings)

@@ -241,6 +241,20 @@ def load_training_data(spec: FinetuneSpec) -> TrainingData:
         eval_labels: list[Any] = numeric_targets(eval_raw, eval_source, eval_label_column)
         summary.update(train_target=describe_target(train_labels))
         summary.update(eval_target=describe_target(eval_labels))
+    elif spec.task == "multi_label":
+        separator = spec.label_separator
+        train_sets = label_sets(train_raw, separator, spec.data, spec.label_column)
+        eval_sets = label_sets(eval_raw, separator, eval_source, eval_label_column)
+        label_names = spec.label_names or sorted({name for names in train_sets for name in names})
+        if len(label_names) < 2:
+            raise DataError(
+                f"label column {spec.label_column!r} in {spec.data} names fewer than two labels "
+                f"({', '.join(label_names) or 'none'}); a multi-label model needs at least two"
+            )
+        train_labels = encode_label_sets(train_sets, label_names, spec.data, spec.label_column)
+        eval_labels = encode_label_sets(eval_sets, label_names, eval_source, eval_label_column)
+        summary.update(train_label_counts=set_counts(train_labels, label_names))
+        summary.update(eval_label_counts=set_counts(eval_labels, label_names))
     else:
         label_names = choose_label_names(
             train_raw, spec.label_names or hub_names, spec.data, spec.label_column
@@ -258,6 +272,53 @@ def load_training_data(spec: FinetuneSpec) -> TrainingData:
         fingerprint=fingerprint(train, evaluation),
         summary={"train_rows": len(train), "eval_rows": len(evaluation), **summary},
     )
+
+
+SEPARATORS = ("|", ",", ";", "/", "+", " ")  # what joined labels are commonly split by
+
+
+def label_sets(raw: list[Any], separator: str, source: str, column: str) -> list[list[str]]:
+    """Each row's labels: a list as it is, or a string split at ``separator``. A column of
+    strings none of which holds the separator, but some of which hold another one, was joined
+    with that other one: say so rather than read "a;b" as one label."""
+    sets = []
+    for value in raw:
+        if isinstance(value, (list, tuple)):
+            sets.append([str(v).strip() for v in value if str(v).strip()])
+        else:
+            sets.append([p.strip() for p in str(value).split(separator) if p.strip()])
+    texts = [str(v) for v in raw if not isinstance(v, (list, tuple))]
+    if texts and not any(separator in t for t in texts):
+        others = [s for s in SEPARATORS if s != separator and any(s in t for t in texts)]
+        if others and others[0] != " ":
+            example = next(t for t in texts if others[0] in t)
+            raise DataError(
+                f"{source}: no value in label column {column!r} holds the label separator "
+                f"{separator!r}, but some hold {others[0]!r} (e.g. {example!r}); pass "
+                f"--label-separator {others[0]!r} if that joins the labels"
+            )
+    return sets
+
+
+def encode_label_sets(
+    sets: list[list[str]], names: list[str], source: str, column: str
+) -> list[list[int]]:
+    """Label ids per row; a label outside ``names`` names itself."""
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted({label for labels in sets for label in labels if label not in index})
+    if unknown:
+        raise DataError(
+            f"{source}: labels {unknown[:5]} in column {column!r} are not among the labels "
+            f"{', '.join(names)}; check the data or --label-names"
+        )
+    return [sorted({index[label] for label in labels}) for labels in sets]
+
+
+def set_counts(label_ids: list[list[int]], names: list[str]) -> dict[str, int]:
+    counts = np.zeros(len(names), dtype=np.int64)
+    for ids in label_ids:
+        counts[ids] += 1
+    return {name: int(counts[i]) for i, name in enumerate(names)}
 
 
 def numeric_targets(raw: list[Any], source: str, column: str) -> list[float]:

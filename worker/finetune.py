@@ -19,11 +19,11 @@ import numpy as np
 from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from tuneq.schemas.specs import FinetuneSpec
-from tuneq.worker.best_model import BestModel, Evaluation, Scorer, check_learned
-from tuneq.worker.calibration import calibrate
+from tuneq.worker.best_model import BestModel, Evaluation, check_learned
+from tuneq.worker.calibration import softmax
 from tuneq.worker.data import Examples, TrainingData, load_training_data
 from tuneq.worker.device import training_bf16
-from tuneq.worker.metrics import classification_metrics, regression_metrics
+from tuneq.worker.label_errors import find_label_issues
 from tuneq.worker.model_card import write_model_card
 from tuneq.worker.models import (
     attention_dropout_override,
@@ -32,6 +32,7 @@ from tuneq.worker.models import (
     resolve_model_source,
 )
 from tuneq.worker.plots import write_plots
+from tuneq.worker.tasks import PROBLEM_TYPES, Task
 from tuneq.worker.vocabulary import unknown_share, vocabulary_warning
 
 Progress = Callable[[dict[str, Any]], None]
@@ -86,7 +87,6 @@ def finetune(
     """
     report = on_progress or (lambda _progress: None)
     timer = PhaseTimer()
-    regression = spec.task == "regression"
     with timer.phase("load_data"):
         report({"phase": "loading data"})
         data = load_training_data(spec)
@@ -98,38 +98,20 @@ def finetune(
         warnings = [warning] if warning else []
         if warning and on_warning:
             on_warning(warning)
-        # The new head is drawn from the global RNG while loading, before the Trainer seeds it:
-        # unseeded, the same spec gave another model (and other predictions) in each process.
-        set_seed(spec.seed)
-        model = load_classifier(
-            spec.model,
-            source,
-            trust_remote_code=spec.trust_remote_code,
-            num_labels=len(data.label_names),
-            problem_type="regression" if regression else "single_label_classification",
-            ignore_mismatched_sizes=True,  # a head for 2 labels on a base, now 3: a new head
-            id2label=dict(enumerate(data.label_names)),
-            label2id={name: i for i, name in enumerate(data.label_names)},
-            **attention_dropout_override(
-                spec.model,
-                source,
-                spec.attention_dropout,
-                trust_remote_code=spec.trust_remote_code,
-            ),
-        )
-    scale = TargetScale.of(data.train.labels) if regression else None
+        model = new_model(spec, source, data.label_names)
+    task = Task.of(spec.task, data.label_names, data.train)
     with timer.phase("tokenize"):
         report({"phase": "tokenizing"})
         max_length = spec.max_length or choose_max_length(tokenizer, data.train.texts)
-        train_set = tokenize(tokenizer, model_targets(data.train, scale), max_length)
+        train_set = tokenize(tokenizer, task.model_targets(data.train), max_length)
         eval_set = tokenize(
-            tokenizer, model_targets(data.eval, scale), max_length, sort_by_length=True
+            tokenizer, task.model_targets(data.eval), max_length, sort_by_length=True
         )
     keeper = BestModel(
         spec.chosen_metric(),
         spec.patience,
         (checkpoint_dir or out_dir / TRAINER_DIR) / BEST_DIR,
-        evaluation_scorer(data.label_names, scale),
+        task.scorer(),
     )
     trainer, curves = build_trainer(
         spec, model, tokenizer, train_set, eval_set, out_dir, report, keeper, checkpoint_dir
@@ -138,13 +120,8 @@ def finetune(
     if resume is not None:
         report({"phase": "resuming", "checkpoint": resume.name})
     with timer.phase("train"):
-        train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        train_output, best = train_best(trainer, keeper, resume, report)
     final_step = int(train_output.global_step)
-    with timer.phase("eval"):
-        if keeper.last is None or keeper.last.step != final_step:
-            report({"phase": "evaluating"})
-            trainer.evaluate()
-        best = keeper.load_best_into(trainer.model, final_step)
     last_loss = curves.train[-1]["loss"] if curves.train else float(train_output.training_loss)
     check_learned(best, last_loss, data.train.labels, spec, warnings)
     with timer.phase("save"):
@@ -153,7 +130,27 @@ def finetune(
         # save_pretrained rather than Trainer.save_model, which adds a pickled training_args.bin
         trainer.model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
-    metrics = final_metrics(best, data.label_names, scale)
+    metrics = task.final_metrics(best)
+    if spec.label_error_folds:
+        with timer.phase("label_errors"):
+            metrics["label_issues"] = find_label_issues(
+                spec.label_error_folds,
+                data,
+                lambda train, held_out, fold: fold_probabilities(
+                    spec,
+                    source,
+                    tokenizer,
+                    task,
+                    (train, held_out),
+                    max_length,
+                    data.eval,
+                    out_dir / TRAINER_DIR / f"fold-{fold}",
+                ),
+                out_dir,
+                report,
+                spec.seed,
+            )
+        shutil.rmtree(out_dir / TRAINER_DIR, ignore_errors=True)
     metrics.update(
         eval_loss=best.metrics["eval_loss"],
         train_loss=float(train_output.training_loss),
@@ -195,58 +192,92 @@ class ExampleSet:
         return self.features[index]
 
 
-@dataclass(frozen=True)
-class TargetScale:
-    """Regression targets are standardised for training (a new head starts near 0, and a
-    1-10 rating would take it many steps to reach); predictions are scaled back."""
-
-    mean: float
-    std: float
-
-    @classmethod
-    def of(cls, targets: list[float]) -> TargetScale:
-        values = np.asarray(targets, dtype=np.float64)
-        return cls(float(values.mean()), float(values.std()) or 1.0)
-
-    def restore(self, values: np.ndarray) -> np.ndarray:
-        return np.asarray(values, dtype=np.float64).reshape(-1) * self.std + self.mean
-
-
-def model_targets(examples: Examples, scale: TargetScale | None) -> Examples:
-    """What the model is trained to output: class ids, or standardised numbers."""
-    if scale is None:
-        return examples
-    standard = [(y - scale.mean) / scale.std for y in examples.labels]
-    return Examples(examples.texts, standard)
+def new_model(spec: FinetuneSpec, source: str, label_names: list[str]) -> Any:
+    """The base model with a new head for ``label_names``, drawn from ``spec.seed``."""
+    # The new head is drawn from the global RNG while loading, before the Trainer seeds it:
+    # unseeded, the same spec gave another model (and other predictions) in each process.
+    set_seed(spec.seed)
+    return load_classifier(
+        spec.model,
+        source,
+        trust_remote_code=spec.trust_remote_code,
+        num_labels=len(label_names),
+        problem_type=PROBLEM_TYPES[spec.task],
+        ignore_mismatched_sizes=True,  # a head for 2 labels on a base, now 3: a new head
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+        **attention_dropout_override(
+            spec.model,
+            source,
+            spec.attention_dropout,
+            trust_remote_code=spec.trust_remote_code,
+        ),
+    )
 
 
-def evaluation_scorer(label_names: list[str], scale: TargetScale | None) -> Scorer:
-    """The metrics of each evaluation pass, from its logits and (model-side) labels."""
-
-    def classification(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        scores = classification_metrics(logits.argmax(axis=-1), labels, label_names)
-        return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
-
-    def regression(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        assert scale is not None
-        scores = regression_metrics(scale.restore(logits), scale.restore(labels), scale.mean)
-        return {key: scores[key] for key in ("mae", "rmse", "spearman")}
-
-    return classification if scale is None else regression
+def train_best(
+    trainer: Any, keeper: BestModel, resume: Path | None, report: Progress
+) -> tuple[Any, Evaluation]:
+    """Train (from ``resume``, if given), make sure the final weights were evaluated, and put
+    the best evaluation's weights into the model."""
+    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    final_step = int(train_output.global_step)
+    if keeper.last is None or keeper.last.step != final_step:
+        report({"phase": "evaluating"})
+        trainer.evaluate()
+    return train_output, keeper.load_best_into(trainer.model, final_step)
 
 
-def final_metrics(
-    best: Evaluation, label_names: list[str], scale: TargetScale | None
-) -> dict[str, Any]:
-    """The registered model's metrics on the evaluation rows; a classifier's with its
-    calibration, a regressor's with how its targets were scaled."""
-    if scale is None:
-        metrics = classification_metrics(best.logits.argmax(axis=-1), best.labels, label_names)
-        metrics["calibration"] = calibrate(best.logits, best.labels).to_dict()
-        return metrics
-    metrics = regression_metrics(scale.restore(best.logits), scale.restore(best.labels), scale.mean)
-    metrics["target_scale"] = {"mean": scale.mean, "std": scale.std}
-    return metrics
+def fold_probabilities(
+    spec: FinetuneSpec,
+    source: str,
+    tokenizer: Any,
+    task: Task,
+    rows: tuple[Examples, Examples],
+    max_length: int,
+    evaluation: Examples,
+    work: Path,
+) -> np.ndarray:
+    """Train a new model on ``rows[0]`` as the job's own is trained (the best evaluation on
+    the job's evaluation rows kept), and return its probabilities for ``rows[1]``."""
+    train, held_out = rows
+    model = new_model(spec, source, task.label_names)
+    keeper = BestModel(spec.chosen_metric(), spec.patience, work / BEST_DIR, task.scorer())
+    trainer, _ = build_trainer(
+        spec,
+        model,
+        tokenizer,
+        tokenize(tokenizer, task.model_targets(train), max_length),
+        tokenize(tokenizer, task.model_targets(evaluation), max_length, sort_by_length=True),
+        work,
+        lambda _progress: None,
+        keeper,
+    )
+    train_best(trainer, keeper, None, lambda _progress: None)
+    logits = held_out_logits(trainer.model, tokenizer, held_out, max_length, spec)
+    shutil.rmtree(work, ignore_errors=True)
+    return softmax(logits)
+
+
+def held_out_logits(
+    model: Any, tokenizer: Any, examples: Examples, max_length: int, spec: FinetuneSpec
+) -> np.ndarray:
+    """The model's logits for ``examples``, in their order. Not ``Trainer.predict``: with
+    length-grouped sampling the Trainer reorders evaluation rows too (transformers 5)."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    rows = tokenize(tokenizer, examples, max_length).features
+    ids = [{"input_ids": row["input_ids"]} for row in rows]
+    size, bf16 = spec.batch_size * 2, training_bf16(spec.precision)
+    out = []
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        for start in range(0, len(ids), size):
+            padded = tokenizer.pad(ids[start : start + size], return_tensors="pt")
+            logits = model(**{k: v.to(device) for k, v in padded.items()}).logits
+            out.append(logits.float().cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
 
 
 def choose_max_length(tokenizer: Any, texts: list[str]) -> int:
@@ -469,6 +500,8 @@ def write_manifest(
         "data_fingerprint": data.fingerprint,
         "calibration": result.metrics.get("calibration"),
         "target_scale": result.metrics.get("target_scale"),
+        "thresholds": result.metrics.get("thresholds"),
+        "label_separator": spec.label_separator if spec.task == "multi_label" else None,
         "training": result.metrics.get("training"),
         "warnings": result.warnings,
         "phases": result.phases,

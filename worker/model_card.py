@@ -55,6 +55,7 @@ def model_card(manifest: dict[str, Any]) -> str:
         describe_calibration(manifest),
         describe_training(manifest),
         describe_warnings(manifest),
+        describe_label_issues(manifest),
         describe_limitations(manifest),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
@@ -217,6 +218,24 @@ def describe_warnings(manifest: dict[str, Any]) -> str:
         return ""
     items = [f"- {one_line(str(warning))}" for warning in warnings]
     return "\n".join(["## Warnings", "", *items])
+
+
+def describe_label_issues(manifest: dict[str, Any]) -> str:
+    """How many training labels look wrong, when the job looked (``label_error_folds``)."""
+    issues = (manifest.get("metrics") or {}).get("label_issues")
+    if not issues:
+        return ""
+    return "\n".join(
+        [
+            "## Likely label errors",
+            "",
+            f"{format_count(issues.get('found'))} of {format_count(issues.get('rows_checked'))} "
+            f"training rows look mislabelled: scored by models trained on the other "
+            f"{format_count(issues.get('folds'))} folds' rows, their given label was unlikely "
+            f"(confident learning). They are ranked in `{issues.get('file')}` beside the model; "
+            "the model was trained on them as given.",
+        ]
+    )
 
 
 def describe_limitations(manifest: dict[str, Any]) -> str:

@@ -53,6 +53,8 @@ class Classifier:
     labels: list[str]
     temperature: float = 1.0  # fitted on the evaluation rows when the model was trained
     target_scale: tuple[float, float] | None = None  # a regression model's (mean, std)
+    thresholds: list[float] | None = None  # a multi-label model's, one per label
+    separator: str = "|"  # joins a multi-label model's labels in one field
 
     @property
     def regression(self) -> bool:
@@ -133,8 +135,20 @@ def load_for_inference(
     manifest = read_manifest(folder)
     calibration = manifest.get("calibration") or {}
     temperature = float(calibration.get("temperature", 1.0))
+    problem = getattr(model.config, "problem_type", None)
+    thresholds = None
+    if problem == "multi_label_classification":
+        thresholds = manifest.get("thresholds") or [0.5] * len(labels)
     return Classifier(
-        model, tokenizer, device, precision, labels, temperature, target_scale(model, manifest)
+        model,
+        tokenizer,
+        device,
+        precision,
+        labels,
+        temperature,
+        target_scale(model, manifest),
+        thresholds,
+        manifest.get("label_separator") or "|",
     )
 
 
@@ -201,6 +215,8 @@ def classify(
     if classifier.target_scale is not None:
         mean, std = classifier.target_scale
         return logits * std + mean
+    if classifier.thresholds is not None:  # one independent probability per label
+        return 1 / (1 + np.exp(-logits))
     scaled = logits / classifier.temperature
     scaled -= scaled.max(axis=1, keepdims=True)
     exp = np.exp(scaled)
@@ -251,8 +267,24 @@ def predict_texts(
     if classifier.regression:
         values = probabilities[:, 0].astype(float)
         return [Prediction(label=f"{v:.3f}", score=float("nan"), value=v) for v in values]
+    if classifier.thresholds is not None:
+        chosen = probabilities >= np.asarray(classifier.thresholds)
+        return [
+            Prediction(
+                label=label_set(classifier, row),
+                score=float(probabilities[i][row].min()) if row.any() else 0.0,
+            )
+            for i, row in enumerate(chosen)
+        ]
     best = probabilities.argmax(axis=1)
     return [
         Prediction(label=classifier.labels[i], score=float(probabilities[row, i]))
         for row, i in enumerate(best)
     ]
+
+
+def label_set(classifier: Classifier, chosen: np.ndarray) -> str:
+    """A multi-label model's labels for one text, joined as its training data joined them."""
+    return classifier.separator.join(
+        name for name, on in zip(classifier.labels, chosen, strict=True) if on
+    )

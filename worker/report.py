@@ -138,7 +138,9 @@ def job_section(engine: Engine, job: Job) -> str:
     if metrics.get("data"):
         blocks.append(data_summary(metrics["data"]))
     plots = plot_images(model.path if model else None, metrics.get("plots") or [])
-    return heading + status + f"<div class='grid'>{''.join(b for b in blocks if b)}</div>" + plots
+    issues = label_issues_table(metrics.get("label_issues"))
+    grid = f"<div class='grid'>{''.join(b for b in blocks if b)}</div>"
+    return heading + status + grid + plots + issues
 
 
 def key_values(title: str, items: list[tuple[str, Any]]) -> str:
@@ -156,6 +158,26 @@ def per_class_table(per_class: dict[str, dict[str, Any]]) -> str:
         for label, scores in per_class.items()
     )
     return f"<div><h3>Per class (eval)</h3><table>{head}{rows}</table></div>"
+
+
+def label_issues_table(issues: dict[str, Any] | None) -> str:
+    """The training rows most likely mislabelled, as ranked by confident learning."""
+    if not issues:
+        return ""
+    columns = ("rank", "given_label", "likely_label", "given_label_probability", "text")
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
+    rows = "".join(
+        "<tr>" + "".join(cell(row.get(c)) for c in columns) + "</tr>" for row in issues["top"]
+    )
+    summary = (
+        f"{issues['found']} of {issues['rows_checked']} training rows look mislabelled "
+        f"({issues['folds']} folds, out-of-fold accuracy {issues['out_of_fold_accuracy']}); "
+        f"the first {len(issues['top'])} below, all in {esc(issues['file'])} beside the model."
+    )
+    return (
+        f"<div><h3>Likely label errors</h3><p>{summary}</p>"
+        f"<table><tr>{head}</tr>{rows}</table></div>"
+    )
 
 
 def data_summary(data: dict[str, Any]) -> str:

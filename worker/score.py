@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -50,13 +51,15 @@ class ShardResult:
 
 
 def output_columns(
-    input_columns: list[str], labels: list[str], probabilities: bool, regression: bool = False
+    input_columns: list[str], labels: list[str], probabilities: bool, kind: str = "single"
 ) -> list[str]:
     """Names of the columns scoring adds: ``label``, ``score`` (``predicted_…`` if the input
-    has those already) and, on request, ``prob_<label>`` per label; for a regression model,
-    ``value``."""
-    if regression:
+    has those already) and, on request, ``prob_<label>`` per label; for a multi-label model
+    ``labels`` and every ``prob_<label>``; for a regression model, ``value``."""
+    if kind == "regression":
         names = ["value"]
+    elif kind == "multi_label":
+        names = ["labels"] + [f"prob_{k}" for k in labels]
     else:
         names = ["label", "score"] + ([f"prob_{k}" for k in labels] if probabilities else [])
     return [f"predicted_{n}" if n in input_columns else n for n in names]
@@ -153,11 +156,13 @@ def score_table(
     mask = np.ones(len(texts), dtype=bool)
     mask[present] = False
     if classifier.regression:
-        [name] = output_columns(table.column_names, [], False, regression=True)
+        [name] = output_columns(table.column_names, [], False, "regression")
         values = np.zeros(len(texts), dtype=np.float64)
         values[present] = probabilities[:, 0]
         table = table.append_column(name, pa.array(values, mask=mask))
         return table, len(texts) - len(present)
+    if classifier.thresholds is not None:
+        return add_label_sets(table, classifier, probabilities, present), len(texts) - len(present)
     labels = np.array(classifier.labels, dtype=object)
     best = probabilities.argmax(axis=1) if len(present) else np.zeros(0, dtype=int)
     label_values = np.full(len(texts), None, dtype=object)
@@ -173,6 +178,28 @@ def score_table(
             column[present] = probabilities[:, k]
             table = table.append_column(name, pa.array(column, mask=mask))
     return table, len(texts) - len(present)
+
+
+def add_label_sets(
+    table: pa.Table, classifier: Any, probabilities: np.ndarray, present: list[int]
+) -> pa.Table:
+    """A multi-label model's columns: the label set of each row, then every label's
+    probability; rows with empty text get nulls."""
+    from tuneq.worker.predict import label_set
+
+    rows = table.num_rows
+    mask = np.ones(rows, dtype=bool)
+    mask[present] = False
+    chosen = probabilities >= np.asarray(classifier.thresholds)
+    sets = np.full(rows, None, dtype=object)
+    sets[present] = [label_set(classifier, row) for row in chosen]
+    names = output_columns(table.column_names, classifier.labels, True, "multi_label")
+    table = table.append_column(names[0], pa.array(sets, type=pa.string()))
+    for k, name in enumerate(names[1:]):
+        column = np.zeros(rows, dtype=np.float32)
+        column[present] = probabilities[:, k]
+        table = table.append_column(name, pa.array(column, mask=mask))
+    return table
 
 
 def score_shard(
