@@ -68,45 +68,42 @@ def test_flipped_synthetic_labels_are_every_row_found(tiny_model: Path, tmp_path
 
 @pytest.mark.slow
 def test_flipped_imdb_labels_rank_at_the_top(tmp_path: Path) -> None:
-    """400 IMDB reviews, 20 of their labels flipped on purpose: of the 20 rows ranked most
-    likely mislabelled, at least half are flipped ones (by chance: 5 %)."""
+    """800 IMDB reviews, 5 % of their labels (40) flipped on purpose: of the 20 rows ranked
+    most likely mislabelled, at least half are flipped ones (by chance: one). Measured: 12 (and
+    19 of the top 40), with out-of-fold accuracy 0.75 at 128 tokens (about 7 minutes)."""
+    from pyarrow import csv as pa_csv
+
     from tuneq.schemas.specs import FinetuneSpec
     from tuneq.worker.finetune import finetune
 
     source = SHARED_DATA / "imdb" / "train.csv.gz"
     if not source.is_file():
         unavailable(f"{source} is missing")
-    from pyarrow import csv as pa_csv
-
     table = pa_csv.read_csv(source)
-    order = np.random.default_rng(0).permutation(table.num_rows)[:500]
+    order = np.random.default_rng(0).permutation(table.num_rows)[:1000]
     rows = table.take(order).select(["text", "label"]).to_pylist()
-    flipped = set(random.Random(1).sample(range(400), 20))
+    flipped = set(random.Random(1).sample(range(800), 40))
     train = [
-        (r["text"], 1 - r["label"] if i in flipped else r["label"])
-        for i, r in enumerate(rows[:400])
+        (row["text"], 1 - row["label"] if i in flipped else row["label"])
+        for i, row in enumerate(rows[:800])
     ]
-    evaluation = [(r["text"], r["label"]) for r in rows[400:]]
-    data = write_csv(tmp_path / "train.csv", ["text", "label"], train)
-    held = write_csv(tmp_path / "eval.csv", ["text", "label"], evaluation)
+    evaluation = [(row["text"], row["label"]) for row in rows[800:]]
     spec = FinetuneSpec(
-        data=str(data),
-        eval_data=str(held),
+        data=str(write_csv(tmp_path / "train.csv", ["text", "label"], train)),
+        eval_data=str(write_csv(tmp_path / "eval.csv", ["text", "label"], evaluation)),
         label_names=["negative", "positive"],
         max_length=128,
         epochs=2,
         learning_rate=1e-4,
-        label_error_folds=3,
+        label_error_folds=4,
         checkpoint_steps=None,
     )
-    result = finetune(spec, tmp_path / "model")
-    issues = result.metrics["label_issues"]
-    assert issues["rows_checked"] == 400 and issues["folds"] == 3
+    issues = finetune(spec, tmp_path / "model").metrics["label_issues"]
+    assert issues["rows_checked"] == 800 and issues["folds"] == 4
     with (tmp_path / "model" / "label_issues.csv").open(newline="") as handle:
         ranked = list(csv.DictReader(handle))
     assert len(ranked) == issues["found"] >= 20
-    texts = {text: i for i, (text, _) in enumerate(train)}
-    top = [texts[row["text"]] for row in ranked[:20]]
-    hits = len(set(top) & flipped)
+    rows_of = {text: i for i, (text, _) in enumerate(train)}
+    hits = len({rows_of[row["text"]] for row in ranked[:20]} & flipped)
     assert hits >= 10, f"{hits} of the top 20 are flipped rows"
-    assert [r["rank"] for r in issues["top"]] == list(range(1, 21))
+    assert [row["rank"] for row in issues["top"]] == list(range(1, 21))
