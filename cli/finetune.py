@@ -30,7 +30,10 @@ def finetune(job_file: Path | None, wait: bool, **options: Any) -> None:
       tuneq finetune --data reviews.csv --name reviews --wait
       tuneq finetune --data ../shared/data/imdb --train-size 1000 --eval-size 400 \\
           --label-names negative,positive --name imdb-sentiment
-      tuneq finetune job.yaml --epochs 3
+      tuneq finetune job.yaml --epochs 5 --patience 2
+      tuneq finetune --data ../shared/data/imdb --task regression --label-column rating
+      tuneq finetune --data tags.jsonl --task multi_label --label-column topics
+      tuneq finetune --data reviews.csv --label-error-folds 4   # also rank likely label errors
     """
     values = read_job_file(job_file) if job_file else {}
     values.update({name: value for name, value in options.items() if value is not None})
