@@ -1,0 +1,356 @@
+"""Model quality: what a fine-tune with tuneq's defaults gives, against the best run of a
+learning-rate x epochs grid, on real data sets, with the packaged MiniLM.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/quality.py                 # every set, as planned
+    .venv/bin/python bench/quality.py --sets uci-yelp,sst2-1k --seeds 1
+    .venv/bin/python bench/quality.py --table                          # the README's table
+
+Runs are added to ``bench/results/quality.json`` one by one as they end, so an interrupted
+benchmark goes on where it stopped; a run already in the file (same set, seed and settings) is
+not repeated unless ``--rerun``. Each run calls the work function ``finetune`` directly (no
+queue), with the set's rows and the settings under test, and records accuracy, macro-F1, the
+calibration error before and after temperature scaling, how training ended, and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, SHARED_DATA, machine  # noqa: E402
+
+RESULTS_FILE = RESULTS / "quality.json"
+GRID = {"learning_rate": [5e-5, 1e-4, 2e-4], "epochs": [1, 3]}
+HEADLINE = "macro_f1"
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """A benchmark set: the spec fields that select its rows, and how many seeds it needs
+    (several where the evaluation set is small, so the spread shows)."""
+
+    name: str
+    what: str
+    fields: dict[str, Any]
+    seeds: int = 1
+    prepare: str | None = None  # a function below that writes the files the fields name
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+IMDB = {"data": str(SHARED_DATA / "imdb"), "label_names": ["negative", "positive"]}
+SST2 = {
+    "data": str(SHARED_DATA / "sst2" / "train.tsv.gz"),
+    "eval_data": str(SHARED_DATA / "sst2" / "dev.tsv"),
+    "text_column": "sentence",
+    "eval_text_column": "content",  # the dev file names it differently
+    "label_names": ["negative", "positive"],
+}
+
+
+def uci(domain: str) -> dict[str, Any]:
+    return {
+        "data": f"{domain}.tsv",  # the .txt file, linked under a name that says its format
+        "columns": ["text", "label"],
+        "label_names": ["negative", "positive"],
+        "train_size": 800,
+        "eval_size": 200,
+    }
+
+
+SETS = [
+    DataSet(
+        "imdb-1k",
+        "IMDB, the recipe's 1,000 / 400",
+        {**IMDB, "train_size": 1000, "eval_size": 400},
+        seeds=3,
+    ),
+    DataSet("sst2-1k", "SST-2, 1,000 train, dev 872", {**SST2, "train_size": 1000}),
+    DataSet("uci-amazon", "UCI Amazon, 800 / 200", uci("amazon_cells"), 3, "tab_separated"),
+    DataSet("uci-yelp", "UCI Yelp, 800 / 200", uci("yelp"), 3, "tab_separated"),
+    DataSet("uci-imdb", "UCI IMDB, 800 / 200", uci("imdb"), 3, "tab_separated"),
+    DataSet("xlmt-en", "XLM-T English tweets, 3 classes", {}, prepare="english_tweets"),
+    DataSet("sst2-10k", "SST-2, 10,000 train, dev 872", {**SST2, "train_size": 10000}),
+    DataSet("imdb-5k", "IMDB, 5,000 / 1,000", {**IMDB, "train_size": 5000, "eval_size": 1000}),
+    DataSet(
+        "imdb-rating",
+        "IMDB ratings 1-10 (regression), 1,000 / 400",
+        {
+            "data": str(SHARED_DATA / "imdb"),
+            "task": "regression",
+            "label_column": "rating",
+            "train_size": 1000,
+            "eval_size": 400,
+        },
+    ),
+]
+
+
+def tab_separated(work: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """The UCI ``.txt`` file, linked as ``.tsv``: it is tab-separated text without a header."""
+    link = work / data["data"]
+    domain = link.name.removesuffix(".tsv")
+    if not link.exists():
+        link.symlink_to(SHARED_DATA / "uci_sentences" / f"{domain}_labelled.txt")
+    return {"data": str(link)}
+
+
+def english_tweets(work: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """XLM-T's English rows, train and test, as two JSON-lines files."""
+    paths = {}
+    for split in ("train", "test"):
+        source = SHARED_DATA / "xlmt" / f"{split}.jsonl"
+        rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines()]
+        path = work / f"xlmt-en-{split}.jsonl"
+        with path.open("w", encoding="utf-8") as out:
+            for row in rows:
+                if row.get("lang") == "english":
+                    out.write(json.dumps({"text": row["text"], "label": row["label"]}) + "\n")
+        paths[split] = str(path)
+    return {"data": paths["train"], "eval_data": paths["test"]}
+
+
+def settings_list(grid: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """The defaults (no tuning flag) first, unless they are a grid point (the same run, so it
+    is not run twice), then every grid point."""
+    points: list[dict[str, Any]] = []
+    for learning_rate in grid["learning_rate"]:
+        for epochs in grid["epochs"]:
+            points.append({"learning_rate": learning_rate, "epochs": epochs})
+    return points if default_point() in points else [{}, *points]
+
+
+def default_point() -> dict[str, Any]:
+    """The grid coordinates of a fine-tune with no tuning flags."""
+    from tuneq.schemas.specs import FinetuneSpec
+
+    spec = FinetuneSpec(data="x.csv")
+    epochs = int(spec.epochs) if spec.epochs == int(spec.epochs) else spec.epochs
+    return {"learning_rate": spec.learning_rate, "epochs": epochs}
+
+
+def run_key(set_name: str, seed: int, settings: dict[str, Any]) -> str:
+    return json.dumps([set_name, seed, settings], sort_keys=True)
+
+
+def fine_tune(data: dict[str, Any], settings: dict[str, Any], seed: int) -> dict[str, Any]:
+    """One fine-tune; its headline figures, or why it was refused (a run that learned
+    nothing)."""
+    from tuneq.schemas.errors import TrainingDiverged
+    from tuneq.schemas.specs import FinetuneSpec
+    from tuneq.worker.finetune import finetune
+
+    spec = FinetuneSpec(model="minilm", seed=seed, checkpoint_steps=None, **data, **settings)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        try:
+            result = finetune(spec, Path(out))
+        except TrainingDiverged as exc:
+            return {"diverged": str(exc), "wall_s": round(time.perf_counter() - started, 1)}
+    metrics = result.metrics
+    if spec.task == "regression":
+        headline = {k: round(metrics[k], 4) for k in ("mae", "rmse", "spearman", "constant_mae")}
+    else:
+        headline = {
+            "accuracy": round(metrics["accuracy"], 4),
+            "macro_f1": round(metrics["macro_f1"], 4),
+            "ece": metrics["calibration"]["ece_before"],
+            "ece_calibrated": metrics["calibration"]["ece_after"],
+            "temperature": metrics["calibration"]["temperature"],
+        }
+    return {
+        **headline,
+        "eval_loss": round(metrics["eval_loss"], 4),
+        "training": metrics["training"],
+        "train_rows": metrics["data"]["train_rows"],
+        "eval_rows": metrics["data"]["eval_rows"],
+        "train_s": result.phases.get("train"),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def load_results() -> dict[str, Any]:
+    if RESULTS_FILE.is_file():
+        return json.loads(RESULTS_FILE.read_text())
+    return {"runs": []}
+
+
+def save_results(results: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    staging = RESULTS_FILE.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(results, indent=1) + "\n")
+    staging.replace(RESULTS_FILE)
+
+
+def commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "worker", "schemas"]).returncode
+    return out.stdout.strip() + ("+changes" if dirty else "")
+
+
+def run(sets: list[DataSet], seeds: int | None, only: str | None, rerun: bool) -> None:
+    results = load_results()
+    results["machine"] = machine()
+    results["grid"] = GRID
+    done = {run_key(r["set"], r["seed"], r["settings"]) for r in results["runs"]}
+    with tempfile.TemporaryDirectory() as work:
+        for data_set in sets:
+            data = dict(data_set.fields)
+            if data_set.prepare:
+                data.update(globals()[data_set.prepare](Path(work), data))
+            points = settings_list(GRID)
+            if only == "defaults":
+                points = [p for p in points if p in ({}, default_point())]
+            elif only == "grid":
+                points = [p for p in points if p != {}]
+            for seed in range(seeds or data_set.seeds):
+                for settings in points:
+                    key = run_key(data_set.name, seed, settings)
+                    if key in done and not rerun:
+                        continue
+                    print(f"{data_set.name} seed {seed} {settings or 'defaults'} ...", flush=True)
+                    outcome = fine_tune(data, settings, seed)
+                    print(f"  {outcome}", flush=True)
+                    results["runs"] = [
+                        r
+                        for r in results["runs"]
+                        if run_key(r["set"], r["seed"], r["settings"]) != key
+                    ]
+                    results["runs"].append(
+                        {
+                            "set": data_set.name,
+                            "seed": seed,
+                            "settings": settings,
+                            "commit": commit(),
+                            **outcome,
+                        }
+                    )
+                    save_results(results)
+
+
+def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per set: the defaults' mean over seeds, the best grid point's mean, and the gap."""
+    rows = []
+    for data_set in SETS:
+        runs, complete = comparable_runs(results["runs"], data_set.name)
+        if not runs:
+            continue
+        by_settings: dict[str, list[dict[str, Any]]] = {}
+        for r in runs:
+            by_settings.setdefault(json.dumps(r["settings"], sort_keys=True), []).append(r)
+        means = {key: mean_of(group) for key, group in by_settings.items()}
+        headline = "spearman" if "mae" in runs[0] else HEADLINE
+        defaults = means.get("{}") or means.get(json.dumps(default_point(), sort_keys=True))
+        grid = {k: v for k, v in means.items() if k != "{}" and v["seeds"]}
+        best_key = max(grid, key=lambda k: grid[k].get(headline, -1.0), default=None)
+        rows.append(
+            {
+                "set": data_set.name,
+                "what": data_set.what,
+                "defaults": defaults,
+                "best_grid": {"settings": json.loads(best_key), **grid[best_key]}
+                if best_key
+                else None,
+                "headline": headline,
+                "defaults_are_grid_point": "{}" not in means,
+                "grid_points": len(grid),
+                "grid_complete": complete,
+                "seeds_compared": sorted({r["seed"] for r in runs}),
+                "gap_points": round(100 * (grid[best_key][headline] - defaults[headline]), 2)
+                if best_key and defaults and defaults["seeds"]
+                else None,
+            }
+        )
+    return rows
+
+
+def comparable_runs(runs: list[dict[str, Any]], name: str) -> tuple[list[dict[str, Any]], bool]:
+    """A set's runs on the seeds that every settings point has (so that no point's mean is
+    over other splits than another's), and whether there are such seeds; without any, every
+    run, and False: a partial grid."""
+    runs = [r for r in runs if r["set"] == name]
+    points = {json.dumps(r["settings"], sort_keys=True) for r in runs}
+    wanted = {json.dumps(p, sort_keys=True) for p in settings_list(GRID)}
+    seeds = {
+        seed
+        for seed in {r["seed"] for r in runs}
+        if {json.dumps(r["settings"], sort_keys=True) for r in runs if r["seed"] == seed}
+        >= (points | wanted)
+    }
+    if not seeds:
+        return runs, False
+    return [r for r in runs if r["seed"] in seeds], True
+
+
+def mean_of(group: list[dict[str, Any]]) -> dict[str, Any]:
+    learned = [r for r in group if "diverged" not in r]
+    out: dict[str, Any] = {"seeds": len(learned), "diverged": len(group) - len(learned)}
+    for key in ("accuracy", "macro_f1", "ece", "ece_calibrated", "mae", "spearman", "wall_s"):
+        values = [r[key] for r in learned if key in r]
+        if values:
+            out[key] = round(statistics.fmean(values), 4)
+            out[f"{key}_spread"] = round(max(values) - min(values), 4)
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    """The README's table, from the results file: macro-F1 for classification sets, Spearman
+    for regression (its MAE in the accuracy column)."""
+    lines = [
+        "| set | defaults: macro-F1 or Spearman (spread) | accuracy or MAE | ECE → calibrated "
+        "| best grid run | its score | gap (points) | seeds | grid | wall s |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---|---:|",
+    ]
+    for row in summarise(results):
+        d, b = row["defaults"] or {}, row["best_grid"] or {}
+        key = row["headline"]
+        settings = b.get("settings", {})
+        best = f"lr {settings['learning_rate']:g}, {settings['epochs']} ep" if b else "-"
+        second = d.get("mae") if key == "spearman" else d.get("accuracy")
+        lines.append(
+            f"| {row['what']} | {fmt(d.get(key))} ({fmt(d.get(f'{key}_spread'))}) "
+            f"| {fmt(second)} | {fmt(d.get('ece'))} → {fmt(d.get('ece_calibrated'))} "
+            f"| {best} | {fmt(b.get(key))} | {fmt(row['gap_points'], 2)} "
+            f"| {d.get('seeds', 0)} "
+            f"| {'all 6' if row['grid_complete'] else str(row['grid_points']) + ' of 6'} "
+            f"| {fmt(d.get('wall_s'), 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", help="comma-separated set names (default: all)")
+    parser.add_argument("--seeds", type=int, help="seeds per set (default: the set's own)")
+    parser.add_argument("--only", choices=["defaults", "grid"], help="run only these settings")
+    parser.add_argument("--rerun", action="store_true", help="repeat runs already recorded")
+    parser.add_argument("--table", action="store_true", help="print the README table and exit")
+    args = parser.parse_args()
+    if args.table:
+        results = load_results()
+        results["summary"] = summarise(results)
+        save_results(results)
+        print(table(results))
+        return
+    names = args.sets.split(",") if args.sets else [s.name for s in SETS]
+    unknown = set(names) - {s.name for s in SETS}
+    if unknown:
+        parser.error(f"unknown sets {sorted(unknown)}; known: {[s.name for s in SETS]}")
+    by_name = {s.name: s for s in SETS}
+    run([by_name[name] for name in names], args.seeds, args.only, args.rerun)
+
+
+if __name__ == "__main__":
+    main()
