@@ -163,6 +163,17 @@ def invoke_cli(env: dict[str, str], *args: str) -> Result:
     return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
 
 
+def finetune_and_show(env: dict[str, str], *args: str) -> dict[str, Any]:
+    """``tuneq finetune ARGS --wait``, which must succeed; the job as ``tuneq show --json``."""
+    import json
+
+    result = invoke_cli(env, "finetune", *args, "--wait")
+    assert result.exit_code == 0, result.output
+    job = json.loads(invoke_cli(env, "show", result.stdout.strip(), "--json").stdout)
+    assert job["status"] == "succeeded", job["error"]
+    return job  # type: ignore[no-any-return]
+
+
 def redis_available(url: str) -> bool:
     import redis
 

@@ -57,7 +57,14 @@ def live_worker(engine: Engine, queue: str, processes: int) -> None:
 
 def queued(engine: Engine, priority: str, minutes_ago: float, **fields: object) -> str:
     spec = FinetuneSpec(
-        **{"data": "/d/new.csv", "model": "m", "queue": "cpu", "priority": priority, **fields}
+        **{
+            "data": "/d/new.csv",
+            "model": "m",
+            "queue": "cpu",
+            "priority": priority,
+            "epochs": 1,
+            **fields,
+        }  # fmt: skip
     )
     return add_job(engine, spec, created_at=NOW - timedelta(minutes=minutes_ago))
 
@@ -131,7 +138,7 @@ def test_scoring_jobs_go_by_their_model_and_data_by_its_last_size(engine: Engine
     finished_finetune(engine, "m", rows=200, epochs=1, seconds=20)  # data /d/old.csv: 200 rows
     live_worker(engine, "cpu", processes=1)
     score = add_job(engine, ScoreSpec(model="champ", input="/b.csv", output="/o.csv", queue="cpu"))
-    again = add_job(engine, FinetuneSpec(data="/d/old.csv", model="other", queue="cpu"))
+    again = add_job(engine, FinetuneSpec(data="/d/old.csv", model="other", queue="cpu", epochs=1))
     by_job = {e.job_id: e for e in queue_estimates(engine, interval_s=15, now=NOW)}
     assert by_job[score].duration_s == 50.0
     assert by_job[score].basis == "median of 3 scoring jobs of that model"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import FILLER, invoke_cli, queue_name, write_csv
+from tests.conftest import FILLER, finetune_and_show, invoke_cli, queue_name, write_csv
 from tuneq.schemas.errors import DataError
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.worker.data import load_training_data
@@ -49,14 +49,11 @@ def test_a_multi_label_job_trains_predicts_and_scores(
     queue = queue_name()
     start_worker(env, queue)
     train = write_csv(tmp_path / "tags.csv", ["text", "topics"], tagged_reviews(300, seed=1))
-    result = invoke_cli(
-        env, "finetune", "--data", str(train), "--model", str(tiny_model), "--queue", queue,
+    job = finetune_and_show(
+        env, "--data", str(train), "--model", str(tiny_model), "--queue", queue,
         "--task", "multi_label", "--label-column", "topics", "--name", "tiny-topics",
-        "--epochs", "12", "--learning-rate", "0.003", "--batch-size", "16", "--wait",
+        "--epochs", "12", "--learning-rate", "0.003", "--batch-size", "16",
     )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    job = json.loads(invoke_cli(env, "show", result.stdout.strip(), "--json").stdout)
-    assert job["status"] == "succeeded", job["error"]
     metrics = job["metrics"]
     assert job["model"]["labels"] == NAMES
     assert metrics["training"]["metric"] == "micro_f1", "the multi-label default"

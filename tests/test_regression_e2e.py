@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import FILLER, NEGATIVE, POSITIVE, invoke_cli, queue_name, write_csv
+from tests.conftest import (
+    FILLER,
+    NEGATIVE,
+    POSITIVE,
+    finetune_and_show,
+    invoke_cli,
+    queue_name,
+    write_csv,
+)
 from tuneq.schemas.errors import DataError
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.worker.data import load_training_data
@@ -36,14 +44,11 @@ def test_a_regression_job_trains_predicts_and_scores(
     queue = queue_name()
     start_worker(env, queue)
     train = write_csv(tmp_path / "ratings.csv", ["text", "rating"], rated_reviews(300, seed=1))
-    result = invoke_cli(
-        env, "finetune", "--data", str(train), "--model", str(tiny_model), "--queue", queue,
+    job = finetune_and_show(
+        env, "--data", str(train), "--model", str(tiny_model), "--queue", queue,
         "--task", "regression", "--label-column", "rating", "--name", "tiny-rating",
-        "--epochs", "12", "--learning-rate", "0.002", "--batch-size", "16", "--wait",
+        "--epochs", "12", "--learning-rate", "0.002", "--batch-size", "16",
     )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    job = json.loads(invoke_cli(env, "show", result.stdout.strip(), "--json").stdout)
-    assert job["status"] == "succeeded", job["error"]
     metrics = job["metrics"]
     assert metrics["training"]["metric"] == "mae", "the regression default"
     assert metrics["mae"] < 0.6 * metrics["constant_mae"], metrics

@@ -120,8 +120,10 @@ def finetune(
     if resume is not None:
         report({"phase": "resuming", "checkpoint": resume.name})
     with timer.phase("train"):
-        train_output, best = train_best(trainer, keeper, resume, report)
+        train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final_step = int(train_output.global_step)
+    with timer.phase("eval"):
+        best = choose_best(trainer, keeper, final_step, report)
     last_loss = curves.train[-1]["loss"] if curves.train else float(train_output.training_loss)
     check_learned(best, last_loss, data.train.labels, spec, warnings)
     with timer.phase("save"):
@@ -215,17 +217,13 @@ def new_model(spec: FinetuneSpec, source: str, label_names: list[str]) -> Any:
     )
 
 
-def train_best(
-    trainer: Any, keeper: BestModel, resume: Path | None, report: Progress
-) -> tuple[Any, Evaluation]:
-    """Train (from ``resume``, if given), make sure the final weights were evaluated, and put
-    the best evaluation's weights into the model."""
-    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    final_step = int(train_output.global_step)
+def choose_best(trainer: Any, keeper: BestModel, final_step: int, report: Progress) -> Evaluation:
+    """After training: evaluate the final weights unless that was their last step's
+    evaluation, and put the best evaluation's weights into the model."""
     if keeper.last is None or keeper.last.step != final_step:
         report({"phase": "evaluating"})
         trainer.evaluate()
-    return train_output, keeper.load_best_into(trainer.model, final_step)
+    return keeper.load_best_into(trainer.model, final_step)
 
 
 def fold_probabilities(
@@ -253,7 +251,8 @@ def fold_probabilities(
         lambda _progress: None,
         keeper,
     )
-    train_best(trainer, keeper, None, lambda _progress: None)
+    final_step = int(trainer.train().global_step)
+    choose_best(trainer, keeper, final_step, lambda _progress: None)
     logits = held_out_logits(trainer.model, tokenizer, held_out, max_length, spec)
     shutil.rmtree(work, ignore_errors=True)
     return softmax(logits)
