@@ -9,7 +9,7 @@ import click
 from tuneq.cli.context import engine, settings
 from tuneq.cli.queue import describe_estimate, estimate_json
 from tuneq.cli.render import JOB_HEADERS, describe_job, job_json, job_row, model_json, table
-from tuneq.schemas.tables import JobStatus
+from tuneq.schemas.tables import ACTIVE, JobStatus
 
 
 @click.command()
@@ -57,7 +57,7 @@ def show(job_id: str, as_json: bool) -> None:
     job = get_job(db, job_id)
     model = job_model(db, job)
     estimate = None
-    if job.status in ("queued", "retrying", "running"):
+    if JobStatus(job.status) in ACTIVE:
         from tuneq.worker.eta import queue_estimates
 
         estimates = queue_estimates(db, interval_s=settings().reap_interval_s)
@@ -83,20 +83,29 @@ def cancel(job_id: str) -> None:
     Example:
       tuneq cancel 3f2a9c
     """
-    from tuneq.worker.runner import cancel_job
+    from tuneq.worker.lifecycle import cancel as cancel_job
 
-    click.echo(f"cancelled {cancel_job(settings(), job_id)}")
+    click.echo(f"cancelled {cancel_job(engine(), job_id)}")
 
 
 @click.command()
 @click.argument("job_id")
-def retry(job_id: str) -> None:
-    """Run a failed or cancelled job again, from the start, under the same id.
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Go on from the newest complete checkpoint (a fine-tune submitted with "
+    "--keep-checkpoints, or requeued after a lost worker) instead of from the start.",
+)
+def retry(job_id: str, resume: bool) -> None:
+    """Run a failed or cancelled job again under the same id: from the start, unless --resume.
 
     \b
-    Example:
+    Examples:
       tuneq retry 3f2a9c && tuneq show 3f2a9c
+      tuneq retry 3f2a9c --resume
     """
     from tuneq.worker.submit import retry as retry_job
 
-    click.echo(f"queued {retry_job(settings(), job_id)} again")
+    job = retry_job(settings(), job_id, resume=resume)
+    how = "to resume from its newest checkpoint" if resume else "from the start"
+    click.echo(f"queued {job.id} again, {how}")

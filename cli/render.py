@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from tuneq.schemas.tables import Job, JobEvent, Model
+from tuneq.schemas.tables import ACTIVE, Job, JobEvent, JobStatus, Model
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -84,7 +84,7 @@ def describe_job(
     duration = seconds_between(job.started_at, job.finished_at)
     if duration is not None:
         lines.append(f"duration  {duration:.1f}s")
-    if job.progress and job.status in ("running", "retrying"):
+    if job.progress and JobStatus(job.status) in ACTIVE:
         from tuneq.cli.follow import progress_line
 
         lines.append(f"progress  {progress_line(job)}")

@@ -42,8 +42,8 @@ def sweep(sweep_file: Path, wait: bool, notify: str | None) -> None:
       tuneq sweep sweep.yaml --notify https://hooks.example.com/tuneq
       tuneq compare imdb-lr-1a2b3c
     """
-    from tuneq.worker.store import create_group
-    from tuneq.worker.submit import submit_job
+    from tuneq.worker.store import new_group
+    from tuneq.worker.submit import submit_jobs
     from tuneq.worker.sweep import expand
 
     document = read_job_file(sweep_file)
@@ -54,10 +54,11 @@ def sweep(sweep_file: Path, wait: bool, notify: str | None) -> None:
     for run in plan.runs:
         absolute_paths(run, ("data", "eval_data", "model"))
         specs.append(build_spec(FinetuneSpec, run))  # every spec is valid before any is queued
-    create_group(engine(), group_id=plan.group_id, size=len(specs), notify=plan.notify)
+    group = new_group(group_id=plan.group_id, size=len(specs), notify=plan.notify)
+    jobs = submit_jobs(settings(), specs, group=group)  # every row first, then the messages
     click.echo(plan.group_id)
-    for spec in specs:
-        click.echo(submit_job(settings(), spec, group_id=plan.group_id).id)
+    for job in jobs:
+        click.echo(job.id)
     if wait:
         wait_for_group(plan.group_id)
         click.echo(compare_table(plan.group_id), err=True)

@@ -44,3 +44,7 @@ class DataUnavailable(DataError):
 
 class JobStateError(TuneqError):
     """The job is in a state that does not allow what was asked (cancel a finished job)."""
+
+
+class SpecUnreadable(TuneqError):
+    """A job's spec that this worker cannot read (written by a newer tuneq, or edited)."""

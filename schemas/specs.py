@@ -171,6 +171,11 @@ class FinetuneSpec(BaseModel):
         description="Checkpoint every this many steps; a retry after a lost worker resumes "
         "from the newest. Null for none.",
     )
+    keep_checkpoints: bool = Field(
+        False,
+        description="Keep the checkpoints of a run that fails, so that `tuneq retry --resume` "
+        "goes on from the newest; default: removed when the job ends.",
+    )
     eval_steps: int | None = Field(
         None,
         ge=1,

@@ -1,7 +1,7 @@
 """The database tables: jobs, their events, shards, registered models, and live workers.
 
-A job is a row: the broker carries only its id. Status changes are compare-and-set updates made
-by the worker's runner (``tuneq.worker.runner``); nothing else changes a job's state.
+A job is a row: the broker carries only its id. Status changes are compare-and-set updates, each
+made by one transition of ``tuneq.worker.lifecycle``; nothing else changes a job's state.
 """
 
 from __future__ import annotations
@@ -28,7 +28,14 @@ def utcnow() -> datetime:
 
 
 class JobStatus(str, enum.Enum):
-    """Where a job is in its life: queued → running → succeeded | failed | cancelled."""
+    """Where a job is in its life (the transitions: ``tuneq.worker.lifecycle``)::
+
+    queued ───claim──▶ running ──succeed──▶ succeeded
+    retrying ─claim──▶ running ──fail─────▶ failed
+                       running ──requeue──▶ retrying      (its worker was lost)
+    queued, retrying, running ──cancel───▶ cancelled
+    failed, cancelled ──retry──▶ queued (from the start) or retrying (--resume)
+    """
 
     queued = "queued"
     running = "running"
@@ -42,7 +49,15 @@ class JobStatus(str, enum.Enum):
         return self in FINISHED
 
 
+WAITING = frozenset({JobStatus.queued, JobStatus.retrying})  # a worker may claim it
+ACTIVE = WAITING | {JobStatus.running}  # it can still be cancelled
 FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+RETRYABLE = frozenset({JobStatus.failed, JobStatus.cancelled})
+
+
+def values(statuses: frozenset[JobStatus]) -> list[str]:
+    """The column values of ``statuses``, in a stable order, for SQL ``IN``."""
+    return sorted(status.value for status in statuses)
 
 
 class Base(DeclarativeBase):

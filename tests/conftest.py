@@ -7,13 +7,16 @@ missing one fails the test; elsewhere it skips with the reason.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -274,3 +277,27 @@ def scoring_input(path: Path, rows: int, seed: int = 1) -> Path:
 def score_args(model: Path, source: Path, output: Path, queue: str, *extra: str) -> list[str]:
     """``tuneq score`` arguments for a test's own queue."""
     return ["score", str(model), str(source), "--output", str(output), "--queue", queue, *extra]
+
+
+class Hook(BaseHTTPRequestHandler):
+    """A notification receiver: what it was posted, in order."""
+
+    received: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Hook.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def hook_url() -> Iterator[str]:
+    Hook.received = []
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/tuneq"
+    server.shutdown()

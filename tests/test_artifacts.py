@@ -25,7 +25,7 @@ from tests.conftest import (
 from tuneq.schemas.errors import ModelError, PathRefused
 from tuneq.schemas.settings import load_settings
 from tuneq.schemas.specs import FinetuneSpec, ScoreSpec
-from tuneq.worker import artifacts, runner
+from tuneq.worker import artifacts, lifecycle, runner
 from tuneq.worker.db import get_engine
 from tuneq.worker.files import iter_batches
 from tuneq.worker.paths import confine_spec
@@ -227,13 +227,17 @@ def test_a_cancelled_or_failed_scoring_job_leaves_nothing_in_the_store(
 
     running = start()
     assert len(published) == 3
-    assert artifacts.exists(f"{runner.scoring_folder(settings, running)}/input.parquet")
-    runner.cancel_job(settings, running)
-    assert not artifacts.exists(runner.scoring_folder(settings, running))
+    assert artifacts.exists(f"{lifecycle.scoring_folder(settings, running, 1)}/input.parquet")
+    lifecycle.cancel(engine, running)
+    # No worker holds a shard of it, so none sees the cancel: the janitor clears the store.
+    assert lifecycle.sweep_leftovers(settings, engine) == [
+        lifecycle.scoring_folder(settings, running)
+    ]
+    assert not artifacts.exists(lifecycle.scoring_folder(settings, running))
 
     failed = start(text_column="review")
     assert get_job(engine, failed).status == "failed"
-    assert not artifacts.exists(runner.scoring_folder(settings, failed))
+    assert not artifacts.exists(lifecycle.scoring_folder(settings, failed))
 
 
 # End to end -----------------------------------------------------------------------------------

@@ -6,19 +6,16 @@ from __future__ import annotations
 import base64
 import json
 import re
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from tests.conftest import (
     REDIS_URL,
     SHARED_DATA,
+    Hook,
     invoke_cli,
     queue_name,
     redis_available,
@@ -185,28 +182,6 @@ def wait_for_end(env: dict[str, str], job_id: str, timeout_s: float = 120) -> di
             return job
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} still {job['status']} after {timeout_s}s")
-
-
-class Hook(BaseHTTPRequestHandler):
-    received: list[dict[str, Any]] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        Hook.received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *_args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def hook_url() -> Iterator[str]:
-    Hook.received = []
-    server = HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/tuneq"
-    server.shutdown()
 
 
 def test_a_notification_is_posted_when_a_job_ends(

@@ -22,7 +22,7 @@ from tests.conftest import (
     unavailable,
 )
 from tuneq.schemas.settings import load_settings
-from tuneq.worker.app import create_app, send_job
+from tuneq.worker.app import create_app, send_job, send_shard
 from tuneq.worker.db import get_engine
 from tuneq.worker.files import iter_batches
 from tuneq.worker.store import get_job, list_events, list_models, list_shards
@@ -103,7 +103,9 @@ def test_cancel_a_queued_job_and_retry_it(fast_env, start_worker, tiny_model, re
     assert (cancelled["status"], cancelled["attempt"]) == ("cancelled", 0), "never started"
     assert json.loads(invoke_cli(fast_env, "show", later, "--json").stdout)["status"] == "succeeded"
 
-    assert invoke_cli(fast_env, "retry", job_id).stdout == f"queued {job_id} again\n"
+    assert (
+        invoke_cli(fast_env, "retry", job_id).stdout == f"queued {job_id} again, from the start\n"
+    )
     retried = wait_for(fast_env, job_id, finished)
     assert (retried["status"], retried["attempt"]) == ("succeeded", 1)
     busy = invoke_cli(fast_env, "retry", job_id)
@@ -113,12 +115,17 @@ def test_cancel_a_queued_job_and_retry_it(fast_env, start_worker, tiny_model, re
 
 
 def test_cancel_a_running_fine_tune(
-    fast_env, start_worker, tiny_model, trained_tiny_model, reviews_csv
+    fast_env, start_worker, tiny_model, trained_tiny_model, reviews_csv, tmp_path
 ):
     queue = queue_name()
-    start_worker(fast_env, queue)
-    job_id = submit(fast_env, *finetune_args(queue, reviews_csv, tiny_model, epochs="100"))
+    # The worker keeps its files in a folder of its own, as on another machine than the CLI's.
+    worker_files = tmp_path / "worker-artifacts"
+    start_worker({**fast_env, "TUNEQ_ARTIFACT_DIR": str(worker_files)}, queue)
+    args = finetune_args(queue, reviews_csv, tiny_model, epochs="100")
+    job_id = submit(fast_env, *args, "--checkpoint-steps", "5")
+    checkpoints = worker_files / "checkpoints" / job_id
     wait_for(fast_env, job_id, lambda j: (j["progress"] or {}).get("step", 0) > 5)
+    assert list(checkpoints.glob("checkpoint-*/tuneq-complete")), "a checkpoint before the cancel"
     [listed] = json.loads(invoke_cli(fast_env, "workers", "--json").stdout)
     assert (listed["queues"], listed["device"], listed["running"]) == ([queue], "cpu", [job_id])
     invoke_cli(fast_env, "cancel", job_id)
@@ -131,8 +138,8 @@ def test_cancel_a_running_fine_tune(
     assert job["progress"]["step"] < job["progress"]["total"], "stopped early"
     engine = get_engine(fast_env["TUNEQ_DATABASE_URL"])
     assert [m.job_id for m in list_models(engine)] == [quick]
-    staging = Path(fast_env["TUNEQ_DATA_DIR"]) / "artifacts" / "staging"
-    assert list(staging.iterdir()) == []
+    assert list((worker_files / "staging").iterdir()) == []
+    assert not checkpoints.exists(), "the worker removed the cancelled job's checkpoints"
 
 
 def test_cancel_a_running_scoring_job(fast_env, start_worker, trained_tiny_model, tmp_path):
@@ -160,6 +167,8 @@ def test_cancel_a_running_scoring_job(fast_env, start_worker, trained_tiny_model
     assert not output.exists()
     shards = list_shards(get_engine(fast_env["TUNEQ_DATABASE_URL"]), job_id)
     assert sum(s.status == "done" for s in shards) < len(shards)
+    scoring = Path(fast_env["TUNEQ_DATA_DIR"]) / "artifacts" / "scoring"
+    assert list(scoring.iterdir()) == [], "no staged input or part is left"
 
 
 def test_cancel_a_queued_scoring_job(fast_env, start_worker, trained_tiny_model, tmp_path):
@@ -190,7 +199,7 @@ def test_a_duplicate_delivery_runs_once(fast_env, start_worker, trained_tiny_mod
     app = create_app(load_settings(fast_env))
     send_job(app, job_id, queue, "normal")  # the same job id, delivered a second time
     app.close()
-    start_worker(fast_env, queue)
+    worker = start_worker(fast_env, queue)
     job = wait_for(fast_env, job_id, finished)
     later = submit(fast_env, *finetune_args(queue, reviews_csv, trained_tiny_model, "1"), "--wait")
     assert later
@@ -198,6 +207,60 @@ def test_a_duplicate_delivery_runs_once(fast_env, start_worker, trained_tiny_mod
     assert (job["status"], job["attempt"]) == ("succeeded", 1)
     assert [e.kind for e in list_events(engine, job_id)].count("running") == 1
     assert sorted(m.job_id for m in list_models(engine)) == sorted([job_id, later])
+    log = worker.log.read_text()
+    assert log.count(f"job {job_id} is not claimable") == 1, "the second delivery came, refused"
+
+
+def test_a_duplicate_shard_delivery_scores_nothing_twice(
+    fast_env, start_worker, trained_tiny_model, tmp_path
+):
+    if not redis_available(REDIS_URL):
+        unavailable(f"Redis is not reachable at {REDIS_URL}")
+    env = {**fast_env, "TUNEQ_BROKER_URL": REDIS_URL}  # its priorities put the duplicates first
+    queue = queue_name()
+    worker = start_worker(env, queue)
+    source = scoring_input(tmp_path / "in.csv", 3000)
+    output = tmp_path / "out.csv"
+    job_id = submit(
+        env, *score_args(trained_tiny_model, source, output, queue), "--shard-rows", "200"
+    )
+    engine = get_engine(env["TUNEQ_DATABASE_URL"])
+    deadline = time.monotonic() + 120
+    while True:  # two shards done, one in the worker's hands, twelve waiting
+        statuses = [s.status for s in list_shards(engine, job_id)]
+        if statuses.count("done") >= 2 and "running" in statuses:
+            break
+        assert time.monotonic() < deadline, "no shard finished"
+        time.sleep(0.02)
+    again = [i for i, status in enumerate(statuses) if status in ("done", "running")]
+    app = create_app(load_settings(env))
+    for index in again:  # delivered a second time, ahead of the shards still waiting
+        send_shard(app, job_id, index, queue, "high")
+    app.close()
+    job = wait_for(env, job_id, finished)
+
+    assert job["status"] == "succeeded"
+    log = worker.log.read_text()
+    refused = [i for i in again if f"shard {job_id}/{i} is not claimable" in log]
+    assert refused == again, "each duplicate was delivered, and refused"
+    shards = list_shards(engine, job_id)
+    assert [(s.index, s.attempt) for s in shards] == [(i, 1) for i in range(15)]
+    scored = [r["id"] for b in iter_batches(output) for r in b.to_pylist()]
+    assert scored == [r["id"] for b in iter_batches(source) for r in b.to_pylist()]
+
+
+def kill_after_a_checkpoint(env, worker, job_id: str) -> tuple[Path, int]:
+    """kill -9 of ``worker``, running ``job_id``, once it saved a complete checkpoint; the
+    checkpoints' folder and the newest step saved."""
+    checkpoints = Path(env["TUNEQ_DATA_DIR"]) / "artifacts" / "checkpoints" / job_id
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("checkpoint-*/tuneq-complete")):
+        assert time.monotonic() < deadline, "no complete checkpoint"
+        time.sleep(0.1)
+    kill_hard(worker)
+    return checkpoints, max(
+        int(p.parent.name.split("-")[1]) for p in checkpoints.glob("*/tuneq-complete")
+    )
 
 
 def test_kill_9_during_fine_tune_resumes_from_the_checkpoint(
@@ -207,13 +270,7 @@ def test_kill_9_during_fine_tune_resumes_from_the_checkpoint(
     first = start_worker(fast_env, queue)
     args = finetune_args(queue, reviews_csv, tiny_model, epochs="30")
     job_id = submit(fast_env, *args, "--checkpoint-steps", "50")
-    checkpoints = Path(fast_env["TUNEQ_DATA_DIR"]) / "artifacts" / "checkpoints" / job_id
-    deadline = time.monotonic() + 120
-    while not list(checkpoints.glob("checkpoint-*/tuneq-complete")):
-        assert time.monotonic() < deadline, "no complete checkpoint"
-        time.sleep(0.1)
-    kill_hard(first)
-    saved = max(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("*/tuneq-complete"))
+    checkpoints, saved = kill_after_a_checkpoint(fast_env, first, job_id)
     start_worker(fast_env, queue)
     job = wait_for(fast_env, job_id, finished, timeout_s=240)
     assert (job["status"], job["attempt"]) == ("succeeded", 2)
@@ -227,28 +284,149 @@ def test_kill_9_during_fine_tune_resumes_from_the_checkpoint(
     assert not checkpoints.exists(), "checkpoints are removed once the model is registered"
 
 
-def test_kill_9_during_scoring_loses_no_row(fast_env, start_worker, trained_tiny_model, tmp_path):
-    if not redis_available(REDIS_URL):
-        unavailable(f"Redis is not reachable at {REDIS_URL}")
-    env = {**fast_env, "TUNEQ_BROKER_URL": REDIS_URL}
+def test_a_job_the_reaper_fails_leaves_no_checkpoint_and_retries_from_the_start(
+    fast_env, start_worker, tiny_model, reviews_csv, tmp_path
+):
+    env = {**fast_env, "TUNEQ_MAX_ATTEMPTS": "1"}
     queue = queue_name()
     doomed = start_worker(env, queue)
+    args = finetune_args(queue, reviews_csv, tiny_model, epochs="30")
+    job_id = submit(env, *args, "--checkpoint-steps", "20")
+    checkpoints, _ = kill_after_a_checkpoint(env, doomed, job_id)
+    # A worker on another machine (its own folder) fails the job; it cannot reach the files.
+    start_worker({**env, "TUNEQ_ARTIFACT_DIR": str(tmp_path / "elsewhere")}, queue)
+    job = wait_for(env, job_id, finished, timeout_s=60)
+    assert (job["status"], job["attempt"]) == ("failed", 1)
+    assert job["error"].startswith("worker lost 1 times (no heartbeat for 4s)")
+    start_worker(env, queue)  # the lost worker's machine runs a worker again: its janitor
+    deadline = time.monotonic() + 10
+    while checkpoints.exists():
+        assert time.monotonic() < deadline, "the failed job's checkpoints are still on disk"
+        time.sleep(0.2)
+
+    assert invoke_cli(env, "retry", job_id).stdout == f"queued {job_id} again, from the start\n"
+    job = wait_for(env, job_id, finished, timeout_s=120)
+    assert (job["status"], job["attempt"]) == ("succeeded", 2)
+    kinds = [e.kind for e in list_events(get_engine(env["TUNEQ_DATABASE_URL"]), job_id)]
+    assert "resumed" not in kinds
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["retry", "retry-resume"])
+def test_kept_checkpoints_are_resumed_only_when_asked(
+    fast_env, start_worker, tiny_model, reviews_csv, resume
+):
+    env = {**fast_env, "TUNEQ_MAX_ATTEMPTS": "1"}
+    queue = queue_name()
+    doomed = start_worker(env, queue)
+    args = finetune_args(queue, reviews_csv, tiny_model, epochs="30")
+    job_id = submit(env, *args, "--checkpoint-steps", "20", "--keep-checkpoints")
+    checkpoints, saved = kill_after_a_checkpoint(env, doomed, job_id)
     start_worker(env, queue)
-    source = scoring_input(tmp_path / "in.csv", 12000)
+    job = wait_for(env, job_id, finished, timeout_s=60)
+    assert (job["status"], job["attempt"]) == ("failed", 1)
+    time.sleep(2)  # two janitor passes
+    assert (checkpoints / f"checkpoint-{saved}" / "tuneq-complete").exists(), "kept, as asked"
+
+    retried = invoke_cli(env, "retry", job_id, *(["--resume"] if resume else []))
+    how = "to resume from its newest checkpoint" if resume else "from the start"
+    assert retried.stdout == f"queued {job_id} again, {how}\n"
+    job = wait_for(env, job_id, finished, timeout_s=120)
+    assert (job["status"], job["attempt"]) == ("succeeded", 2)
+    assert job["metrics"]["train_steps"] == 30 * 10
+    events = list_events(get_engine(env["TUNEQ_DATABASE_URL"]), job_id)
+    said = [(e.kind, e.message) for e in events if e.kind in ("resumed", "fresh")]
+    if resume:
+        assert said == [("resumed", f"resumed from checkpoint-{saved}")]
+    else:
+        [(kind, message)] = said
+        assert kind == "fresh" and f"removed checkpoint-{saved}" in message
+    assert not checkpoints.exists(), "removed once the model is registered"
+
+
+@pytest.mark.parametrize("broker", ["embedded", "redis"])
+def test_kill_9_during_scoring_scores_only_the_lost_shard_again(
+    fast_env, start_worker, trained_tiny_model, tmp_path, broker
+):
+    env = fast_env
+    if broker == "redis":
+        if not redis_available(REDIS_URL):
+            unavailable(f"Redis is not reachable at {REDIS_URL}")
+        env = {**fast_env, "TUNEQ_BROKER_URL": REDIS_URL}
+    queue = queue_name()
+    doomed = start_worker(env, queue)
+    source = scoring_input(tmp_path / "in.csv", 9000)
     output = tmp_path / "out.parquet"
     job_id = submit(
-        env,
-        *score_args(trained_tiny_model, source, output, queue),
-        "--shard-rows",
-        "300",
+        env, *score_args(trained_tiny_model, source, output, queue), "--shard-rows", "300"
     )
-    wait_for(env, job_id, lambda j: (j["progress"] or {}).get("rows", 0) >= 900)
+    engine = get_engine(env["TUNEQ_DATABASE_URL"])
+    deadline = time.monotonic() + 120
+    while True:  # kill it while it holds a shard, after it finished two
+        statuses = [s.status for s in list_shards(engine, job_id)]
+        if statuses.count("done") >= 2 and "running" in statuses:
+            break
+        assert time.monotonic() < deadline, "no shard finished"
+        time.sleep(0.02)
     kill_hard(doomed)
-    job = wait_for(env, job_id, finished, timeout_s=240)
+    [lost] = [s for s in list_shards(engine, job_id) if s.status == "running"]
+    assert f":{doomed.process.pid}/" in lost.worker and lost.attempt == 1, "the killed one's"
+    before = {s.index: s for s in list_shards(engine, job_id) if s.status == "done"}
+    parts = Path(env["TUNEQ_DATA_DIR"]) / "artifacts" / "scoring" / job_id / "1" / "parts"
+    stamps = {i: (parts / f"{i:06d}.parquet").stat().st_mtime_ns for i in before}
+
+    start_worker(env, queue)
+    deadline = time.monotonic() + 240
+    while not finished(job := json.loads(invoke_cli(env, "show", job_id, "--json").stdout)):
+        for index, stamp in stamps.items():  # a finished shard's part is never written again
+            path = parts / f"{index:06d}.parquet"
+            assert not path.exists() or path.stat().st_mtime_ns == stamp, f"part {index}"
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+
     assert job["status"] == "succeeded", job
-    scored = [r["id"] for b in iter_batches(output) for r in b.to_pylist()]
+    after = {s.index: s for s in list_shards(engine, job_id)}
+    assert after[lost.index].attempt == 2, "the lost shard ran again"
+    for index, shard in before.items():
+        assert (after[index].attempt, after[index].finished_at) == (1, shard.finished_at)
+    scored = [r for b in iter_batches(output) for r in b.to_pylist()]
     original = [r["id"] for b in iter_batches(source) for r in b.to_pylist()]
-    assert scored == original, "every row exactly once, in order"
+    assert [r["id"] for r in scored] == original, "every row exactly once, in order"
+    alone = tmp_path / "alone.parquet"
+    submit(env, *score_args(trained_tiny_model, source, alone, queue), "--wait")
+    expected = [r["label"] for b in iter_batches(alone) for r in b.to_pylist()]
+    assert [r["label"] for r in scored] == expected, "the same labels as scoring alone"
+
+
+def test_a_shard_lost_too_often_fails_its_job_and_leaves_no_part(
+    fast_env, start_worker, trained_tiny_model, tmp_path
+):
+    env = {**fast_env, "TUNEQ_MAX_ATTEMPTS": "1"}
+    queue = queue_name()
+    doomed = start_worker(env, queue)
+    source = scoring_input(tmp_path / "in.csv", 6000)
+    output = tmp_path / "out.csv"
+    job_id = submit(
+        env, *score_args(trained_tiny_model, source, output, queue), "--shard-rows", "300"
+    )
+    engine = get_engine(env["TUNEQ_DATABASE_URL"])
+    deadline = time.monotonic() + 120
+    while True:
+        statuses = [s.status for s in list_shards(engine, job_id)]
+        if "done" in statuses and "running" in statuses:
+            break
+        assert time.monotonic() < deadline, "no shard running"
+        time.sleep(0.02)
+    kill_hard(doomed)
+    [lost] = [s for s in list_shards(engine, job_id) if s.status == "running"]
+    start_worker(env, queue)
+    job = wait_for(env, job_id, finished, timeout_s=60)
+    assert (job["status"], job["error"]) == (
+        "failed",
+        f"shard {lost.index}: worker lost 1 times; likely out of memory",
+    )
+    assert not output.exists()
+    scoring = Path(env["TUNEQ_DATA_DIR"]) / "artifacts" / "scoring"
+    assert list(scoring.iterdir()) == [], "no staged input or part is left"
 
 
 def test_jobs_survive_a_flushed_broker(fast_env, start_worker, trained_tiny_model, reviews_csv):

@@ -31,8 +31,8 @@ def finished_job(engine: Engine, tmp_path: Path, group: str, lr: float, accuracy
     """A fine-tune that succeeded, with a model folder holding its plots."""
     spec = FinetuneSpec(data="/d/reviews.csv", learning_rate=lr, queue="cpu", name="m")
     job = store.create_job(engine, spec=spec, group_id=group)
-    attempt = store.claim_job(engine, job_id=job.id, worker="host:1/2")
-    assert attempt is not None
+    assert store.claim_job(engine, job_id=job.id, worker="host:1/2") == (1, "queued")
+    attempt = 1
     metrics = {
         "accuracy": accuracy,
         "macro_f1": accuracy,
@@ -69,9 +69,8 @@ def test_a_group_report_shows_failures_escapes_text_and_embeds_plots(
     failed = store.create_job(
         engine, spec=FinetuneSpec(data="/d/x.csv", queue="cpu", learning_rate=1e-3), group_id="g-1"
     )
-    attempt = store.claim_job(engine, job_id=failed.id, worker="host:1/2")
-    assert attempt is not None
-    store.mark_failed(engine, job_id=failed.id, attempt=attempt, error="<script>x</script> bad")
+    assert store.claim_job(engine, job_id=failed.id, worker="host:1/2") == (1, "queued")
+    store.mark_failed(engine, job_id=failed.id, attempt=1, error="<script>x</script> bad")
 
     page = build_report(engine, "g-1")
     order = [page.index(f"<h2 id='{job_id}'>") for job_id in (best, worse, failed.id)]

@@ -75,7 +75,7 @@ def test_live_workers_show_what_their_processes_run(settings: Settings) -> None:
     start(settings, "host-a:100", ["cpu"])
     start(settings, "host-b:200", ["cpu", "gpu"], device="gpu:1")
     job = store.create_job(engine, spec=FinetuneSpec(data="imdb", queue="cpu"))
-    assert store.claim_job(engine, job_id=job.id, worker="host-b:200/201") == 1
+    assert store.claim_job(engine, job_id=job.id, worker="host-b:200/201") == (1, "queued")
     listed = {live.worker.name: live for live in registry.live_workers(engine, interval_s=15)}
     assert listed["host-a:100"].running == []
     assert listed["host-b:200"].running == [job.id]

@@ -40,7 +40,7 @@ def test_the_database_is_migrated_on_first_use(engine: Engine) -> None:
 
 def test_a_job_can_be_claimed_once(engine: Engine) -> None:
     job = store.create_job(engine, spec=FinetuneSpec(data="x.csv", queue="cpu"))
-    assert store.claim_job(engine, job_id=job.id, worker="w1") == 1
+    assert store.claim_job(engine, job_id=job.id, worker="w1") == (1, "queued")
     assert store.claim_job(engine, job_id=job.id, worker="w2") is None
     claimed = store.get_job(engine, job.id)
     assert (claimed.status, claimed.worker, claimed.attempt) == ("running", "w1", 1)
@@ -48,8 +48,7 @@ def test_a_job_can_be_claimed_once(engine: Engine) -> None:
 
 def test_writes_with_a_stale_attempt_change_nothing(engine: Engine) -> None:
     job = store.create_job(engine, spec=FinetuneSpec(data="x.csv", queue="cpu"))
-    attempt = store.claim_job(engine, job_id=job.id, worker="w1")
-    assert attempt == 1
+    assert store.claim_job(engine, job_id=job.id, worker="w1") == (1, "queued")
     assert not store.record_progress(engine, job_id=job.id, attempt=2, progress={"step": 1})
     assert not store.mark_failed(engine, job_id=job.id, attempt=2, error="stale")
     assert store.mark_failed(engine, job_id=job.id, attempt=1, error="real")
@@ -66,12 +65,11 @@ def test_registration_moves_the_folder_and_ends_the_job_in_one_step(
     versions = []
     for i in range(2):
         job = store.create_job(engine, spec=FinetuneSpec(data="x.csv", queue="cpu"))
-        attempt = store.claim_job(engine, job_id=job.id, worker="w")
-        assert attempt is not None
+        assert store.claim_job(engine, job_id=job.id, worker="w") == (1, "queued")
         row = store.register_model(
             engine,
             job_id=job.id,
-            attempt=attempt,
+            attempt=1,
             staged_dir=staged(tmp_path, f"s{i}"),
             models_dir=models_dir,
             model=MODEL,

@@ -98,27 +98,41 @@ Waiting = set[tuple[str, ...]]  # ("job", id) and ("shard", id, index) of waitin
 
 
 def waiting_messages(app: Celery, queue: str) -> Waiting | None:
-    """The jobs and shards whose messages wait in ``queue``, or ``None`` where the broker cannot
-    be asked (only Redis can). The reaper republishes only what is missing from here."""
+    """The jobs and shards whose messages wait in ``queue`` (not yet delivered to a worker),
+    or ``None`` where the broker cannot be asked. The reaper republishes only what is missing
+    from here. Redis keeps a list per priority; the embedded broker a table, whose delivered
+    rows are marked invisible."""
     with app.connection_for_write() as connection:
-        if connection.transport.driver_type != "redis":
-            return None
         channel = connection.default_channel
-        raws = [
-            raw
-            for step in PRIORITY_STEPS
-            for raw in channel.client.lrange(channel._q_for_pri(queue, step), 0, -1)
-        ]
-        waiting: Waiting = set()
-        for raw in raws:
-            message = json.loads(raw)
-            body = message.get("body", "")
-            if message.get("properties", {}).get("body_encoding") == "base64":
-                body = base64.b64decode(body)
-            args = json.loads(body)[0]
-            task = message.get("headers", {}).get("task")
-            if task == RUN_JOB:
-                waiting.add(("job", str(args[0])))
-            elif task == RUN_SHARD:
-                waiting.add(("shard", str(args[0]), str(args[1])))
-        return waiting
+        if connection.transport.driver_type == "redis":
+            raws = [
+                raw
+                for step in PRIORITY_STEPS
+                for raw in channel.client.lrange(channel._q_for_pri(queue, step), 0, -1)
+            ]
+        elif connection.transport.driver_type == "sql":
+            message = channel.message_cls
+            rows = channel.session.query(message.payload).filter(
+                message.queue_id == channel._get_or_create(queue).id,
+                message.visible.is_(True),
+            )
+            raws = [payload for (payload,) in rows]
+            channel.session.commit()  # end the read, so the broker's writers are not held
+        else:
+            return None
+    return {key for key in map(message_key, raws) if key is not None}
+
+
+def message_key(raw: str | bytes) -> tuple[str, ...] | None:
+    """``("job", id)`` or ``("shard", id, index)`` for a raw kombu message of ours."""
+    message = json.loads(raw)
+    body = message.get("body", "")
+    if message.get("properties", {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    args = json.loads(body)[0]
+    task = message.get("headers", {}).get("task")
+    if task == RUN_JOB:
+        return ("job", str(args[0]))
+    if task == RUN_SHARD:
+        return ("shard", str(args[0]), str(args[1]))
+    return None

@@ -165,6 +165,20 @@ def exists(location: Location) -> bool:
     return bool(fs.exists(path))
 
 
+def list_folder(location: Location) -> list[str]:
+    """The entries of the folder ``location`` (as locations), or none if it is not there."""
+    if not is_uri(location):
+        folder = Path(location)
+        return [str(path) for path in folder.iterdir()] if folder.is_dir() else []
+    fs, path = filesystem(location)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    scheme = str(location).split("://", 1)[0]
+    return [f"{scheme}://{entry.lstrip('/') if scheme != 'file' else entry}" for entry in entries]
+
+
 def remove_folder(location: Location) -> None:
     """Delete the folder ``location`` and everything in it, if it is there."""
     if not is_uri(location):

@@ -18,11 +18,10 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from tuneq.schemas.specs import PRIORITY_LEVELS
-from tuneq.schemas.tables import Job, JobStatus, utcnow
+from tuneq.schemas.tables import ACTIVE, WAITING, Job, JobStatus, utcnow, values
 from tuneq.worker import registry, store
 
 HISTORY = 200  # finished jobs looked at, newest first
-WAITING = (JobStatus.queued.value, JobStatus.retrying.value)
 
 
 @dataclass(frozen=True)
@@ -121,9 +120,7 @@ def queue_estimates(
     """Every running and waiting job, queue by queue, in the order they will run."""
     now = now or utcnow()
     with Session(engine) as session:
-        active = list(
-            session.scalars(select(Job).where(Job.status.in_([*WAITING, JobStatus.running.value])))
-        )
+        active = list(session.scalars(select(Job).where(Job.status.in_(values(ACTIVE)))))
     processes: dict[str, int] = {}
     for live in registry.live_workers(engine, interval_s=interval_s, now=now):
         for queue in live.worker.queues:
@@ -142,7 +139,7 @@ def play_queue(
     """Run ``queue`` forward on ``processes`` slots: each job starts when a slot frees up."""
     running = [job for job in jobs if job.status == JobStatus.running.value]
     waiting = sorted(
-        (job for job in jobs if job.status in WAITING),
+        (job for job in jobs if JobStatus(job.status) in WAITING),
         key=lambda job: (
             PRIORITY_LEVELS.index(store.priority_of(job)),
             store.aware(job.created_at),

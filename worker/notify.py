@@ -16,13 +16,13 @@ from typing import Any
 from sqlalchemy import Engine
 
 from tuneq.schemas.specs import parse_spec
-from tuneq.schemas.tables import Job, JobGroup
+from tuneq.schemas.tables import FINISHED, Job, JobGroup, values
 from tuneq.worker import store
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_S = 10.0
-GROUP_COUNTS = ("succeeded", "failed", "cancelled")
+GROUP_COUNTS = values(FINISHED)
 SUMMARY_METRICS = (
     "accuracy",
     "macro_f1",

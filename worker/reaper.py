@@ -17,22 +17,19 @@ from datetime import timedelta
 
 from tuneq.schemas.settings import Settings
 from tuneq.schemas.tables import utcnow
-from tuneq.worker import store
+from tuneq.worker import lifecycle, store
 from tuneq.worker.app import Waiting
 from tuneq.worker.db import get_engine
-from tuneq.worker.notify import notify_end
 
 log = logging.getLogger(__name__)
 
-PublishJob = Callable[[str, str, str], None]  # job id, queue, priority
-PublishShard = Callable[[str, int, str, str], None]  # job id, shard index, queue, priority
 WaitingIn = Callable[[str], Waiting | None]  # queue -> messages it holds, if the broker can tell
 
 
 def reap(
     settings: Settings,
-    publish_job: PublishJob,
-    publish_shard: PublishShard,
+    publish_job: lifecycle.PublishJob,
+    publish_shard: lifecycle.PublishShard,
     waiting_in: WaitingIn = lambda _queue: None,
 ) -> list[str]:
     """One pass; returns what it did, one line per action. ``waiting_in(queue)`` tells which
@@ -47,29 +44,19 @@ def reap(
                 f"worker lost {job.attempt} times (no heartbeat for "
                 f"{settings.lease_timeout_s:.0f}s); likely out of memory"
             )
-            if store.mark_failed(engine, job_id=job.id, attempt=job.attempt, error=reason):
-                notify_end(engine, job.id)
+            files = lifecycle.job_files(settings, job)
+            if lifecycle.fail(engine, job.id, job.attempt, reason, cleanup=files):
                 actions.append(f"failed job {job.id}: {reason}")
-        elif store.requeue_job(
-            engine,
-            job_id=job.id,
-            from_statuses=("running",),
-            attempt=job.attempt,
-            reason=f"worker {job.worker} lost (no heartbeat); requeued",
-        ):
-            publish_job(job.id, job.queue, store.priority_of(job))
+        elif lifecycle.requeue_lost(engine, job, publish_job):
             actions.append(f"requeued job {job.id} after attempt {job.attempt}")
     for shard in store.stale_shards(engine, before=stale):
         job = store.get_job(engine, shard.job_id)
         if shard.attempt >= settings.max_attempts:
             reason = f"shard {shard.index}: worker lost {shard.attempt} times; likely out of memory"
-            if store.mark_failed(engine, job_id=job.id, attempt=job.attempt, error=reason):
-                notify_end(engine, job.id)
+            files = [lifecycle.scoring_folder(settings, job.id)]
+            if lifecycle.fail(engine, job.id, job.attempt, reason, cleanup=files):
                 actions.append(f"failed job {job.id}: {reason}")
-        elif store.requeue_shard(
-            engine, job_id=shard.job_id, index=shard.index, attempt=shard.attempt
-        ):
-            publish_shard(shard.job_id, shard.index, job.queue, store.priority_of(job))
+        elif lifecycle.requeue_lost_shard(engine, shard, job, publish_shard):
             actions.append(f"requeued shard {shard.job_id}/{shard.index}")
     unclaimed = now - timedelta(seconds=settings.requeue_after_s)
     waiting: dict[str, Waiting | None] = {}
@@ -102,13 +89,14 @@ def reap(
 
 def start_reaper(
     settings: Settings,
-    publish_job: PublishJob,
-    publish_shard: PublishShard,
+    publish_job: lifecycle.PublishJob,
+    publish_shard: lifecycle.PublishShard,
     waiting_in: WaitingIn,
     heartbeat: Callable[[], None],
 ) -> threading.Event:
     """Run :func:`reap` every ``reap_interval_s`` in a daemon thread, after ``heartbeat`` (the
-    worker's own row in the registry); set the event to stop."""
+    worker's own row in the registry), then the janitor that removes what ended jobs left in
+    this worker's folders; set the event to stop."""
     stop = threading.Event()
 
     def loop() -> None:
@@ -121,6 +109,7 @@ def start_reaper(
                 )
             try:
                 reap(settings, publish_job, publish_shard, waiting_in)
+                lifecycle.sweep_leftovers(settings, get_engine(settings.database_url))
             except Exception:
                 log.exception("reaper pass failed; trying again in %ss", settings.reap_interval_s)
 

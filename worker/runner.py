@@ -1,7 +1,8 @@
-"""The job runner: the one place where a job's state changes.
+"""The job runner: a worker's side of a job, from its claim to its outcome.
 
-``run_job`` claims a job, runs its work, and records the outcome. It is safe to call twice for
-the same job: a delivery that cannot claim the job returns without touching anything.
+``run_job`` claims a job, runs its work, and records the outcome through the transitions of
+``tuneq.worker.lifecycle``. It is safe to call twice for the same job: a delivery that cannot
+claim the job returns without touching anything.
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from tuneq.schemas.errors import JobStateError, TuneqError
+from tuneq.schemas.errors import TuneqError
 from tuneq.schemas.settings import Settings
 from tuneq.schemas.specs import FinetuneSpec, ScoreSpec, parse_spec
-from tuneq.schemas.tables import JobStatus, utcnow
-from tuneq.worker import artifacts, store
+from tuneq.schemas.tables import utcnow
+from tuneq.worker import artifacts, lifecycle, store
 from tuneq.worker.db import get_engine
 from tuneq.worker.device import release_gpu_memory
 from tuneq.worker.lease import JobStopped, Lease
-from tuneq.worker.notify import notify_end
 from tuneq.worker.paths import confine_spec
 
 log = logging.getLogger(__name__)
@@ -69,113 +69,104 @@ def run_job(
     """Claim job ``job_id`` and run it; returns its state afterwards, or ``None`` when another
     delivery owns the job. A scoring job stays ``running`` while its shards are scored."""
     engine = get_engine(settings.database_url)
-    attempt = store.claim_job(engine, job_id=job_id, worker=worker)
-    if attempt is None:
-        log.info("job %s is not claimable (already taken or finished); skipping", job_id)
+    claim = lifecycle.claim(engine, job_id, worker=worker)
+    if claim is None:
+        log.info("job %s is not claimable (already taken, finished or unreadable)", job_id)
         return None
-    job = store.get_job(engine, job_id)
-    spec = parse_spec(job.spec)
+    attempt, spec = claim.attempt, claim.spec
     lease = Lease(
         lambda: store.renew_job_lease(engine, job_id=job_id, attempt=attempt),
         settings.heartbeat_s,
         f"job {job_id} attempt {attempt}",
     )
+    files = lifecycle.job_files(settings, store.get_job(engine, job_id))
     if isinstance(spec, ScoreSpec):
-        folder = scoring_folder(settings, job_id)
-        with lease, failures_recorded(engine, job_id, attempt, cleanup=folder):
+        folder = lifecycle.scoring_folder(settings, job_id, attempt)
+        with lease, failures_recorded(engine, job_id, attempt, files):
             spec = artifacts.local_model(settings, confine_spec(settings, spec))
             return start_scoring(engine, job_id, attempt, spec, folder, publish_shard, lease)
-        return stopped_or_failed(engine, job_id)
-    staging = settings.artifact_dir / "staging" / f"{job_id}-{attempt}"
+        return store.get_job(engine, job_id).status
+    staging = lifecycle.staging_folder(settings, job_id, attempt)
     try:
-        checkpoints = checkpoint_folder(settings, job_id)
-        with lease, failures_recorded(engine, job_id, attempt, cleanup=checkpoints):
+        with lease, failures_recorded(engine, job_id, attempt, files):
             spec = artifacts.local_model(settings, confine_spec(settings, spec))
-            return run_finetune(settings, engine, job_id, attempt, spec, staging, lease)
-        return stopped_or_failed(engine, job_id)
+            return run_finetune(settings, engine, job_id, claim, spec, staging, lease)
+        return store.get_job(engine, job_id).status
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         release_gpu_memory(job_id)
 
 
-def stopped_or_failed(engine: Engine, job_id: str) -> str:
-    """The state a job ended in after its work raised."""
-    return store.get_job(engine, job_id).status
-
-
 @contextmanager
 def failures_recorded(
-    engine: Engine, job_id: str, attempt: int, *, cleanup: artifacts.Location | None = None
+    engine: Engine, job_id: str, attempt: int, files: list[artifacts.Location]
 ) -> Iterator[None]:
     """Fail the job on any error: a ``TuneqError`` with its message, anything else as an
-    internal error with its traceback. The worker carries on either way."""
+    internal error with its traceback; ``files`` go only if that failure landed. Work that
+    stops because the job was cancelled or taken away ends quietly. The worker carries on."""
     try:
         yield
     except JobStopped:
-        # Cancelled (cancel_job cleans up) or requeued: the next attempt needs the checkpoints.
-        log.info("job %s stopped: cancelled, or another attempt owns it", job_id)
-        return
+        status = lifecycle.stopped(engine, job_id, files)
+        log.info("job %s stopped: it is %s now", job_id, status)
     except TuneqError as exc:
         log.warning("job %s failed: %s", job_id, exc)
-        failed = store.mark_failed(engine, job_id=job_id, attempt=attempt, error=str(exc))
+        lifecycle.fail(engine, job_id, attempt, str(exc), cleanup=files)
     except Exception as exc:
         log.exception("job %s crashed", job_id)
-        failed = store.mark_failed(
+        lifecycle.fail(
             engine,
-            job_id=job_id,
-            attempt=attempt,
-            error=f"internal error: {type(exc).__name__}: {exc}",
+            job_id,
+            attempt,
+            f"internal error: {type(exc).__name__}: {exc}",
             traceback=traceback.format_exc(),
+            cleanup=files,
         )
-    else:
-        return
-    if failed:
-        notify_end(engine, job_id)
-    if cleanup is not None:
-        artifacts.remove_folder(cleanup)
 
 
 def run_finetune(
     settings: Settings,
     engine: Engine,
     job_id: str,
-    attempt: int,
+    claim: lifecycle.Claim,
     spec: FinetuneSpec,
     staging: Path,
     lease: Lease,
 ) -> str:
     from tuneq.worker.finetune import finetune  # torch and transformers load only here
 
+    attempt = claim.attempt
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     recorder = ProgressRecorder(engine, job_id, attempt, lease)
-    checkpoints = checkpoint_folder(settings, job_id)
+    checkpoints = lifecycle.checkpoint_folder(settings, job_id)
+
+    def event(kind: str, message: str) -> None:
+        store.add_event(engine, job_id=job_id, attempt=attempt, kind=kind, message=message)
+
+    if claim.fresh and (discarded := lifecycle.remove_checkpoints(checkpoints)):
+        event("fresh", f"started from the start; removed {', '.join(discarded)}")
     result = finetune(
         spec,
         staging,
         on_progress=recorder,
         checkpoint_dir=checkpoints,
-        on_warning=lambda message: store.add_event(
-            engine, job_id=job_id, attempt=attempt, kind="warning", message=message
-        ),
+        on_warning=lambda message: event("warning", message),
     )
     lease.check()
     if result.resumed_from:
-        store.add_event(
-            engine,
-            job_id=job_id,
-            attempt=attempt,
-            kind="resumed",
-            message=f"resumed from {result.resumed_from}",
-        )
+        event("resumed", f"resumed from {result.resumed_from}")
+    elif not claim.fresh:
+        event("fresh", "no complete checkpoint on this worker: started from the start")
     summary = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.phases.items())
-    store.add_event(engine, job_id=job_id, attempt=attempt, kind="phases", message=summary)
+    event("phases", summary)
     metrics = dict(result.metrics, phases=result.phases)
     stored_at = upload_model(settings, spec.model_name(), f"{job_id}-{attempt}", staging)
-    model = store.register_model(
+    model = lifecycle.succeed_with_model(
         engine,
-        job_id=job_id,
-        attempt=attempt,
+        job_id,
+        attempt,
+        cleanup=[checkpoints],
         staged_dir=staging,
         models_dir=settings.artifact_dir / "models",
         stored_at=stored_at,
@@ -192,9 +183,7 @@ def run_finetune(
         if stored_at is not None:
             artifacts.remove_folder(stored_at)
         return "lost"
-    shutil.rmtree(checkpoints, ignore_errors=True)
     log.info("job %s succeeded: %s:%s at %s", job_id, model.name, model.version, model.path)
-    notify_end(engine, job_id)
     return "succeeded"
 
 
@@ -211,17 +200,6 @@ def upload_model(settings: Settings, name: str, key: str, staging: Path) -> str 
     location = artifacts.store_location(settings, "models", name, key)
     artifacts.put_folder(staging, location)
     return location
-
-
-def checkpoint_folder(settings: Settings, job_id: str) -> Path:
-    """Where a fine-tune keeps its checkpoints until its model is registered."""
-    return settings.artifact_dir / "checkpoints" / job_id
-
-
-def scoring_folder(settings: Settings, job_id: str) -> str:
-    """Where a scoring job keeps its staged input and scored parts: in the artifact store
-    (or the shared artifact folder), which every worker scoring its shards can reach."""
-    return artifacts.store_location(settings, "scoring", job_id)
 
 
 def start_scoring(
@@ -257,42 +235,45 @@ def run_shard(settings: Settings, job_id: str, index: int, *, worker: str) -> st
     from tuneq.worker.score import score_shard
 
     engine = get_engine(settings.database_url)
-    shard_attempt = store.claim_shard(engine, job_id=job_id, index=index, worker=worker)
+    shard_attempt = lifecycle.claim_shard(engine, job_id, index, worker=worker)
     if shard_attempt is None:
         log.info("shard %s/%s is not claimable; skipping", job_id, index)
         return None
     job = store.get_job(engine, job_id)
-    spec = parse_spec(job.spec)
+    spec = parse_spec(job.spec)  # read by the claim of its job already
     assert isinstance(spec, ScoreSpec)
-    folder = scoring_folder(settings, job_id)
+    folder = lifecycle.scoring_folder(settings, job_id, job.attempt)
+    files = lifecycle.job_files(settings, job)
     lease = Lease(
         lambda: store.renew_shard_lease(engine, job_id=job_id, index=index, attempt=shard_attempt),
         settings.heartbeat_s,
         f"shard {job_id}/{index} attempt {shard_attempt}",
     )
     left: int | None = None
-    with lease, failures_recorded(engine, job_id, job.attempt, cleanup=folder):
+    with lease, failures_recorded(engine, job_id, job.attempt, files):
         spec = artifacts.local_model(settings, confine_spec(settings, spec))
         result = score_shard(spec, folder, index, on_batch=lease.check)
-        left = store.finish_shard(
+        left = lifecycle.finish_shard(
             engine,
-            job_id=job_id,
-            index=index,
-            attempt=shard_attempt,
+            job_id,
+            index,
+            shard_attempt,
             empty_rows=result.empty_rows,
             seconds=result.seconds,
         )
+        if left is None:  # cancelled while the part was written: it may have made the folder
+            lifecycle.stopped(engine, job_id, files)
     if left == 0:
         assembly = Lease(
             lambda: store.renew_job_lease(engine, job_id=job_id, attempt=job.attempt),
             settings.heartbeat_s,
             f"job {job_id} output",
         )
-        with assembly, failures_recorded(engine, job_id, job.attempt, cleanup=folder):
+        with assembly, failures_recorded(engine, job_id, job.attempt, files):
             return finish_scoring(settings, engine, job_id, job.attempt, spec, folder, assembly)
     if left is not None:
         return "running"
-    return stopped_or_failed(engine, job_id)
+    return store.get_job(engine, job_id).status
 
 
 def finish_scoring(
@@ -327,40 +308,15 @@ def finish_scoring(
         "rows_per_second": round(rows / wall, 2),
         "scoring_seconds": round(sum(s.seconds or 0 for s in shards), 3),
     }
-    if not store.mark_scored(
-        engine, job_id=job_id, attempt=attempt, output_path=output, metrics=metrics
+    if not lifecycle.succeed_with_output(
+        engine,
+        job_id,
+        attempt,
+        output_path=output,
+        metrics=metrics,
+        cleanup=[lifecycle.scoring_folder(settings, job_id)],
     ):
         log.warning("job %s lost its lease before finishing; output left in place", job_id)
         return "lost"
-    artifacts.remove_folder(folder)
     log.info("job %s succeeded: %d rows scored into %s", job_id, rows, output)
-    notify_end(engine, job_id)
     return "succeeded"
-
-
-def cancel_job(settings: Settings, job_id: str) -> str:
-    """Cancel a job: a queued one never starts; a running one stops at its next step or batch
-    (its lease renewal fails), registers no model and leaves no output."""
-    engine = get_engine(settings.database_url)
-    job = store.get_job(engine, job_id)
-    if not store.cancel_job(engine, job_id=job.id):
-        current = store.get_job(engine, job.id).status
-        raise JobStateError(f"job {job.id} already {current}; nothing to cancel")
-    artifacts.remove_folder(scoring_folder(settings, job.id))
-    shutil.rmtree(checkpoint_folder(settings, job.id), ignore_errors=True)
-    notify_end(engine, job.id)
-    return job.id
-
-
-def retry_job(settings: Settings, job_id: str, publish_job: PublishJob) -> str:
-    """Queue a failed or cancelled job again, from the start, under the same id."""
-    engine = get_engine(settings.database_url)
-    job = store.get_job(engine, job_id)
-    ended = (JobStatus.failed.value, JobStatus.cancelled.value)
-    if not store.requeue_job(
-        engine, job_id=job.id, from_statuses=ended, attempt=None, reason="retried by user"
-    ):
-        current = store.get_job(engine, job.id).status
-        raise JobStateError(f"job {job.id} is {current}; only failed or cancelled jobs retry")
-    publish_job(job.id, job.queue, store.priority_of(job))
-    return job.id

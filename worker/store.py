@@ -19,7 +19,9 @@ from sqlalchemy.orm import Session
 from tuneq.schemas.errors import JobNotFound, ModelNotFound
 from tuneq.schemas.specs import JobSpec
 from tuneq.schemas.tables import (
+    ACTIVE,
     FINISHED,
+    WAITING,
     Job,
     JobEvent,
     JobGroup,
@@ -29,9 +31,8 @@ from tuneq.schemas.tables import (
     Shard,
     ShardStatus,
     utcnow,
+    values,
 )
-
-CLAIMABLE = (JobStatus.queued.value, JobStatus.retrying.value)
 
 
 def new_job_id() -> str:
@@ -49,33 +50,50 @@ def add_event_in(
     )
 
 
-def create_job(engine: Engine, *, spec: JobSpec, group_id: str | None = None) -> Job:
-    """Insert a queued job for ``spec``, whose queue is chosen already, and return it."""
-    if spec.queue is None:
+def create_jobs(
+    engine: Engine,
+    *,
+    specs: list[JobSpec],
+    group: JobGroup | None = None,
+    group_id: str | None = None,
+) -> list[Job]:
+    """Insert a queued job for each spec (each routed to its queue already), and ``group``
+    if given (their sweep), in one transaction: all of them, or none."""
+    if any(spec.queue is None for spec in specs):
         raise ValueError("route the job to a queue before creating it (tuneq.worker.submit)")
-    job = Job(
-        id=new_job_id(),
-        kind=spec.kind,
-        status=JobStatus.queued.value,
-        queue=spec.queue,
-        spec=spec.model_dump(mode="json"),
-        attempt=0,
-        created_at=utcnow(),
-        published_at=utcnow(),
-        group_id=group_id,
-    )
+    now = utcnow()
+    jobs = [
+        Job(
+            id=new_job_id(),
+            kind=spec.kind,
+            status=JobStatus.queued.value,
+            queue=spec.queue,
+            spec=spec.model_dump(mode="json"),
+            attempt=0,
+            created_at=now,
+            published_at=now,
+            group_id=group.id if group else group_id,
+        )
+        for spec in specs
+    ]
     with Session(engine, expire_on_commit=False) as session, session.begin():
-        session.add(job)
-        session.add(JobEvent(job_id=job.id, attempt=0, kind="queued", message="job queued"))
-    return job
+        if group is not None:
+            session.add(group)
+            session.flush()
+        for job in jobs:
+            session.add(job)
+            session.add(JobEvent(job_id=job.id, attempt=0, kind="queued", message="job queued"))
+    return jobs
 
 
-def create_group(engine: Engine, *, group_id: str, size: int, notify: str | None) -> JobGroup:
-    """Record a group of ``size`` jobs about to be submitted (a sweep)."""
-    group = JobGroup(id=group_id, size=size, notify=notify, created_at=utcnow())
-    with Session(engine, expire_on_commit=False) as session, session.begin():
-        session.add(group)
-    return group
+def create_job(engine: Engine, *, spec: JobSpec, group_id: str | None = None) -> Job:
+    """Insert one queued job for ``spec``, whose queue is chosen already."""
+    return create_jobs(engine, specs=[spec], group_id=group_id)[0]
+
+
+def new_group(*, group_id: str, size: int, notify: str | None) -> JobGroup:
+    """A group of ``size`` jobs (a sweep), to be recorded with its jobs by ``create_jobs``."""
+    return JobGroup(id=group_id, size=size, notify=notify, created_at=utcnow())
 
 
 def claim_group_notification(engine: Engine, *, group_id: str) -> JobGroup | None:
@@ -84,7 +102,7 @@ def claim_group_notification(engine: Engine, *, group_id: str) -> JobGroup | Non
     ended = (
         select(func.count())
         .select_from(Job)
-        .where(Job.group_id == group_id, Job.status.in_([s.value for s in FINISHED]))
+        .where(Job.group_id == group_id, Job.status.in_(values(FINISHED)))
         .scalar_subquery()
     )
     claim = (
@@ -137,13 +155,17 @@ def list_events(engine: Engine, job_id: str) -> list[JobEvent]:
         return list(session.scalars(query))
 
 
-def claim_job(engine: Engine, *, job_id: str, worker: str) -> int | None:
-    """Move a queued job to running under a new attempt; ``None`` if someone else has it."""
+def claim_job(engine: Engine, *, job_id: str, worker: str) -> tuple[int, str] | None:
+    """Move a waiting job to running under a new attempt: the attempt and the status it was
+    claimed from; ``None`` if someone else has it."""
     now = utcnow()
     with engine.begin() as conn:
+        previous = conn.execute(select(Job.status).where(Job.id == job_id)).scalar()
+        if previous not in values(WAITING):
+            return None
         result = conn.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status.in_(CLAIMABLE))
+            .where(Job.id == job_id, Job.status == previous)
             .values(
                 status=JobStatus.running.value,
                 attempt=Job.attempt + 1,
@@ -165,7 +187,7 @@ def claim_job(engine: Engine, *, job_id: str, worker: str) -> int | None:
             kind="running",
             message=f"started on {worker}",
         )
-        return int(attempt)
+        return int(attempt), str(previous)
 
 
 def _running(job_id: str, attempt: int) -> Any:
@@ -183,14 +205,20 @@ def record_progress(engine: Engine, *, job_id: str, attempt: int, progress: dict
         return result.rowcount == 1
 
 
-def fail_unsent(engine: Engine, *, job_id: str, error: str) -> None:
-    """Fail a queued job whose message never reached the broker."""
+def fail_unsent(engine: Engine, *, job_id: str, error: str) -> bool:
+    """Fail a queued job whose message never reached the broker; ``False`` if it was not
+    queued any more."""
+    now = utcnow()
     with engine.begin() as conn:
-        conn.execute(
+        result = conn.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.queued.value)
-            .values(status=JobStatus.failed.value, finished_at=utcnow(), error=error)
+            .values(status=JobStatus.failed.value, finished_at=now, error=error)
         )
+        if result.rowcount != 1:
+            return False
+        add_event_in(conn, job_id=job_id, at=now, attempt=0, kind="failed", message=error)
+        return True
 
 
 def add_event(engine: Engine, *, job_id: str, attempt: int, kind: str, message: str) -> None:
@@ -563,9 +591,6 @@ def renew_shard_lease(engine: Engine, *, job_id: str, index: int, attempt: int) 
         return result.rowcount == 1
 
 
-ACTIVE = (JobStatus.queued.value, JobStatus.retrying.value, JobStatus.running.value)
-
-
 def cancel_job(engine: Engine, *, job_id: str) -> bool:
     """Cancel a queued or running job; ``False`` if it had already ended."""
     now = utcnow()
@@ -573,7 +598,7 @@ def cancel_job(engine: Engine, *, job_id: str) -> bool:
         attempt = conn.execute(select(Job.attempt).where(Job.id == job_id)).scalar_one()
         result = conn.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status.in_(ACTIVE))
+            .where(Job.id == job_id, Job.status.in_(values(ACTIVE)))
             .values(status=JobStatus.cancelled.value, finished_at=now, error="cancelled")
         )
         if result.rowcount != 1:
@@ -585,20 +610,25 @@ def cancel_job(engine: Engine, *, job_id: str) -> bool:
 
 
 def requeue_job(
-    engine: Engine, *, job_id: str, from_statuses: tuple[str, ...], attempt: int | None, reason: str
+    engine: Engine,
+    *,
+    job_id: str,
+    from_statuses: list[str],
+    to_status: JobStatus,
+    reason: str,
+    attempt: int | None = None,
 ) -> bool:
     """Put a job back in the queue (a retry, or a job whose worker was lost) and note why."""
     now = utcnow()
     conditions = [Job.id == job_id, Job.status.in_(from_statuses)]
     if attempt is not None:
         conditions.append(Job.attempt == attempt)
-    status = JobStatus.retrying if attempt is not None else JobStatus.queued
     with engine.begin() as conn:
         result = conn.execute(
             update(Job)
             .where(*conditions)
             .values(
-                status=status.value,
+                status=to_status.value,
                 finished_at=None,
                 error=None,
                 traceback=None,
@@ -613,7 +643,7 @@ def requeue_job(
         conn.execute(delete(Shard).where(Shard.job_id == job_id))
         current = conn.execute(select(Job.attempt).where(Job.id == job_id)).scalar_one()
         add_event_in(
-            conn, job_id=job_id, at=now, attempt=current, kind=status.value, message=reason
+            conn, job_id=job_id, at=now, attempt=current, kind=to_status.value, message=reason
         )
         return True
 
@@ -684,7 +714,7 @@ def requeue_shard(engine: Engine, *, job_id: str, index: int, attempt: int) -> b
 def unclaimed_jobs(engine: Engine, *, before: datetime) -> list[Job]:
     """Queued jobs whose last message went out before ``before``: it may have been lost."""
     query = select(Job).where(
-        Job.status.in_(CLAIMABLE), func.coalesce(Job.published_at, Job.created_at) < before
+        Job.status.in_(values(WAITING)), func.coalesce(Job.published_at, Job.created_at) < before
     )
     with Session(engine) as session:
         return list(session.scalars(query))
@@ -703,3 +733,11 @@ def unclaimed_shards(engine: Engine, *, before: datetime) -> list[tuple[Shard, J
     )
     with Session(engine) as session:
         return [(shard, job) for shard, job in session.execute(query).all()]
+
+
+def jobs_with_ids(engine: Engine, job_ids: list[str]) -> list[Job]:
+    """The jobs among ``job_ids`` that exist."""
+    if not job_ids:
+        return []
+    with Session(engine) as session:
+        return list(session.scalars(select(Job).where(Job.id.in_(job_ids))))

@@ -7,8 +7,8 @@ from sqlalchemy import Engine
 from tuneq.schemas.errors import TuneqError
 from tuneq.schemas.settings import Settings, redact_url
 from tuneq.schemas.specs import JobSpec, ScoreSpec
-from tuneq.schemas.tables import Job
-from tuneq.worker import store
+from tuneq.schemas.tables import Job, JobGroup
+from tuneq.worker import lifecycle, store
 from tuneq.worker.app import create_app, send_job
 from tuneq.worker.db import get_engine
 from tuneq.worker.registry import listening
@@ -34,33 +34,49 @@ def route(settings: Settings, engine: Engine, spec: JobSpec) -> str:
     return GPU_QUEUE if gpu else CPU_QUEUE
 
 
-def submit_job(settings: Settings, spec: JobSpec, *, group_id: str | None = None) -> Job:
+def submit_job(settings: Settings, spec: JobSpec) -> Job:
     """Record ``spec`` as a queued job, with its queue chosen, and publish its id there."""
+    return submit_jobs(settings, [spec])[0]
+
+
+def submit_jobs(
+    settings: Settings, specs: list[JobSpec], *, group: JobGroup | None = None
+) -> list[Job]:
+    """Record every spec as a queued job (and ``group``, their sweep) in one transaction,
+    then publish their ids. If the broker fails half-way, the jobs not yet published fail
+    with the reason (events and notifications included), so a group still ends whole."""
     engine = get_engine(settings.database_url)
-    spec = spec.model_copy(update={"queue": route(settings, engine, spec)})
-    job = store.create_job(engine, spec=spec, group_id=group_id)
+    routed = [spec.model_copy(update={"queue": route(settings, engine, spec)}) for spec in specs]
+    jobs = store.create_jobs(engine, specs=routed, group=group)
     app = create_app(settings)
     try:
-        send_job(app, job.id, job.queue, spec.priority)
-    except Exception as exc:  # kombu raises OperationalError, ConnectionError, …
-        store.fail_unsent(engine, job_id=job.id, error=f"broker unreachable: {exc}")
-        raise BrokerUnavailable(
-            f"cannot send job {job.id} to the broker at {redact_url(settings.broker_url)} ({exc}); "
-            "check that it runs and that TUNEQ_BROKER_URL is right"
-        ) from None
+        for sent, (job, spec) in enumerate(zip(jobs, routed, strict=True)):
+            try:
+                send_job(app, job.id, job.queue, spec.priority)
+            except Exception as exc:  # kombu raises OperationalError, ConnectionError, …
+                error = f"broker unreachable: {exc}"
+                lifecycle.fail_unsent(engine, [j.id for j in jobs[sent:]], error)
+                raise BrokerUnavailable(
+                    f"cannot send job {job.id} to the broker at "
+                    f"{redact_url(settings.broker_url)} ({exc}); check that it runs and that "
+                    f"TUNEQ_BROKER_URL is right"
+                    + (f" ({len(jobs) - sent} of {len(jobs)} jobs failed unsent)" if sent else "")
+                ) from None
     finally:
         app.close()
-    return job
+    return jobs
 
 
-def retry(settings: Settings, job_id: str) -> str:
-    """Queue a failed or cancelled job again and publish it."""
-    from tuneq.worker.runner import retry_job
-
+def retry(settings: Settings, job_id: str, *, resume: bool = False) -> Job:
+    """Queue a failed or cancelled job again (from the start, or to ``resume``) and publish
+    it."""
     app = create_app(settings)
     try:
-        return retry_job(
-            settings, job_id, lambda job, queue, priority: send_job(app, job, queue, priority)
+        return lifecycle.retry(
+            get_engine(settings.database_url),
+            job_id,
+            resume=resume,
+            publish=lambda job, queue, priority: send_job(app, job, queue, priority),
         )
     finally:
         app.close()
