@@ -109,11 +109,11 @@ def build_spec(spec_class: type[BaseModel], values: dict[str, Any]) -> Any:
         problems = []
         for error in exc.errors():
             location = error["loc"][0] if error["loc"] else None
-            where = option_name(str(location)) if location else "the job"
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "missing":
                 message = "is required"
             elif error["type"] == "extra_forbidden":
                 message = "is not a spec field"
-            problems.append(f"{where} {message}")
+            # A field's problem names its option; one between fields says which ones itself.
+            problems.append(f"{option_name(str(location))} {message}" if location else message)
         raise click.UsageError("; ".join(problems)) from None

@@ -124,10 +124,11 @@ class FinetuneSpec(BaseModel):
     train_size: Annotated[int, Field(ge=2)] | None = Field(
         None, description="Train on this many rows, drawn by a seeded shuffle; default: all."
     )
-    eval_size: Annotated[int, Field(ge=1)] | None = Field(
+    eval_size: Annotated[int, Field(ge=0)] | None = Field(
         None,
         description="Evaluate on this many rows (seeded shuffle); default: all, or 20% "
-        "held out when there is no evaluation data.",
+        "held out when there is no evaluation data. 0: train on every row and evaluate "
+        "nothing (the last weights are kept; no early stopping, calibration or thresholds).",
     )
     max_length: int | None = Field(
         None,
@@ -257,6 +258,33 @@ class FinetuneSpec(BaseModel):
     def chosen_metric(self) -> str:
         """The metric that picks the best checkpoint: the one asked for, or the task's."""
         return self.metric or TASK_METRICS[self.task][0]
+
+    @model_validator(mode="after")
+    def _check_evaluation(self) -> FinetuneSpec:
+        if self.eval_size != 0:
+            return self
+        if self.patience is not None:
+            raise ValueError(
+                "early stopping needs evaluation data: patience counts evaluations without an "
+                "improvement, and eval_size 0 holds no rows out to evaluate; drop patience, or "
+                "keep rows for evaluation (eval_size N, or eval_data FILE)"
+            )
+        needing = {
+            "eval_data": "names evaluation rows",
+            "metric": "chooses the best evaluation",
+            "eval_steps": "schedules evaluations",
+            "label_error_folds": "chooses each fold model's best evaluation",
+        }
+        for name, does in needing.items():
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"{name} {does}, and eval_size 0 evaluates nothing; drop one of the two"
+                )
+        return self
+
+    def evaluated(self) -> bool:
+        """Whether the fine-tune evaluates at all (``eval_size`` 0: it trains on every row)."""
+        return self.eval_size != 0
 
     @model_validator(mode="after")
     def _check_warmup(self) -> FinetuneSpec:

@@ -7,7 +7,13 @@ import json
 import random
 from pathlib import Path
 
-from tests.conftest import invoke_cli, queue_name, synthetic_reviews, write_csv
+from tests.conftest import (
+    finetune_and_show,
+    invoke_cli,
+    queue_name,
+    synthetic_reviews,
+    write_csv,
+)
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.worker.data import load_training_data
 
@@ -108,3 +114,34 @@ def test_a_run_that_learns_nothing_fails_and_registers_no_model(
     assert json.loads(invoke_cli(env, "models", "--json").stdout) == []
     models = Path(env["TUNEQ_DATA_DIR"]) / "artifacts" / "models"
     assert not models.exists() or not any(models.rglob("model.safetensors"))
+
+
+def test_early_stopping_without_evaluation_data_is_refused(env) -> None:
+    result = invoke_cli(env, "finetune", "--data", "x.csv", "--eval-size", "0", "--patience", "2")
+    assert result.exit_code == 2
+    assert "early stopping needs evaluation data: patience counts evaluations without an " in (
+        result.stderr
+    )
+    assert "keep rows for evaluation (eval_size N, or eval_data FILE)" in result.stderr
+
+
+def test_training_on_every_row_evaluates_nothing_and_keeps_the_last_weights(
+    env, start_worker, trained_tiny_model: Path, tmp_path: Path
+) -> None:
+    rows = synthetic_reviews(150, seed=4)
+    data = write_csv(tmp_path / "all.csv", ["text", "label"], rows)
+    queue = queue_name()
+    start_worker(env, queue)
+    job = finetune_and_show(
+        env,
+        "--data", str(data), "--model", str(trained_tiny_model), "--queue", queue,
+        "--eval-size", "0", "--epochs", "2", "--batch-size", "16", "--learning-rate", "0.001",
+    )  # fmt: skip
+    metrics = job["metrics"]
+    assert metrics["data"]["train_rows"] == 150 and metrics["data"]["eval_rows"] == 0
+    assert metrics["training"]["evaluated"] is False
+    assert metrics["training"]["final_step"] == metrics["train_steps"] == 2 * -(-150 // 16)
+    assert metrics["eval_curve"] == [] and "accuracy" not in metrics
+    predicted = invoke_cli(env, "predict", job["model"]["name"], "a great wonderful superb film")
+    assert predicted.exit_code == 0, predicted.output
+    assert "positive" in predicted.stdout

@@ -174,24 +174,14 @@ def check_learned(
     regression, one value) while the training loss stays at what guessing scores: the label
     shares' entropy, or the variance of the standardised targets (a learning rate too high for
     the model, as 2e-4 is for MiniLM on IMDB)."""
+    chance = chance_loss(spec.task, train_labels)
     if spec.task == "regression":
-        chance = 1.0
         constant = float(np.std(evaluation.logits)) < 0.02
     elif spec.task == "multi_label":
-        shares = np.clip(np.asarray(evaluation.labels, dtype=np.float64).mean(axis=0), 1e-6, 1)
-        entropy = -(shares * np.log(shares) + (1 - shares) * np.log(np.clip(1 - shares, 1e-6, 1)))
-        chance = float(entropy.mean())
         constant = len(np.unique(evaluation.logits >= 0, axis=0)) == 1
     else:
-        counts = np.bincount(np.asarray(train_labels), minlength=2).astype(np.float64)
-        shares = counts[counts > 0] / counts.sum()
-        chance = float(-(shares * np.log(shares)).sum())
         constant = len(np.unique(evaluation.logits.argmax(axis=-1))) == 1
-    if train_loss is not None and not math.isfinite(train_loss):
-        raise TrainingDiverged(
-            f"training diverged: the loss became {train_loss}; lower --learning-rate "
-            f"(this run: {spec.learning_rate:g}). No model was registered."
-        )
+    check_finite(train_loss, spec)
     if train_loss is None or not constant or train_loss < 0.9 * chance:
         return
     guess = "the mean" if spec.task == "regression" else "the label shares"
@@ -210,3 +200,43 @@ def check_learned(
         f"(--epochs, this run: {spec.epochs:g}). No model was registered."
         + "".join(f" Likely why: {warning}." for warning in warnings)
     )
+
+
+def check_finite(train_loss: float | None, spec: Any) -> None:
+    if train_loss is not None and not math.isfinite(train_loss):
+        raise TrainingDiverged(
+            f"training diverged: the loss became {train_loss}; lower --learning-rate "
+            f"(this run: {spec.learning_rate:g}). No model was registered."
+        )
+
+
+def check_learned_unevaluated(train_loss: float | None, train_labels: list[Any], spec: Any) -> None:
+    """With nothing evaluated, only the training loss can tell: refuse one that ended no
+    better than guessing (or not a number)."""
+    check_finite(train_loss, spec)
+    chance = chance_loss(spec.task, train_labels)
+    if train_loss is not None and train_loss >= chance:
+        raise TrainingDiverged(
+            f"training did not learn: the training loss ended at {train_loss:.3f}, no better "
+            f"than guessing ({chance:.3f}). Lower --learning-rate (this run: "
+            f"{spec.learning_rate:g}) or train longer (--epochs, this run: {spec.epochs:g}). "
+            "No model was registered."
+        )
+
+
+def chance_loss(task: str, train_labels: list[Any]) -> float:
+    """The training loss of guessing: the label shares' entropy (per label for multi-label),
+    or 1, the variance of standardised regression targets."""
+    if task == "regression":
+        return 1.0
+    if task == "multi_label":
+        width = 1 + max((i for ids in train_labels for i in ids), default=0)
+        hot = np.zeros((len(train_labels), width))
+        for row, ids in enumerate(train_labels):
+            hot[row, ids] = 1
+        shares = np.clip(hot.mean(axis=0), 1e-6, 1)
+        entropy = -(shares * np.log(shares) + (1 - shares) * np.log(np.clip(1 - shares, 1e-6, 1)))
+        return float(entropy.mean())
+    counts = np.bincount(np.asarray(train_labels), minlength=2).astype(np.float64)
+    shares = counts[counts > 0] / counts.sum()
+    return float(-(shares * np.log(shares)).sum())

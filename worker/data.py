@@ -199,6 +199,8 @@ def load_training_data(spec: FinetuneSpec) -> TrainingData:
     train_table, eval_table, hub_names = load_source(spec.data, spec.columns, spec.encoding)
     if spec.eval_data is not None:
         eval_table, _, _ = load_source(spec.eval_data, spec.columns, spec.encoding)
+    if not spec.evaluated():
+        eval_table = None  # a test split too stays unused: every given row trains
     eval_source = spec.eval_data or spec.data
     texts = column_values(train_table, spec.text_column, "--text-column", spec.data)
     raw_labels = column_values(train_table, spec.label_column, "--label-column", spec.data)
@@ -207,8 +209,10 @@ def load_training_data(spec: FinetuneSpec) -> TrainingData:
         raise DataError(f"{spec.data} has no rows with both a text and a label")
     if eval_table is None:
         order = np.random.default_rng(spec.seed).permutation(len(texts))
-        eval_size = spec.eval_size or max(1, int(len(texts) * DEFAULT_HOLDOUT))
-        if eval_size >= len(texts) - 1:
+        eval_size = (
+            max(1, int(len(texts) * DEFAULT_HOLDOUT)) if spec.eval_size is None else spec.eval_size
+        )
+        if eval_size and eval_size >= len(texts) - 1:
             raise DataError(
                 f"{spec.data} has {len(texts)} usable rows: too few to hold out {eval_size} "
                 "for evaluation; pass --eval-data or a smaller --eval-size"
@@ -240,7 +244,8 @@ def load_training_data(spec: FinetuneSpec) -> TrainingData:
         train_labels: list[Any] = numeric_targets(train_raw, spec.data, spec.label_column)
         eval_labels: list[Any] = numeric_targets(eval_raw, eval_source, eval_label_column)
         summary.update(train_target=describe_target(train_labels))
-        summary.update(eval_target=describe_target(eval_labels))
+        if eval_labels:
+            summary.update(eval_target=describe_target(eval_labels))
     elif spec.task == "multi_label":
         separator = spec.label_separator
         train_sets = label_sets(train_raw, separator, spec.data, spec.label_column)

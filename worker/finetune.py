@@ -19,7 +19,12 @@ import numpy as np
 from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from tuneq.schemas.specs import FinetuneSpec
-from tuneq.worker.best_model import BestModel, Evaluation, check_learned
+from tuneq.worker.best_model import (
+    BestModel,
+    Evaluation,
+    check_learned,
+    check_learned_unevaluated,
+)
 from tuneq.worker.calibration import softmax
 from tuneq.worker.data import Examples, TrainingData, load_training_data
 from tuneq.worker.device import training_bf16
@@ -104,8 +109,10 @@ def finetune(
         report({"phase": "tokenizing"})
         max_length = spec.max_length or choose_max_length(tokenizer, data.train.texts)
         train_set = tokenize(tokenizer, task.model_targets(data.train), max_length)
-        eval_set = tokenize(
-            tokenizer, task.model_targets(data.eval), max_length, sort_by_length=True
+        eval_set = (
+            tokenize(tokenizer, task.model_targets(data.eval), max_length, sort_by_length=True)
+            if spec.evaluated()
+            else None
         )
     keeper = BestModel(
         spec.chosen_metric(),
@@ -122,17 +129,30 @@ def finetune(
     with timer.phase("train"):
         train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final_step = int(train_output.global_step)
-    with timer.phase("eval"):
-        best = choose_best(trainer, keeper, final_step, report)
     last_loss = curves.train[-1]["loss"] if curves.train else float(train_output.training_loss)
-    check_learned(best, last_loss, data.train.labels, spec, warnings)
+    if eval_set is None:  # every row trained: the last weights are the model
+        check_learned_unevaluated(last_loss, data.train.labels, spec)
+        metrics = task.unevaluated_metrics()
+        training = {
+            "evaluated": False,
+            "final_step": final_step,
+            "max_steps": trainer.state.max_steps,
+            "stopped_early": False,
+            "stop_reason": "trained every epoch on every row; nothing held out to evaluate",
+        }
+    else:
+        with timer.phase("eval"):
+            best = choose_best(trainer, keeper, final_step, report)
+        check_learned(best, last_loss, data.train.labels, spec, warnings)
+        metrics = task.final_metrics(best)
+        metrics["eval_loss"] = best.metrics["eval_loss"]
+        training = keeper.summary(trainer.state.max_steps, final_step)
     with timer.phase("save"):
         report({"phase": "saving"})
         shutil.rmtree(out_dir / TRAINER_DIR, ignore_errors=True)
         # save_pretrained rather than Trainer.save_model, which adds a pickled training_args.bin
         trainer.model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
-    metrics = task.final_metrics(best)
     if spec.label_error_folds:
         with timer.phase("label_errors"):
             metrics["label_issues"] = find_label_issues(
@@ -154,15 +174,11 @@ def finetune(
             )
         shutil.rmtree(out_dir / TRAINER_DIR, ignore_errors=True)
     metrics.update(
-        eval_loss=best.metrics["eval_loss"],
         train_loss=float(train_output.training_loss),
         train_steps=final_step,
         precision="bf16" if training_bf16(spec.precision) else "fp32",
         train_samples_per_second=float(train_output.metrics.get("train_samples_per_second", 0)),
-        training={
-            **keeper.summary(trainer.state.max_steps, final_step),
-            "max_length": max_length,
-        },
+        training={**training, "max_length": max_length},
         loss_curve=curves.train,
         eval_curve=curves.eval,
         data=data.summary,
@@ -318,15 +334,15 @@ def build_trainer(
     model: Any,
     tokenizer: Any,
     train_set: ExampleSet,
-    eval_set: ExampleSet,
+    eval_set: ExampleSet | None,
     out_dir: Path,
     report: Progress,
     keeper: BestModel,
     checkpoint_dir: Path | None = None,
 ) -> tuple[Any, LossCurves]:
-    """A Trainer that reports progress through ``report``, evaluates on ``eval_set`` as
-    :class:`EvalSchedule` says, keeps the best evaluation with ``keeper``, and saves nothing by
-    itself but checkpoints into ``checkpoint_dir``, when given."""
+    """A Trainer that reports progress through ``report``, evaluates on ``eval_set`` (if
+    any) as :class:`EvalSchedule` says, keeps the best evaluation with ``keeper``, and saves
+    nothing by itself but checkpoints into ``checkpoint_dir``, when given."""
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -367,8 +383,7 @@ def build_trainer(
         compute_metrics=keeper.compute_metrics,
         callbacks=[
             ProgressCallback(report, curves),
-            EvalSchedule(spec.eval_steps, report),
-            keeper,
+            *([EvalSchedule(spec.eval_steps, report), keeper] if eval_set is not None else []),
             CheckpointMarker(),
         ],
     )

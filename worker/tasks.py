@@ -110,6 +110,15 @@ class Task:
         metrics["calibration"] = calibrate(best.logits, best.labels).to_dict()
         return metrics
 
+    def unevaluated_metrics(self) -> dict[str, Any]:
+        """What inference needs from a model trained on every row, with nothing evaluated:
+        the target scale, or thresholds of 0.5 (its temperature stays 1)."""
+        if self.kind == "multi_label":
+            return {"thresholds": [0.5] * len(self.label_names)}
+        if self.scale is not None:
+            return {"target_scale": {"mean": self.scale.mean, "std": self.scale.std}}
+        return {}
+
     def multi_label_metrics(self, best: Evaluation) -> dict[str, Any]:
         probabilities = 1 / (1 + np.exp(-best.logits.astype(np.float64)))
         actual = best.labels >= 0.5
