@@ -99,7 +99,7 @@ def onednn_linear_flops_per_second(
     which takes MKL's AVX2 path there)."""
     import torch
 
-    from tuneq.worker.onednn import PackedLinear
+    from tuneq.worker.ml.onednn import PackedLinear
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     layer = PackedLinear(torch.nn.Linear(*features), dtype)
@@ -258,9 +258,9 @@ def tuneq_workers(
 def run_job(settings: Any, spec: Any, poll_s: float = 0.2) -> tuple[Any, float]:
     """Submit ``spec`` as the CLI does and wait for it; returns the job and the wall seconds
     from submission to its end."""
-    from tuneq.worker.db import get_engine
+    from tuneq.worker.jobs.submit import submit_job
     from tuneq.worker.store import get_job
-    from tuneq.worker.submit import submit_job
+    from tuneq.worker.store.db import get_engine
 
     started = time.perf_counter()
     job = submit_job(settings, spec)

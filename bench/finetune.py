@@ -136,7 +136,7 @@ def tuneq_run(work: Path, variant: str) -> dict[str, Any]:
     """A real tuneq fine-tune job: a worker process, already started, as in use; the wall
     time runs from submission to the registered model."""
     from tuneq.schemas.specs import FinetuneSpec
-    from tuneq.worker.store import aware
+    from tuneq.schemas.tables import aware
 
     fields: dict[str, Any] = {
         "data": str(IMDB),
@@ -202,7 +202,7 @@ def token_lengths() -> tuple[list[int], list[int]]:
     from pyarrow import csv
     from transformers import AutoTokenizer
 
-    from tuneq.worker.data import sample
+    from tuneq.worker.ml.data import sample
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     lengths = []
@@ -269,7 +269,7 @@ def main() -> None:
     if "recipe" in runs:
         from pyarrow import csv
 
-        from tuneq.worker.data import sample
+        from tuneq.worker.ml.data import sample
 
         ids = csv.read_csv(IMDB / "train.csv.gz").column("id").to_pylist()
         same = [ids[i] for i in sample(len(ids), TRAIN, SEED)] == runs["recipe"].pop("train_ids")

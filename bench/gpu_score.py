@@ -87,7 +87,7 @@ def tuneq_classify(
 ) -> tuple[list[int], float]:
     """tuneq's own scoring path in this process: ``load_for_inference`` (which puts the model
     on CUDA whenever torch sees a GPU) and ``classify``; bf16 is autocast."""
-    from tuneq.worker.predict import classify, load_for_inference
+    from tuneq.worker.ml.predict import classify, load_for_inference
 
     classifier = load_for_inference(folder, precision)
     if classifier.device.type != device:
@@ -142,7 +142,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from tuneq.worker.models import quiet_transformers
+    from tuneq.worker.ml.models import quiet_transformers
 
     quiet_transformers()
     if args.device == "cuda" and not torch.cuda.is_available():

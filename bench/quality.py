@@ -146,7 +146,7 @@ def fine_tune(data: dict[str, Any], settings: dict[str, Any], seed: int) -> dict
     nothing)."""
     from tuneq.schemas.errors import TrainingDiverged
     from tuneq.schemas.specs import FinetuneSpec
-    from tuneq.worker.finetune import finetune
+    from tuneq.worker.ml.finetune import finetune
 
     spec = FinetuneSpec(model="minilm", seed=seed, checkpoint_steps=None, **data, **settings)
     started = time.perf_counter()

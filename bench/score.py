@@ -53,7 +53,7 @@ def tuneq_job(
     """A real scoring job: a worker process on the embedded broker, submitted as the CLI does;
     ``worker_options`` are its extra ``tuneq worker`` options and environment."""
     from tuneq.schemas.specs import ScoreSpec
-    from tuneq.worker.files import iter_batches
+    from tuneq.worker.io.files import iter_batches
 
     work.mkdir(parents=True, exist_ok=True)
     allowed = [str(source.parent), folder]
@@ -74,7 +74,7 @@ def tuneq_job(
 def in_process_classify(folder: str, texts: list[str], precision: str) -> float:
     """Seconds for tuneq's own batching and forward pass (``classify``) on ``texts`` in this
     process, model loaded: the job's compute without its staging, queueing and file writing."""
-    from tuneq.worker.predict import classify, load_for_inference
+    from tuneq.worker.ml.predict import classify, load_for_inference
 
     classifier = load_for_inference(folder, precision)
     classify(classifier, texts[:8])  # warm up
@@ -108,7 +108,7 @@ def agreement(a: list[Any], b: list[Any]) -> float:
 
 def fine_tune_minilm(folder: Path) -> str:
     from tuneq.schemas.specs import FinetuneSpec
-    from tuneq.worker.finetune import finetune
+    from tuneq.worker.ml.finetune import finetune
 
     spec = FinetuneSpec(
         data=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imdb"),

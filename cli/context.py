@@ -23,6 +23,6 @@ def settings() -> Settings:
 
 def engine() -> Engine:
     """The job database, created or migrated on first use."""
-    from tuneq.worker.db import get_engine
+    from tuneq.worker.store.db import get_engine
 
     return get_engine(settings().database_url)

@@ -21,7 +21,7 @@ def upgrade() -> None:
     Example:
       TUNEQ_DATABASE_URL=postgresql://tuneq@db/tuneq tuneq db upgrade
     """
-    from tuneq.worker.db import create_database_engine, current_revision, upgrade_database
+    from tuneq.worker.store.db import create_database_engine, current_revision, upgrade_database
 
     url = settings().database_url
     engine = create_database_engine(url)

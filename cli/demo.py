@@ -118,9 +118,10 @@ def demo(
         attention_dropout=attention_dropout,
         **{k: v for k, v in (("epochs", epochs), ("max_length", max_length)) if v is not None},
     )
-    from tuneq.worker.artifacts import cache_folder
-    from tuneq.worker.predict import model_folder, predict_texts
-    from tuneq.worker.submit import submit_job
+    from tuneq.worker.io.artifacts import cache_folder
+    from tuneq.worker.jobs.submit import submit_job
+    from tuneq.worker.ml.predict import predict_texts
+    from tuneq.worker.store import model_folder
 
     db = engine()
     click.echo(f"Starting a worker (queue {DEMO_QUEUE}); state lives in {settings().data_dir}")
@@ -158,7 +159,7 @@ def start_worker(extra_roots: list[str]) -> subprocess.Popen[bytes]:
     ``extra_roots`` (the data named on the demo's command line)."""
     log = worker_log()
     settings().data_dir.mkdir(parents=True, exist_ok=True)
-    from tuneq.worker.device import nvidia_gpus
+    from tuneq.worker.ml.device import nvidia_gpus
 
     command = [
         sys.executable,

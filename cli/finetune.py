@@ -39,7 +39,7 @@ def finetune(job_file: Path | None, wait: bool, **options: Any) -> None:
     values.update({name: value for name, value in options.items() if value is not None})
     absolute_paths(values, ("data", "eval_data", "model"))
     spec = build_spec(FinetuneSpec, values)
-    from tuneq.worker.submit import submit_job
+    from tuneq.worker.jobs.submit import submit_job
 
     job = submit_job(settings(), spec)
     click.echo(job.id)

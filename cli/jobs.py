@@ -58,7 +58,7 @@ def show(job_id: str, as_json: bool) -> None:
     model = job_model(db, job)
     estimate = None
     if JobStatus(job.status) in ACTIVE:
-        from tuneq.worker.eta import queue_estimates
+        from tuneq.worker.views.eta import queue_estimates
 
         estimates = queue_estimates(db, interval_s=settings().reap_interval_s)
         estimate = next((e for e in estimates if e.job_id == job.id), None)
@@ -83,7 +83,7 @@ def cancel(job_id: str) -> None:
     Example:
       tuneq cancel 3f2a9c
     """
-    from tuneq.worker.lifecycle import cancel as cancel_job
+    from tuneq.worker.jobs.lifecycle import cancel as cancel_job
 
     click.echo(f"cancelled {cancel_job(engine(), job_id)}")
 
@@ -104,7 +104,7 @@ def retry(job_id: str, resume: bool) -> None:
       tuneq retry 3f2a9c && tuneq show 3f2a9c
       tuneq retry 3f2a9c --resume
     """
-    from tuneq.worker.submit import retry as retry_job
+    from tuneq.worker.jobs.submit import retry as retry_job
 
     job = retry_job(settings(), job_id, resume=resume)
     how = "to resume from its newest checkpoint" if resume else "from the start"

@@ -22,8 +22,9 @@ def predict(model: str, texts: tuple[str, ...], as_json: bool) -> None:
       tuneq predict imdb-sentiment "A masterpiece." "Two hours I will never get back."
       tuneq predict imdb-sentiment:2 "Not bad at all." --json
     """
-    from tuneq.worker.artifacts import cache_folder
-    from tuneq.worker.predict import model_folder, predict_texts
+    from tuneq.worker.io.artifacts import cache_folder
+    from tuneq.worker.ml.predict import predict_texts
+    from tuneq.worker.store import model_folder
 
     folder = model_folder(engine(), model, cache=cache_folder(settings()))
     predictions = predict_texts(folder, list(texts))

@@ -12,7 +12,7 @@ from tuneq.cli.follow import format_seconds
 from tuneq.cli.render import table
 
 if TYPE_CHECKING:
-    from tuneq.worker.eta import Estimate
+    from tuneq.worker.views.eta import Estimate
 
 
 @click.command()
@@ -31,7 +31,7 @@ def queue(queue_name: str | None, as_json: bool) -> None:
       tuneq queue
       tuneq queue --queue gpu --json
     """
-    from tuneq.worker.eta import queue_estimates
+    from tuneq.worker.views.eta import queue_estimates
 
     estimates = queue_estimates(engine(), interval_s=settings().reap_interval_s)
     if queue_name:

@@ -30,7 +30,7 @@ def report(target: str, output: Path | None) -> None:
       tuneq report imdb-lr-1a2b3c
       tuneq report 3f2a --output ~/reports/imdb.html
     """
-    from tuneq.worker.report import build_report
+    from tuneq.worker.views.report import build_report
 
     page = build_report(engine(), target)
     path = (output or Path(f"tuneq-report-{target}.html")).expanduser().absolute()

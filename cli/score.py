@@ -50,8 +50,8 @@ def score(
     absolute_paths(values, ("input", "output"))
     values["kind"] = "score"
     spec = build_spec(ScoreSpec, values)
-    from tuneq.worker.predict import model_location
-    from tuneq.worker.submit import submit_job
+    from tuneq.worker.jobs.submit import submit_job
+    from tuneq.worker.store import model_location
 
     spec = spec.model_copy(update={"model_path": model_location(engine(), spec.model)})
     job = submit_job(settings(), spec)

@@ -83,9 +83,9 @@ def read_job_file(path: Path) -> dict[str, Any]:
 def absolute_paths(values: dict[str, Any], keys: tuple[str, ...]) -> None:
     """Make the local paths among ``values[key]`` absolute (not resolved: the worker checks
     where links lead), so that a worker started in another folder finds them."""
-    from tuneq.worker.artifacts import is_uri
-    from tuneq.worker.data import is_local
-    from tuneq.worker.models import is_model_path
+    from tuneq.worker.io.artifacts import is_uri
+    from tuneq.worker.ml.data import is_local
+    from tuneq.worker.ml.models import is_model_path
 
     for key in keys:
         value = values.get(key)

@@ -42,9 +42,9 @@ def sweep(sweep_file: Path, wait: bool, notify: str | None) -> None:
       tuneq sweep sweep.yaml --notify https://hooks.example.com/tuneq
       tuneq compare imdb-lr-1a2b3c
     """
+    from tuneq.worker.jobs.submit import submit_jobs
     from tuneq.worker.store import new_group
-    from tuneq.worker.submit import submit_jobs
-    from tuneq.worker.sweep import expand
+    from tuneq.worker.views.sweep import expand
 
     document = read_job_file(sweep_file)
     if notify is not None:
@@ -75,7 +75,7 @@ def wait_for_group(group_id: str, poll_s: float = 1.0) -> list[Job]:
 
 
 def compare_table(group_id: str) -> str:
-    from tuneq.worker.sweep import compare_rows
+    from tuneq.worker.views.sweep import compare_rows
 
     rows = compare_rows(engine(), group_id)
     headers = list(rows[0])
@@ -98,7 +98,7 @@ def compare(group_id: str, as_json: bool) -> None:
       tuneq compare imdb-lr-1a2b3c --json
     """
     if as_json:
-        from tuneq.worker.sweep import compare_rows
+        from tuneq.worker.views.sweep import compare_rows
 
         click.echo(json.dumps(compare_rows(engine(), group_id), indent=2))
     else:

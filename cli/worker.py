@@ -60,7 +60,7 @@ def worker(
       TUNEQ_BROKER_URL=redis://host:6379/0 tuneq worker --queues cpu --concurrency 2
       tuneq worker --queues gpu --gpu 0
     """
-    from tuneq.worker.serve import run_worker
+    from tuneq.worker.jobs.serve import run_worker
 
     names = [q.strip() for q in queues.split(",") if q.strip()]
     if not names:

@@ -22,7 +22,7 @@ def workers(as_json: bool) -> None:
       tuneq workers
       tuneq workers --json
     """
-    from tuneq.worker.registry import live_workers
+    from tuneq.worker.store.workers import live_workers
 
     rows = live_workers(engine(), interval_s=settings().reap_interval_s)
     if as_json:

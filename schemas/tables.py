@@ -1,7 +1,7 @@
 """The database tables: jobs, their events, shards, registered models, and live workers.
 
 A job is a row: the broker carries only its id. Status changes are compare-and-set updates, each
-made by one transition of ``tuneq.worker.lifecycle``; nothing else changes a job's state.
+made by one transition of ``tuneq.worker.jobs.lifecycle``; nothing else changes a job's state.
 """
 
 from __future__ import annotations
@@ -27,8 +27,13 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def aware(moment: datetime) -> datetime:
+    """SQLite hands back timestamps without a zone; they are UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
 class JobStatus(str, enum.Enum):
-    """Where a job is in its life (the transitions: ``tuneq.worker.lifecycle``)::
+    """Where a job is in its life (the transitions: ``tuneq.worker.jobs.lifecycle``)::
 
     queued ───claim──▶ running ──succeed──▶ succeeded
     retrying ─claim──▶ running ──fail─────▶ failed

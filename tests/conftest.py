@@ -128,7 +128,7 @@ def postgres_database(base_url: str) -> Iterator[str]:
     try:
         yield url.set(database=name).render_as_string(hide_password=False)
     finally:
-        from tuneq.worker import db
+        from tuneq.worker.store import db
 
         for engine in list(db._engines.values()):
             engine.dispose()
@@ -256,7 +256,7 @@ def trained_tiny_model(
 ) -> Path:
     """The tiny BERT fine-tuned on the synthetic reviews: labels negative/positive."""
     from tuneq.schemas.specs import FinetuneSpec
-    from tuneq.worker.finetune import finetune
+    from tuneq.worker.ml.finetune import finetune
 
     folder = tmp_path_factory.mktemp("trained-tiny")
     spec = FinetuneSpec(data=str(reviews_csv), model=str(tiny_model), **LEARNS)

@@ -25,13 +25,14 @@ from tests.conftest import (
 from tuneq.schemas.errors import ModelError, PathRefused
 from tuneq.schemas.settings import load_settings
 from tuneq.schemas.specs import FinetuneSpec, ScoreSpec
-from tuneq.worker import artifacts, lifecycle, runner
-from tuneq.worker.db import get_engine
-from tuneq.worker.files import iter_batches
-from tuneq.worker.paths import confine_spec
-from tuneq.worker.predict import predict_texts
-from tuneq.worker.score import assemble_output, score_shard, stage_input
+from tuneq.worker.io import artifacts
+from tuneq.worker.io.files import iter_batches
+from tuneq.worker.jobs import lifecycle, runner
+from tuneq.worker.jobs.paths import confine_spec
+from tuneq.worker.ml.predict import predict_texts
+from tuneq.worker.ml.score import assemble_output, score_shard, stage_input
 from tuneq.worker.store import create_job, get_job
+from tuneq.worker.store.db import get_engine
 
 
 @pytest.fixture(params=["memory", "file"])

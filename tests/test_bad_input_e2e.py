@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import invoke_cli, queue_name, score_args, scoring_input
-from tuneq.worker.files import MAX_FIELD_BYTES
+from tuneq.worker.io.files import MAX_FIELD_BYTES
 
 ENCODING_HINT = (
     "bytes that are not valid utf-8; pass the file's encoding with --encoding "

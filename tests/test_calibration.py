@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import SHARED_DATA, unavailable
-from tuneq.worker.calibration import (
+from tuneq.worker.ml.calibration import (
     Calibration,
     calibrate,
     expected_calibration_error,
@@ -162,8 +162,8 @@ def test_temperature_scaling_lowers_ece_on_held_out_rows_of_sst2(tmp_path: Path)
     from pyarrow import csv
 
     from tuneq.schemas.specs import FinetuneSpec
-    from tuneq.worker.finetune import finetune
-    from tuneq.worker.predict import classify, load_for_inference
+    from tuneq.worker.ml.finetune import finetune
+    from tuneq.worker.ml.predict import classify, load_for_inference
 
     sst2 = SHARED_DATA / "sst2"
     if not (sst2 / "dev.tsv").is_file():

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from tests.conftest import queue_name, score_args, scoring_input
 from tuneq.schemas.tables import FINISHED, JobStatus
-from tuneq.worker.db import get_engine
-from tuneq.worker.files import iter_batches
+from tuneq.worker.io.files import iter_batches
 from tuneq.worker.store import get_job, list_events, list_jobs, list_shards
+from tuneq.worker.store.db import get_engine
 
 SUBMITTERS, JOBS_EACH, ROWS, SHARD_ROWS = 4, 8, 40, 2
 

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import SHARED_DATA, synthetic_reviews, unavailable, write_csv
 from tuneq.schemas.errors import DataError, DataUnavailable
 from tuneq.schemas.specs import FinetuneSpec
-from tuneq.worker.data import load_training_data
+from tuneq.worker.ml.data import load_training_data
 
 ROWS = synthetic_reviews(50)
 

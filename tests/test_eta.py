@@ -10,9 +10,10 @@ from sqlalchemy import Engine, update
 
 from tuneq.schemas.specs import FinetuneSpec, ScoreSpec
 from tuneq.schemas.tables import Job, JobStatus, utcnow
-from tuneq.worker import registry, store
-from tuneq.worker.db import get_engine
-from tuneq.worker.eta import queue_estimates
+from tuneq.worker import store
+from tuneq.worker.store import workers
+from tuneq.worker.store.db import get_engine
+from tuneq.worker.views.eta import queue_estimates
 
 NOW = utcnow()
 
@@ -44,7 +45,7 @@ def finished_finetune(engine: Engine, model: str, rows: int, epochs: float, seco
 
 
 def live_worker(engine: Engine, queue: str, processes: int) -> None:
-    registry.register_worker(
+    workers.register_worker(
         engine,
         name=f"host-{queue}:1",
         hostname="host",

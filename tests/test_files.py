@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from tuneq.schemas.errors import DataError
-from tuneq.worker.files import TableWriter, iter_batches, read_table
+from tuneq.worker.io.files import TableWriter, iter_batches, read_table
 
 
 def read_all(path: Path, **options: str) -> pa.Table:

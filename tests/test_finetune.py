@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tests.conftest import LEARNS
 from tuneq.schemas.specs import FinetuneSpec
-from tuneq.worker.finetune import MANIFEST, finetune
-from tuneq.worker.predict import predict_texts
+from tuneq.worker.ml.finetune import MANIFEST, finetune
+from tuneq.worker.ml.predict import predict_texts
 
 
 def test_finetune_saves_a_labelled_safetensors_model(
@@ -130,7 +130,7 @@ def test_the_same_spec_trains_the_same_model(tiny_model: Path, reviews_csv: Path
 def test_the_default_length_fits_the_data(tiny_model: Path) -> None:
     from transformers import AutoTokenizer
 
-    from tuneq.worker.finetune import choose_max_length
+    from tuneq.worker.ml.finetune import choose_max_length
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     short = [f"a short sentence number {i}" for i in range(200)]

@@ -232,7 +232,7 @@ def test_fine_tune_runs_on_the_gpu(gpu: GpuService, finetuned: Finetuned) -> Non
 CPU_REFERENCE = """
 import json, sys
 import torch
-from tuneq.worker.predict import classify, load_for_inference
+from tuneq.worker.ml.predict import classify, load_for_inference
 assert not torch.cuda.is_available(), "the reference must run on the CPU"
 folder, texts_path = sys.argv[1], sys.argv[2]
 texts = json.load(open(texts_path, encoding="utf-8"))
@@ -269,7 +269,7 @@ def scored_rows(path: str) -> list[dict[str, Any]]:
 
 
 def input_rows(path: Path) -> list[dict[str, Any]]:
-    from tuneq.worker.files import iter_batches
+    from tuneq.worker.io.files import iter_batches
 
     return [row for batch in iter_batches(path) for row in batch.to_pylist()]
 

@@ -33,7 +33,7 @@ from sqlalchemy import make_url, select
 from tests.conftest import POSTGRES_URL, REDIS_URL, WorkerProcess, postgres_database, unavailable
 from tests.test_score_e2e import score_together
 from tuneq.schemas.tables import Shard
-from tuneq.worker.db import get_engine
+from tuneq.worker.store.db import get_engine
 
 
 @dataclass(frozen=True)

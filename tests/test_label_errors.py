@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import LEARNS, SHARED_DATA, synthetic_reviews, unavailable, write_csv
-from tuneq.worker.data import Examples
-from tuneq.worker.label_errors import fold_indices, out_of_fold_probabilities
+from tuneq.worker.ml.data import Examples
+from tuneq.worker.ml.label_errors import fold_indices, out_of_fold_probabilities
 
 
 def test_folds_cover_every_row_once() -> None:
@@ -44,7 +44,7 @@ def test_flipped_synthetic_labels_are_every_row_found(tiny_model: Path, tmp_path
     among 240 is flagged, and nothing else; out-of-fold scores in the wrong order (as
     ``Trainer.predict`` gives them with length grouping) find about one."""
     from tuneq.schemas.specs import FinetuneSpec
-    from tuneq.worker.finetune import finetune
+    from tuneq.worker.ml.finetune import finetune
 
     rows = synthetic_reviews(300, seed=5)
     flipped = set(random.Random(1).sample(range(240), 12))
@@ -74,7 +74,7 @@ def test_flipped_imdb_labels_rank_at_the_top(tmp_path: Path) -> None:
     from pyarrow import csv as pa_csv
 
     from tuneq.schemas.specs import FinetuneSpec
-    from tuneq.worker.finetune import finetune
+    from tuneq.worker.ml.finetune import finetune
 
     source = SHARED_DATA / "imdb" / "train.csv.gz"
     if not source.is_file():

@@ -16,10 +16,11 @@ from tuneq.schemas.errors import DataError
 from tuneq.schemas.settings import Settings, load_settings
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.schemas.tables import Job
-from tuneq.worker import lifecycle, runner, store, submit
-from tuneq.worker.app import send_job
-from tuneq.worker.db import get_engine
-from tuneq.worker.lease import JobStopped
+from tuneq.worker import store
+from tuneq.worker.jobs import lifecycle, runner, submit
+from tuneq.worker.jobs.app import send_job
+from tuneq.worker.jobs.lease import JobStopped
+from tuneq.worker.store.db import get_engine
 
 
 @pytest.fixture

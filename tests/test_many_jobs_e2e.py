@@ -22,8 +22,8 @@ from tests.conftest import (
     unavailable,
 )
 from tuneq.cli.render import table
-from tuneq.worker.db import get_engine
 from tuneq.worker.store import list_events
+from tuneq.worker.store.db import get_engine
 
 
 def tiny_base(tiny_model: Path, reviews_csv: Path, queue: str) -> dict[str, Any]:

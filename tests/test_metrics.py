@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tuneq.worker.metrics import (
+from tuneq.worker.ml.metrics import (
     classification_metrics,
     fit_thresholds,
     multilabel_metrics,

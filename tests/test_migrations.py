@@ -6,7 +6,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from tuneq.schemas.tables import Base
-from tuneq.worker.db import get_engine
+from tuneq.worker.store.db import get_engine
 
 
 def test_migrated_database_matches_the_declared_tables(database_url: str) -> None:

@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tuneq.worker.model_card import model_card, write_model_card
+from tuneq.worker.ml.model_card import model_card, write_model_card
 
 VOCABULARY_WARNING = (
     "85% of tokens are unknown to minilm's vocabulary ([UNK]): the model cannot read most of "

@@ -15,7 +15,7 @@ from tests.conftest import (
     write_csv,
 )
 from tuneq.schemas.specs import FinetuneSpec
-from tuneq.worker.data import load_training_data
+from tuneq.worker.ml.data import load_training_data
 
 
 def tiny_finetune(queue: str, data: Path, model: Path, *extra: str) -> list[str]:

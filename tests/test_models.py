@@ -10,7 +10,7 @@ import pytest
 
 from tuneq.schemas.errors import ModelError
 from tuneq.schemas.specs import FinetuneSpec, ScoreSpec
-from tuneq.worker.models import load_classifier
+from tuneq.worker.ml.models import load_classifier
 
 CUSTOM_CODE = """
 from pathlib import Path

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import FILLER, finetune_and_show, invoke_cli, queue_name, write_csv
 from tuneq.schemas.errors import DataError
 from tuneq.schemas.specs import FinetuneSpec
-from tuneq.worker.data import load_training_data
+from tuneq.worker.ml.data import load_training_data
 
 TOPICS = {
     "acting": ["actor", "performance", "cast", "role"],

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import unavailable
-from tuneq.worker.onednn import PackedLinear, available, pack_linear_layers
-from tuneq.worker.predict import load_for_inference
+from tuneq.worker.ml.onednn import PackedLinear, available, pack_linear_layers
+from tuneq.worker.ml.predict import load_for_inference
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import pytest
 from tuneq.schemas.errors import PathRefused
 from tuneq.schemas.settings import load_settings
 from tuneq.schemas.specs import FinetuneSpec, ScoreSpec
-from tuneq.worker.paths import confine_spec, confined
+from tuneq.worker.jobs.paths import confine_spec, confined
 
 
 def test_roots_default_to_the_data_dir_and_the_working_directory(tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ from tests.conftest import REDIS_URL, queue_name, redis_available, unavailable
 from tuneq.schemas.settings import Settings, load_settings
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.worker import store
-from tuneq.worker.app import PRIORITY_STEPS, create_app, send_job, waiting_messages
-from tuneq.worker.db import get_engine
-from tuneq.worker.reaper import reap
+from tuneq.worker.jobs.app import PRIORITY_STEPS, create_app, send_job, waiting_messages
+from tuneq.worker.jobs.reaper import reap
+from tuneq.worker.store.db import get_engine
 
 
 def redis_broker(env: dict[str, str], queue: str) -> tuple[Settings, Callable[[], None]]:

@@ -22,7 +22,7 @@ from tests.conftest import (
 )
 from tuneq.schemas.errors import DataError
 from tuneq.schemas.specs import FinetuneSpec
-from tuneq.worker.data import load_training_data
+from tuneq.worker.ml.data import load_training_data
 
 
 def rated_reviews(n: int, seed: int) -> list[tuple[str, float]]:

@@ -22,10 +22,10 @@ from tests.conftest import (
     unavailable,
 )
 from tuneq.schemas.settings import load_settings
-from tuneq.worker.app import create_app, send_job, send_shard
-from tuneq.worker.db import get_engine
-from tuneq.worker.files import iter_batches
+from tuneq.worker.io.files import iter_batches
+from tuneq.worker.jobs.app import create_app, send_job, send_shard
 from tuneq.worker.store import get_job, list_events, list_models, list_shards
+from tuneq.worker.store.db import get_engine
 
 FAST_LEASES = {
     "TUNEQ_HEARTBEAT_S": "0.5",

@@ -14,10 +14,10 @@ from tuneq.schemas.errors import JobNotFound
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.schemas.tables import Model
 from tuneq.worker import store
-from tuneq.worker.artifacts import put_folder
-from tuneq.worker.db import get_engine
-from tuneq.worker.plots import write_plots
-from tuneq.worker.report import build_report
+from tuneq.worker.io.artifacts import put_folder
+from tuneq.worker.ml.plots import write_plots
+from tuneq.worker.store.db import get_engine
+from tuneq.worker.views.report import build_report
 
 LABELS = ["<neg>", "pos & more"]
 

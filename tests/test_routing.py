@@ -14,10 +14,11 @@ from tuneq.schemas.errors import TuneqError
 from tuneq.schemas.settings import Settings, load_settings
 from tuneq.schemas.specs import FinetuneSpec, ScoreSpec
 from tuneq.schemas.tables import Worker, utcnow
-from tuneq.worker import registry, store
-from tuneq.worker.db import get_engine
-from tuneq.worker.serve import visible_devices
-from tuneq.worker.submit import route
+from tuneq.worker import store
+from tuneq.worker.jobs.serve import visible_devices
+from tuneq.worker.jobs.submit import route
+from tuneq.worker.store import workers
+from tuneq.worker.store.db import get_engine
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def settings(env: dict[str, str]) -> Settings:
 
 
 def start(settings: Settings, name: str, queues: list[str], device: str = "cpu") -> None:
-    registry.register_worker(
+    workers.register_worker(
         get_engine(settings.database_url),
         name=name,
         hostname=name.split(":")[0],
@@ -76,12 +77,12 @@ def test_live_workers_show_what_their_processes_run(settings: Settings) -> None:
     start(settings, "host-b:200", ["cpu", "gpu"], device="gpu:1")
     job = store.create_job(engine, spec=FinetuneSpec(data="imdb", queue="cpu"))
     assert store.claim_job(engine, job_id=job.id, worker="host-b:200/201") == (1, "queued")
-    listed = {live.worker.name: live for live in registry.live_workers(engine, interval_s=15)}
+    listed = {live.worker.name: live for live in workers.live_workers(engine, interval_s=15)}
     assert listed["host-a:100"].running == []
     assert listed["host-b:200"].running == [job.id]
     assert listed["host-b:200"].worker.device == "gpu:1"
-    registry.unregister_worker(engine, name="host-a:100")
-    assert [live.worker.name for live in registry.live_workers(engine, interval_s=15)] == [
+    workers.unregister_worker(engine, name="host-a:100")
+    assert [live.worker.name for live in workers.live_workers(engine, interval_s=15)] == [
         "host-b:200"
     ]
 

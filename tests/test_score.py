@@ -12,9 +12,9 @@ import pytest
 from tests.conftest import scoring_input
 from tuneq.schemas.errors import DataError
 from tuneq.schemas.specs import ScoreSpec
-from tuneq.worker.files import iter_batches
-from tuneq.worker.predict import length_batches, load_for_inference, predict_texts
-from tuneq.worker.score import assemble_output, score_shard, stage_input
+from tuneq.worker.io.files import iter_batches
+from tuneq.worker.ml.predict import length_batches, load_for_inference, predict_texts
+from tuneq.worker.ml.score import assemble_output, score_shard, stage_input
 
 
 def run_locally(spec: ScoreSpec, folder: Path) -> None:

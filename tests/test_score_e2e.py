@@ -19,10 +19,10 @@ from tests.conftest import (
     scoring_input,
     unavailable,
 )
-from tuneq.worker.db import get_engine
-from tuneq.worker.files import iter_batches
-from tuneq.worker.predict import predict_texts
+from tuneq.worker.io.files import iter_batches
+from tuneq.worker.ml.predict import predict_texts
 from tuneq.worker.store import list_shards
+from tuneq.worker.store.db import get_engine
 
 
 def score_together(

@@ -30,8 +30,8 @@ from tuneq.schemas.settings import load_settings
 from tuneq.schemas.specs import ScoreSpec
 from tuneq.schemas.tables import JobStatus
 from tuneq.worker import store
-from tuneq.worker.app import RUN_JOB, create_app, send_job
-from tuneq.worker.db import get_engine
+from tuneq.worker.jobs.app import RUN_JOB, create_app, send_job
+from tuneq.worker.store.db import get_engine
 
 REDIS_PASSWORD = "redis-S3cret-9f2c"
 DATABASE_PASSWORD = "db-S3cret-41aa"

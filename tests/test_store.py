@@ -11,7 +11,7 @@ from tuneq.schemas.errors import JobNotFound, ModelNotFound
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.schemas.tables import JobStatus
 from tuneq.worker import store
-from tuneq.worker.db import current_revision, get_engine, head_revision
+from tuneq.worker.store.db import current_revision, get_engine, head_revision
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ from typing import TypeVar
 from tuneq.schemas.errors import PathRefused
 from tuneq.schemas.settings import Settings
 from tuneq.schemas.specs import FinetuneSpec, ScoreSpec
-from tuneq.worker.artifacts import is_uri
-from tuneq.worker.data import is_local
-from tuneq.worker.models import is_model_path
+from tuneq.worker.io.artifacts import is_uri
+from tuneq.worker.ml.data import is_local
+from tuneq.worker.ml.models import is_model_path
 
 
 def confined(path: str, roots: Sequence[Path], *, what: str) -> str:

@@ -16,9 +16,9 @@ from sqlalchemy import Engine
 from tuneq.schemas.errors import JobNotFound
 from tuneq.schemas.tables import Job
 from tuneq.worker import store
-from tuneq.worker.artifacts import exists, join, open_artifact
-from tuneq.worker.plots import CONFUSION_PNG, LOSS_PNG
-from tuneq.worker.sweep import compare_rows
+from tuneq.worker.io.artifacts import exists, join, open_artifact
+from tuneq.worker.ml.plots import CONFUSION_PNG, LOSS_PNG
+from tuneq.worker.views.sweep import compare_rows
 
 HYPER_PARAMETERS = (
     "model",

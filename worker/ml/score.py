@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 
 from tuneq.schemas.errors import DataError
 from tuneq.schemas.specs import ScoreSpec
-from tuneq.worker.artifacts import Location, is_uri, join, open_artifact, put_file, writing
-from tuneq.worker.files import TableWriter, iter_batches
+from tuneq.worker.io.artifacts import Location, is_uri, join, open_artifact, put_file, writing
+from tuneq.worker.io.files import TableWriter, iter_batches
 
 STAGED_INPUT = "input.parquet"
 PARTS = "parts"
@@ -115,8 +115,8 @@ def check_columns(schema: pa.Schema, spec: ScoreSpec, source: Path) -> None:
 
 def check_vocabulary(spec: ScoreSpec, folder: Location) -> str | None:
     """A warning if the model's vocabulary does not cover the first shard's texts."""
-    from tuneq.worker.models import load_tokenizer
-    from tuneq.worker.vocabulary import SAMPLE_TEXTS, unknown_share, vocabulary_warning
+    from tuneq.worker.ml.models import load_tokenizer
+    from tuneq.worker.ml.vocabulary import SAMPLE_TEXTS, unknown_share, vocabulary_warning
 
     assert spec.model_path is not None
     tokenizer = load_tokenizer(
@@ -141,7 +141,7 @@ def score_table(
 ) -> tuple[pa.Table, int]:
     """``table`` with the scoring columns added; rows with empty text get nulls. Returns the
     table and the number of empty rows."""
-    from tuneq.worker.predict import Classifier, classify
+    from tuneq.worker.ml.predict import Classifier, classify
 
     assert isinstance(classifier, Classifier)
     texts = pc.cast(table.column(spec.text_column), pa.string()).to_pylist()
@@ -185,7 +185,7 @@ def add_label_sets(
 ) -> pa.Table:
     """A multi-label model's columns: the label set of each row, then every label's
     probability; rows with empty text get nulls."""
-    from tuneq.worker.predict import label_set
+    from tuneq.worker.ml.predict import label_set
 
     rows = table.num_rows
     mask = np.ones(rows, dtype=bool)
@@ -207,7 +207,7 @@ def score_shard(
 ) -> ShardResult:
     """Score shard ``index`` of the staged input into ``folder/parts/<index>.parquet``;
     ``on_batch`` is called before each batch and may raise to stop."""
-    from tuneq.worker.predict import load_for_inference
+    from tuneq.worker.ml.predict import load_for_inference
 
     started = time.perf_counter()
     assert spec.model_path is not None

@@ -11,7 +11,7 @@ from kombu.transport.sqlalchemy import Transport as SQLAlchemyTransport
 
 from tuneq.schemas.settings import Settings
 from tuneq.schemas.specs import PRIORITY_LEVELS
-from tuneq.worker.registry import pool_process_name
+from tuneq.worker.store.workers import pool_process_name
 
 RUN_JOB = "tuneq.run_job"
 RUN_SHARD = "tuneq.run_shard"
@@ -61,7 +61,7 @@ def create_app(settings: Settings) -> Celery:
 
     @app.task(name=RUN_JOB, ignore_result=True)
     def run_job(job_id: str) -> str | None:
-        from tuneq.worker.runner import run_job as run
+        from tuneq.worker.jobs.runner import run_job as run
 
         def publish_shard(index: int, queue: str, priority: str) -> None:
             send_shard(app, job_id, index, queue, priority)
@@ -70,7 +70,7 @@ def create_app(settings: Settings) -> Celery:
 
     @app.task(name=RUN_SHARD, ignore_result=True)
     def run_shard(job_id: str, index: int) -> str | None:
-        from tuneq.worker.runner import run_shard as run
+        from tuneq.worker.jobs.runner import run_shard as run
 
         return run(settings, job_id, index, worker=pool_process_name())
 

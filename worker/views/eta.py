@@ -18,8 +18,9 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from tuneq.schemas.specs import PRIORITY_LEVELS
-from tuneq.schemas.tables import ACTIVE, WAITING, Job, JobStatus, utcnow, values
-from tuneq.worker import registry, store
+from tuneq.schemas.tables import ACTIVE, WAITING, Job, JobStatus, aware, utcnow, values
+from tuneq.worker import store
+from tuneq.worker.store import workers
 
 HISTORY = 200  # finished jobs looked at, newest first
 
@@ -111,7 +112,7 @@ def measured_throughput(engine: Engine) -> Throughput:
 def wall_seconds(job: Job) -> float | None:
     if job.started_at is None or job.finished_at is None:
         return None
-    return (store.aware(job.finished_at) - store.aware(job.started_at)).total_seconds()
+    return (aware(job.finished_at) - aware(job.started_at)).total_seconds()
 
 
 def queue_estimates(
@@ -122,7 +123,7 @@ def queue_estimates(
     with Session(engine) as session:
         active = list(session.scalars(select(Job).where(Job.status.in_(values(ACTIVE)))))
     processes: dict[str, int] = {}
-    for live in registry.live_workers(engine, interval_s=interval_s, now=now):
+    for live in workers.live_workers(engine, interval_s=interval_s, now=now):
         for queue in live.worker.queues:
             processes[queue] = processes.get(queue, 0) + live.worker.concurrency
     throughput = measured_throughput(engine)
@@ -142,7 +143,7 @@ def play_queue(
         (job for job in jobs if JobStatus(job.status) in WAITING),
         key=lambda job: (
             PRIORITY_LEVELS.index(store.priority_of(job)),
-            store.aware(job.created_at),
+            aware(job.created_at),
         ),
     )
     slots: list[float | None] = []
@@ -179,5 +180,5 @@ def remaining_seconds(job: Job, throughput: Throughput, now: datetime) -> tuple[
     duration, basis = throughput.duration(job)
     if duration is None or job.started_at is None:
         return None, basis
-    elapsed = (now - store.aware(job.started_at)).total_seconds()
+    elapsed = (now - aware(job.started_at)).total_seconds()
     return max(0.0, duration - elapsed), basis

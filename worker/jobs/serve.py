@@ -13,13 +13,13 @@ from celery import signals
 
 from tuneq.schemas.errors import TuneqError
 from tuneq.schemas.settings import Settings
-from tuneq.worker import registry
-from tuneq.worker.app import create_app, send_job, send_shard, waiting_messages
-from tuneq.worker.db import get_engine
-from tuneq.worker.device import nvidia_gpus
-from tuneq.worker.reaper import start_reaper
-from tuneq.worker.registry import worker_name
-from tuneq.worker.threads import configure_torch, share_of_cores
+from tuneq.worker.jobs.app import create_app, send_job, send_shard, waiting_messages
+from tuneq.worker.jobs.reaper import start_reaper
+from tuneq.worker.ml.device import nvidia_gpus
+from tuneq.worker.ml.threads import configure_torch, share_of_cores
+from tuneq.worker.store import workers
+from tuneq.worker.store.db import get_engine
+from tuneq.worker.store.workers import worker_name
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def run_worker(
     threads = settings.worker_threads or share_of_cores(concurrency)
 
     def init_child(**_kwargs: Any) -> None:
-        # Database engines are dropped in the child by tuneq.worker.db's at-fork hook.
+        # Database engines are dropped in the child by tuneq.worker.store.db's at-fork hook.
         configure_torch(threads)
         log.info(
             "pool process %d ready for jobs (torch threads: %d, CUDA_VISIBLE_DEVICES=%s)",
@@ -91,7 +91,7 @@ def run_worker(
 
     def on_ready(**_kwargs: Any) -> None:
         # After the pool has forked: the registry row and the reaper live in this process.
-        registry.register_worker(
+        workers.register_worker(
             engine,
             name=name,
             hostname=socket.gethostname(),
@@ -107,11 +107,11 @@ def run_worker(
                 app, job_id, index, queue, priority
             ),
             waiting_in=lambda queue: waiting_messages(app, queue),
-            heartbeat=lambda: registry.beat(engine, name=name),
+            heartbeat=lambda: workers.beat(engine, name=name),
         )
 
     def on_shutdown(**_kwargs: Any) -> None:
-        registry.unregister_worker(engine, name=name)
+        workers.unregister_worker(engine, name=name)
 
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)

@@ -1,7 +1,7 @@
 """The job runner: a worker's side of a job, from its claim to its outcome.
 
 ``run_job`` claims a job, runs its work, and records the outcome through the transitions of
-``tuneq.worker.lifecycle``. It is safe to call twice for the same job: a delivery that cannot
+``tuneq.worker.jobs.lifecycle``. It is safe to call twice for the same job: a delivery that cannot
 claim the job returns without touching anything.
 """
 
@@ -21,12 +21,14 @@ from sqlalchemy import Engine
 from tuneq.schemas.errors import TuneqError
 from tuneq.schemas.settings import Settings
 from tuneq.schemas.specs import FinetuneSpec, ScoreSpec, parse_spec
-from tuneq.schemas.tables import utcnow
-from tuneq.worker import artifacts, lifecycle, store
-from tuneq.worker.db import get_engine
-from tuneq.worker.device import release_gpu_memory
-from tuneq.worker.lease import JobStopped, Lease
-from tuneq.worker.paths import confine_spec
+from tuneq.schemas.tables import aware, utcnow
+from tuneq.worker import store
+from tuneq.worker.io import artifacts
+from tuneq.worker.jobs import lifecycle
+from tuneq.worker.jobs.lease import JobStopped, Lease
+from tuneq.worker.jobs.paths import confine_spec
+from tuneq.worker.ml.device import release_gpu_memory
+from tuneq.worker.store.db import get_engine
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,7 @@ def run_finetune(
     staging: Path,
     lease: Lease,
 ) -> str:
-    from tuneq.worker.finetune import finetune  # torch and transformers load only here
+    from tuneq.worker.ml.finetune import finetune  # torch and transformers load only here
 
     attempt = claim.attempt
     shutil.rmtree(staging, ignore_errors=True)
@@ -212,7 +214,7 @@ def start_scoring(
     lease: Lease,
 ) -> str:
     """Stage the input as shards, record them, and queue one message per shard."""
-    from tuneq.worker.score import check_vocabulary, stage_input
+    from tuneq.worker.ml.score import check_vocabulary, stage_input
 
     store.record_progress(engine, job_id=job_id, attempt=attempt, progress={"phase": "staging"})
     artifacts.remove_folder(folder)
@@ -232,7 +234,7 @@ def start_scoring(
 
 def run_shard(settings: Settings, job_id: str, index: int, *, worker: str) -> str | None:
     """Score one shard; the worker that finishes the last shard assembles the output."""
-    from tuneq.worker.score import score_shard
+    from tuneq.worker.ml.score import score_shard
 
     engine = get_engine(settings.database_url)
     shard_attempt = lifecycle.claim_shard(engine, job_id, index, worker=worker)
@@ -286,7 +288,7 @@ def finish_scoring(
     lease: Lease,
 ) -> str:
     """Assemble the parts into the output, then mark the job succeeded pointing at it."""
-    from tuneq.worker.score import assemble_output
+    from tuneq.worker.ml.score import assemble_output
 
     shards = store.list_shards(engine, job_id)
     job = store.get_job(engine, job_id)
@@ -297,7 +299,7 @@ def finish_scoring(
     scratch = settings.artifact_dir / "staging"
     assemble_output(folder, len(shards), output, on_part=lease.check, scratch=scratch)
     rows = sum(s.row_count for s in shards)
-    wall = max(1e-6, (utcnow() - store.aware(job.started_at or utcnow())).total_seconds())
+    wall = max(1e-6, (utcnow() - aware(job.started_at or utcnow())).total_seconds())
     metrics = {
         "rows": rows,
         "empty_rows": sum(s.empty_rows for s in shards),

@@ -8,10 +8,11 @@ from tuneq.schemas.errors import TuneqError
 from tuneq.schemas.settings import Settings, redact_url
 from tuneq.schemas.specs import JobSpec, ScoreSpec
 from tuneq.schemas.tables import Job, JobGroup
-from tuneq.worker import lifecycle, store
-from tuneq.worker.app import create_app, send_job
-from tuneq.worker.db import get_engine
-from tuneq.worker.registry import listening
+from tuneq.worker import store
+from tuneq.worker.jobs import lifecycle
+from tuneq.worker.jobs.app import create_app, send_job
+from tuneq.worker.store.db import get_engine
+from tuneq.worker.store.workers import listening
 
 CPU_QUEUE, GPU_QUEUE = "cpu", "gpu"
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from tuneq.schemas.errors import DataError, DataUnavailable
 from tuneq.schemas.specs import FinetuneSpec
-from tuneq.worker.files import SUFFIXES, data_suffix, read_table
+from tuneq.worker.io.files import SUFFIXES, data_suffix, read_table
 
 TRAIN_NAMES = ("train",)
 EVAL_NAMES = ("test", "eval", "evaluation", "validation", "val", "dev")

@@ -17,9 +17,10 @@ from datetime import timedelta
 
 from tuneq.schemas.settings import Settings
 from tuneq.schemas.tables import utcnow
-from tuneq.worker import lifecycle, store
-from tuneq.worker.app import Waiting
-from tuneq.worker.db import get_engine
+from tuneq.worker import store
+from tuneq.worker.jobs import lifecycle
+from tuneq.worker.jobs.app import Waiting
+from tuneq.worker.store.db import get_engine
 
 log = logging.getLogger(__name__)
 

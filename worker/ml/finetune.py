@@ -19,26 +19,26 @@ import numpy as np
 from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from tuneq.schemas.specs import FinetuneSpec
-from tuneq.worker.best_model import (
+from tuneq.worker.ml.best_model import (
     BestModel,
     Evaluation,
     check_learned,
     check_learned_unevaluated,
 )
-from tuneq.worker.calibration import softmax
-from tuneq.worker.data import Examples, TrainingData, load_training_data
-from tuneq.worker.device import training_bf16
-from tuneq.worker.label_errors import find_label_issues
-from tuneq.worker.model_card import write_model_card
-from tuneq.worker.models import (
+from tuneq.worker.ml.calibration import softmax
+from tuneq.worker.ml.data import Examples, TrainingData, load_training_data
+from tuneq.worker.ml.device import training_bf16
+from tuneq.worker.ml.label_errors import find_label_issues
+from tuneq.worker.ml.model_card import write_model_card
+from tuneq.worker.ml.models import (
     attention_dropout_override,
     load_classifier,
     load_tokenizer,
     resolve_model_source,
 )
-from tuneq.worker.plots import write_plots
-from tuneq.worker.tasks import PROBLEM_TYPES, Task
-from tuneq.worker.vocabulary import unknown_share, vocabulary_warning
+from tuneq.worker.ml.plots import write_plots
+from tuneq.worker.ml.tasks import PROBLEM_TYPES, Task
+from tuneq.worker.ml.vocabulary import unknown_share, vocabulary_warning
 
 Progress = Callable[[dict[str, Any]], None]
 MANIFEST = "tuneq.json"

@@ -64,7 +64,7 @@ def post_json(url: str, payload: dict[str, Any]) -> None:
 
 def group_summary(engine: Engine, group: JobGroup) -> dict[str, Any]:
     """What a group's notification says: how its jobs ended, and its runs best first."""
-    from tuneq.worker.sweep import compare_rows
+    from tuneq.worker.views.sweep import compare_rows
 
     runs = compare_rows(engine, group.id)
     counts = {status: sum(run["status"] == status for run in runs) for status in GROUP_COUNTS}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -14,11 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine
 
 from tuneq.schemas.errors import ModelError
-from tuneq.worker.artifacts import exists, fetch_folder, is_uri, join
-from tuneq.worker.store import find_model
 
 log = logging.getLogger(__name__)
 
@@ -61,51 +57,6 @@ class Classifier:
         return self.target_scale is not None
 
 
-def model_location(engine: Engine, ref: str) -> str:
-    """Where ``ref`` lives: a registered ``name``, ``name:version`` or ``name@tag``, a model
-    folder, or a model's URI in the artifact store; checked to be there.
-
-    A bare name is looked up in the registry first; a ref with a slash or a leading dot is a
-    folder.
-    """
-    if is_uri(ref):
-        return stored_model(ref, ref)
-    path = Path(ref).expanduser()
-    looks_like_path = "/" in ref or os.sep in ref or ref.startswith((".", "~"))
-    if looks_like_path or (path.is_dir() and not has_model(engine, ref)):
-        if not path.is_dir():
-            raise ModelError(f"model folder {ref} does not exist")
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{ref} is not a model folder: it has no config.json")
-        return str(path.resolve())
-    registered = find_model(engine, ref).path
-    if is_uri(registered):
-        return stored_model(ref, registered)
-    if not Path(registered).is_dir():
-        raise ModelError(f"model {ref!r} is registered at {registered}, but that folder is missing")
-    return registered
-
-
-def stored_model(ref: str, uri: str) -> str:
-    if not exists(join(uri, "config.json")):
-        raise ModelError(f"model {ref!r} is not in the artifact store at {uri}")
-    return uri
-
-
-def model_folder(engine: Engine, ref: str, *, cache: Path) -> Path:
-    """A local folder that holds ``ref`` (see :func:`model_location`); a model in the artifact
-    store is fetched into ``cache`` the first time."""
-    return fetch_folder(model_location(engine, ref), cache)
-
-
-def has_model(engine: Engine, ref: str) -> bool:
-    try:
-        find_model(engine, ref)
-    except ModelError:
-        return False
-    return True
-
-
 @lru_cache(maxsize=4)
 def load_for_inference(
     folder: str, precision: str = "fp32", trust_remote_code: bool = False
@@ -113,7 +64,7 @@ def load_for_inference(
     """The classifier in ``folder``, loaded once per process and precision."""
     import torch
 
-    from tuneq.worker.models import load_classifier, load_tokenizer, quiet_transformers
+    from tuneq.worker.ml.models import load_classifier, load_tokenizer, quiet_transformers
 
     quiet_transformers()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,7 +78,7 @@ def load_for_inference(
         model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     model = model.to(device)
     if device.type == "cpu" and precision in ("fp32", "bf16"):
-        from tuneq.worker.onednn import pack_linear_layers
+        from tuneq.worker.ml.onednn import pack_linear_layers
 
         pack_linear_layers(model, torch.float32 if precision == "fp32" else torch.bfloat16)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]

@@ -32,8 +32,9 @@ from tuneq.schemas.errors import JobStateError, SpecUnreadable
 from tuneq.schemas.settings import Settings
 from tuneq.schemas.specs import JobSpec, ScoreSpec, parse_spec
 from tuneq.schemas.tables import FINISHED, RETRYABLE, Job, JobStatus, Model, Shard, values
-from tuneq.worker import artifacts, store
-from tuneq.worker.notify import notify_end
+from tuneq.worker import store
+from tuneq.worker.io import artifacts
+from tuneq.worker.jobs.notify import notify_end
 
 log = logging.getLogger(__name__)
 

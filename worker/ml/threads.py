@@ -22,7 +22,7 @@ def configure_torch(threads: int | None) -> None:
             os.environ[var] = str(threads)
     import torch
 
-    from tuneq.worker.models import quiet_transformers
+    from tuneq.worker.ml.models import quiet_transformers
 
     if threads:
         torch.set_num_threads(threads)

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from tuneq.worker.best_model import Evaluation, Scorer
-from tuneq.worker.calibration import calibrate
-from tuneq.worker.data import Examples
-from tuneq.worker.metrics import (
+from tuneq.worker.ml.best_model import Evaluation, Scorer
+from tuneq.worker.ml.calibration import calibrate
+from tuneq.worker.ml.data import Examples
+from tuneq.worker.ml.metrics import (
     classification_metrics,
     fit_thresholds,
     multilabel_metrics,

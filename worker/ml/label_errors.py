@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tuneq.worker.data import Examples, TrainingData
+from tuneq.worker.ml.data import Examples, TrainingData
 
 ISSUES_FILE = "label_issues.csv"
 SHOWN = 20  # rows kept in the job's metrics (and so in reports); the file has them all

@@ -1,0 +1,40 @@
+"""Groups of jobs (sweeps) and their one end-of-group notification."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.orm import Session
+
+from tuneq.schemas.tables import (
+    FINISHED,
+    Job,
+    JobGroup,
+    utcnow,
+    values,
+)
+
+
+def new_group(*, group_id: str, size: int, notify: str | None) -> JobGroup:
+    """A group of ``size`` jobs (a sweep), to be recorded with its jobs by ``create_jobs``."""
+    return JobGroup(id=group_id, size=size, notify=notify, created_at=utcnow())
+
+
+def claim_group_notification(engine: Engine, *, group_id: str) -> JobGroup | None:
+    """The group, if every one of its jobs has ended and nobody has claimed its notification
+    yet; a compare-and-set, so of the processes finishing its last jobs exactly one gets it."""
+    ended = (
+        select(func.count())
+        .select_from(Job)
+        .where(Job.group_id == group_id, Job.status.in_(values(FINISHED)))
+        .scalar_subquery()
+    )
+    claim = (
+        update(JobGroup)
+        .where(JobGroup.id == group_id, JobGroup.notified_at.is_(None), JobGroup.size == ended)
+        .values(notified_at=utcnow())
+    )
+    with engine.begin() as conn:
+        if conn.execute(claim).rowcount != 1:
+            return None
+    with Session(engine) as session:
+        return session.get(JobGroup, group_id)

@@ -1,0 +1,1 @@
+"""Read-side views: HTML reports, queue ETAs, sweeps and their comparison."""
