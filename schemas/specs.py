@@ -145,7 +145,7 @@ class FinetuneSpec(BaseModel):
         "weights are kept.",
     )
     batch_size: int = Field(8, ge=1, le=4096, description="Training batch size.")
-    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak learning rate.")
+    learning_rate: float = Field(1e-4, gt=0, lt=1, description="Peak learning rate.")
     warmup: float = Field(
         0.1, ge=0, description="Warm-up: a fraction of the steps (< 1) or a number of steps."
     )

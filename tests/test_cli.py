@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from tuneq.cli.main import cli
-from tuneq.worker.db import head_revision
+from tuneq.worker.store.db import head_revision
 
 
 def all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -53,7 +53,7 @@ def test_help_is_instant_and_does_not_import_torch() -> None:
 def test_finetune_options_come_from_the_spec() -> None:
     result = CliRunner().invoke(cli, ["finetune", "--help"])
     assert "--learning-rate FLOAT" in result.output
-    assert "Peak learning rate. [default: 5e-05]" in result.output
+    assert "Peak learning rate. [default: 0.0001]" in result.output
 
 
 def test_bad_option_values_are_usage_errors(env: dict[str, str]) -> None:

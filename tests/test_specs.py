@@ -7,7 +7,7 @@ from tuneq.schemas.specs import FinetuneSpec, ScoreSpec, parse_spec
 def test_defaults_are_the_ones_the_quality_benchmark_chose() -> None:
     spec = FinetuneSpec(data="reviews.csv")
     assert (spec.model, spec.batch_size, spec.max_length) == ("minilm", 8, None)  # None: fit data
-    assert (spec.epochs, spec.learning_rate, spec.warmup) == (3.0, 5e-5, 0.1)
+    assert (spec.epochs, spec.learning_rate, spec.warmup) == (3.0, 1e-4, 0.1)
     assert (spec.chosen_metric(), spec.patience, spec.task) == ("macro_f1", None, "classification")
     assert spec.queue is None and spec.device == "auto"
 
