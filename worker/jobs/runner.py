@@ -61,12 +61,12 @@ class ProgressRecorder:
                 self.lease.check()
 
 
-PublishShard = Callable[[int, str, str], None]  # shard index, queue, priority
-PublishJob = Callable[[str, str, str], None]  # job id, queue, priority
+# Publishes a shard of the job being run: shard index, queue, priority (the job is known).
+PublishOwnShard = Callable[[int, str, str], None]
 
 
 def run_job(
-    settings: Settings, job_id: str, *, worker: str, publish_shard: PublishShard
+    settings: Settings, job_id: str, *, worker: str, publish_shard: PublishOwnShard
 ) -> str | None:
     """Claim job ``job_id`` and run it; returns its state afterwards, or ``None`` when another
     delivery owns the job. A scoring job stays ``running`` while its shards are scored."""
@@ -210,7 +210,7 @@ def start_scoring(
     attempt: int,
     spec: ScoreSpec,
     folder: str,
-    publish_shard: PublishShard,
+    publish_shard: PublishOwnShard,
     lease: Lease,
 ) -> str:
     """Stage the input as shards, record them, and queue one message per shard."""
