@@ -211,6 +211,18 @@ def test_a_duplicate_delivery_runs_once(fast_env, start_worker, trained_tiny_mod
     assert log.count(f"job {job_id} is not claimable") == 1, "the second delivery came, refused"
 
 
+def holding_a_shard(engine, job_id: str, *, done: int) -> list[str]:
+    """Wait until a worker holds a shard of ``job_id`` and ``done`` shards are finished; the
+    shards' statuses then."""
+    deadline = time.monotonic() + 120
+    while True:
+        statuses = [s.status for s in list_shards(engine, job_id)]
+        if statuses.count("done") >= done and "running" in statuses:
+            return statuses
+        assert time.monotonic() < deadline, f"never {done} shards done and one running"
+        time.sleep(0.02)
+
+
 def test_a_duplicate_shard_delivery_scores_nothing_twice(
     fast_env, start_worker, trained_tiny_model, tmp_path
 ):
@@ -225,13 +237,7 @@ def test_a_duplicate_shard_delivery_scores_nothing_twice(
         env, *score_args(trained_tiny_model, source, output, queue), "--shard-rows", "200"
     )
     engine = get_engine(env["TUNEQ_DATABASE_URL"])
-    deadline = time.monotonic() + 120
-    while True:  # two shards done, one in the worker's hands, twelve waiting
-        statuses = [s.status for s in list_shards(engine, job_id)]
-        if statuses.count("done") >= 2 and "running" in statuses:
-            break
-        assert time.monotonic() < deadline, "no shard finished"
-        time.sleep(0.02)
+    statuses = holding_a_shard(engine, job_id, done=2)  # 2 done, 1 held, 12 waiting
     again = [i for i, status in enumerate(statuses) if status in ("done", "running")]
     app = create_app(load_settings(env))
     for index in again:  # delivered a second time, ahead of the shards still waiting
@@ -360,13 +366,7 @@ def test_kill_9_during_scoring_scores_only_the_lost_shard_again(
         env, *score_args(trained_tiny_model, source, output, queue), "--shard-rows", "300"
     )
     engine = get_engine(env["TUNEQ_DATABASE_URL"])
-    deadline = time.monotonic() + 120
-    while True:  # kill it while it holds a shard, after it finished two
-        statuses = [s.status for s in list_shards(engine, job_id)]
-        if statuses.count("done") >= 2 and "running" in statuses:
-            break
-        assert time.monotonic() < deadline, "no shard finished"
-        time.sleep(0.02)
+    holding_a_shard(engine, job_id, done=2)  # kill it while it holds one, after two
     kill_hard(doomed)
     [lost] = [s for s in list_shards(engine, job_id) if s.status == "running"]
     assert f":{doomed.process.pid}/" in lost.worker and lost.attempt == 1, "the killed one's"
@@ -409,13 +409,7 @@ def test_a_shard_lost_too_often_fails_its_job_and_leaves_no_part(
         env, *score_args(trained_tiny_model, source, output, queue), "--shard-rows", "300"
     )
     engine = get_engine(env["TUNEQ_DATABASE_URL"])
-    deadline = time.monotonic() + 120
-    while True:
-        statuses = [s.status for s in list_shards(engine, job_id)]
-        if "done" in statuses and "running" in statuses:
-            break
-        assert time.monotonic() < deadline, "no shard running"
-        time.sleep(0.02)
+    holding_a_shard(engine, job_id, done=1)
     kill_hard(doomed)
     [lost] = [s for s in list_shards(engine, job_id) if s.status == "running"]
     start_worker(env, queue)
