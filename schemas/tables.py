@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Integer,
@@ -32,7 +33,30 @@ def aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-class JobStatus(str, enum.Enum):
+class _Status(str, enum.Enum):
+    """A status is its column value everywhere: in SQL, in JSON and in f-strings."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+def status_column(statuses: type[_Status]) -> Enum:
+    """The column type of a status: the enum's values, validated on write, stored as
+    VARCHAR(16) (no database enum type, so adding a status needs no migration)."""
+    return Enum(
+        statuses,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        validate_strings=True,
+        values_callable=lambda members: [member.value for member in members],
+    )
+
+
+class JobStatus(_Status):
     """Where a job is in its life (the transitions: ``tuneq.worker.jobs.lifecycle``)::
 
     queued ───claim──▶ running ──succeed──▶ succeeded
@@ -80,7 +104,9 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), index=True, default=JobStatus.queued.value)
+    status: Mapped[JobStatus] = mapped_column(
+        status_column(JobStatus), index=True, default=JobStatus.queued
+    )
     queue: Mapped[str] = mapped_column(String(64))
     spec: Mapped[dict[str, Any]]
     attempt: Mapped[int] = mapped_column(Integer, default=0)
@@ -99,7 +125,7 @@ class Job(Base):
     group_id: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
-class ShardStatus(str, enum.Enum):
+class ShardStatus(_Status):
     """A shard of a scoring job: queued → running → done (or failed)."""
 
     queued = "queued"
@@ -117,7 +143,9 @@ class Shard(Base):
     index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     row_start: Mapped[int] = mapped_column(Integer)
     row_count: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16), default=ShardStatus.queued.value)
+    status: Mapped[ShardStatus] = mapped_column(
+        status_column(ShardStatus), default=ShardStatus.queued
+    )
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
     started_at: Mapped[datetime | None]

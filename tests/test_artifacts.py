@@ -43,7 +43,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     uri = f"memory://tuneq-test-{uuid.uuid4().hex[:8]}"
     yield uri
-    artifacts.remove_folder(uri)
+    artifacts.remove_path(uri)
 
 
 def files_under(folder: Path) -> list[str]:
@@ -85,7 +85,7 @@ def test_a_folder_goes_up_whole_and_comes_back_once(store: str, tmp_path: Path) 
     assert (fetched / "sub" / "plot.png").read_bytes() == (local / "sub" / "plot.png").read_bytes()
     assert [p.name for p in cache.iterdir()] == [fetched.name], "no temporary folder left"
 
-    artifacts.remove_folder(location)
+    artifacts.remove_path(location)
     assert not artifacts.exists(location)
     assert artifacts.fetch_folder(location, cache) == fetched, "fetched once, then cached"
     with pytest.raises(FileNotFoundError):
@@ -180,7 +180,7 @@ def test_scoring_work_and_output_live_in_the_store(
     for index in range(3):
         score_shard(spec, folder, index)
     scratch = tmp_path / "scratch"
-    assemble_output(folder, 3, output, scratch=scratch)
+    assemble_output(folder, 3, output, scratch / "scored.csv.gz")
     assert files_under(scratch) == [], "the local copy is gone once uploaded"
 
     with artifacts.open_artifact(output) as f:

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, update
+from sqlalchemy.exc import StatementError
 
 from tests.conftest import Hook
 from tuneq.schemas.errors import DataError
 from tuneq.schemas.settings import Settings, load_settings
-from tuneq.schemas.specs import FinetuneSpec
-from tuneq.schemas.tables import Job
+from tuneq.schemas.specs import FinetuneSpec, ScoreSpec
+from tuneq.schemas.tables import Job, JobStatus
 from tuneq.worker import store
 from tuneq.worker.jobs import lifecycle, runner, submit
 from tuneq.worker.jobs.app import send_job
@@ -138,6 +139,37 @@ def test_the_janitor_removes_only_what_ended_jobs_left(settings: Settings, engin
     assert not leaked.parent.exists() and not stray.exists()
 
 
+@pytest.mark.parametrize("end", ["fail", "succeed"])
+def test_an_output_a_killed_assembly_left_goes_when_the_job_ends(
+    settings: Settings, engine: Engine, tmp_path: Path, end: str
+) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    output = folder / "scored.csv"
+    spec = ScoreSpec(model="m", input="in.csv", output=str(output), queue="q")
+    job = store.create_job(engine, spec=spec)
+    assert lifecycle.claim(engine, job.id, worker="w1") is not None
+    killed = lifecycle.assembly_file(settings, job.id, 1, str(output))
+    killed.write_text("id,label\n1,pos\n")  # the worker died while writing the output
+    others = [folder / "notes.csv", lifecycle.assembly_file(settings, "other", 1, str(output))]
+    for path in others:
+        path.write_text("not this job's")
+    assert lifecycle.requeue_lost(engine, store.get_job(engine, job.id), lambda *_: None)
+    assert lifecycle.claim(engine, job.id, worker="w2") is not None
+    files = lifecycle.job_files(settings, store.get_job(engine, job.id))
+
+    if end == "fail":  # as the reaper does after max_attempts
+        assert lifecycle.fail(engine, job.id, 2, "worker lost 2 times", cleanup=files)
+    else:
+        output.write_text("id,label\n1,pos\n")
+        assert lifecycle.succeed_with_output(
+            engine, job.id, 2, output_path=str(output), metrics={}, cleanup=files
+        )
+
+    assert killed.name == f".scored.csv.{job.id}-1.partial" and not killed.exists()
+    assert sorted(folder.iterdir()) == sorted([*others, *([output] if end == "succeed" else [])])
+
+
 def test_a_sweep_whose_publishing_fails_half_way_still_ends_whole(
     settings: Settings, engine: Engine, hook_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -175,3 +207,14 @@ def test_a_sweep_whose_publishing_fails_half_way_still_ends_whole(
         "lr-1",
         {"jobs": 4, "succeeded": 0, "failed": 2, "cancelled": 2},
     )
+
+
+def test_the_status_column_holds_only_the_enums_values(engine: Engine) -> None:
+    job_id, _ = running_job(engine)
+    job = store.get_job(engine, job_id)
+    assert job.status is JobStatus.running and f"{job.status}" == "running"
+
+    refused = pytest.raises(StatementError, match="'finished' is not among the defined enum")
+    with refused, engine.begin() as connection:
+        connection.execute(update(Job).where(Job.id == job_id).values(status="finished"))
+    assert store.get_job(engine, job_id).status is JobStatus.running

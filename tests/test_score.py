@@ -22,7 +22,8 @@ def run_locally(spec: ScoreSpec, folder: Path) -> None:
     staged = stage_input(spec, folder)
     for index in range(len(staged.shard_sizes)):
         score_shard(spec, folder, index)
-    assemble_output(folder, len(staged.shard_sizes), Path(spec.output))
+    output = Path(spec.output)
+    assemble_output(folder, len(staged.shard_sizes), output, output.with_suffix(".partial"))
 
 
 def read_back(path: Path) -> pa.Table:
@@ -142,9 +143,10 @@ def test_a_failed_assembly_leaves_no_output(trained_tiny_model: Path, tmp_path: 
         shard_rows=10,
     )
     staged = stage_input(spec, tmp_path / "work")
+    partial = tmp_path / ".out.csv.j-1.partial"
     score_shard(spec, tmp_path / "work", 0)  # shard 1 never scored
     with pytest.raises(FileNotFoundError):
-        assemble_output(tmp_path / "work", len(staged.shard_sizes), output)
+        assemble_output(tmp_path / "work", len(staged.shard_sizes), output, partial)
     assert list(tmp_path.glob("*out.csv*")) == []
 
 

@@ -112,7 +112,7 @@ def put_folder(local: Path, location: Location) -> None:
     """Upload every file under ``local`` to ``location``, replacing whatever a failed attempt
     left there. Not atomic on an object store: whoever records the location does it after this
     returns, so nothing names a half-uploaded folder."""
-    remove_folder(location)
+    remove_path(location)
     fs, root = filesystem(location)
     for file in sorted(p for p in local.rglob("*") if p.is_file()):
         target = posixpath.join(root, file.relative_to(local).as_posix())
@@ -179,10 +179,13 @@ def list_folder(location: Location) -> list[str]:
     return [f"{scheme}://{entry.lstrip('/') if scheme != 'file' else entry}" for entry in entries]
 
 
-def remove_folder(location: Location) -> None:
-    """Delete the folder ``location`` and everything in it, if it is there."""
+def remove_path(location: Location) -> None:
+    """Delete the file or folder ``location`` (with everything in it), if it is there."""
     if not is_uri(location):
-        shutil.rmtree(location, ignore_errors=True)
+        if Path(location).is_dir():
+            shutil.rmtree(location, ignore_errors=True)
+        else:
+            Path(location).unlink(missing_ok=True)
         return
     fs, path = filesystem(location)
     with suppress(FileNotFoundError):

@@ -9,7 +9,7 @@ import gzip
 import io
 import json
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import pyarrow as pa
@@ -27,7 +27,7 @@ JSON_BLOCK_BYTES = 1 << 24
 MAX_FIELD_BYTES = 1 << 20
 
 
-def data_suffix(path: Path) -> str:
+def data_suffix(path: PurePath) -> str:
     """The data format of ``path`` (``.csv``, ``.tsv``, …), looking through ``.gz``."""
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".gz":
@@ -233,7 +233,9 @@ def find_bad_csv_line(path: Path, delimiter: str, encoding: str) -> tuple[int, s
 class TableWriter:
     """Writes tables, chunk by chunk, in the format that ``path``'s suffix names."""
 
-    def __init__(self, path: Path, schema: pa.Schema, *, output_format: Path | None = None) -> None:
+    def __init__(
+        self, path: Path, schema: pa.Schema, *, output_format: PurePath | None = None
+    ) -> None:
         """Write to ``path`` in the format of ``output_format`` (default: ``path`` itself), so
         that a temporary name can carry the final name's format."""
         named = output_format or path

@@ -18,6 +18,7 @@ The runner, the reaper, submission and the CLI change a status only through thes
 from __future__ import annotations
 
 import logging
+import posixpath
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -65,16 +66,36 @@ def staging_folder(settings: Settings, job_id: str, attempt: int) -> Path:
     return settings.artifact_dir / STAGING / f"{job_id}-{attempt}"
 
 
+def assembly_file(settings: Settings, job_id: str, attempt: int, output: str) -> Path:
+    """Where an attempt of a scoring job builds its output until it is whole: beside a local
+    output (so that the last step is an atomic rename), in the attempt's staging folder for an
+    output in the artifact store (uploaded from there). Named for the job and the attempt, so
+    that what a killed assembly left is found when the job ends."""
+    if artifacts.is_uri(output):
+        return staging_folder(settings, job_id, attempt) / posixpath.basename(output)
+    path = Path(output)
+    return path.with_name(f".{path.name}.{job_id}-{attempt}.partial")
+
+
 def job_files(settings: Settings, job: Job) -> list[artifacts.Location]:
-    """What a job makes while it runs, on this machine or in the store; gone when it ends."""
-    if job.kind == ScoreSpec.model_fields["kind"].default:
-        return [scoring_folder(settings, job.id)]
-    return [checkpoint_folder(settings, job.id)]
+    """What a job makes while it runs, on this machine or in the store; gone when it ends.
+    For a scoring job: its scoring folder, and the output being assembled (this attempt's,
+    and any that an earlier, killed attempt left)."""
+    if job.kind != ScoreSpec.model_fields["kind"].default:
+        return [checkpoint_folder(settings, job.id)]
+    files: list[artifacts.Location] = [scoring_folder(settings, job.id)]
+    output = job.spec.get("output")
+    if output and not artifacts.is_uri(output):
+        current = assembly_file(settings, job.id, job.attempt, output)
+        files += [current, *current.parent.glob(f".{Path(output).name}.{job.id}-*.partial")]
+    for attempt in range(1, job.attempt + 1):
+        files.append(staging_folder(settings, job.id, attempt))
+    return list(dict.fromkeys(files))
 
 
 def remove(locations: Iterable[artifacts.Location]) -> None:
     for location in locations:
-        artifacts.remove_folder(location)
+        artifacts.remove_path(location)
 
 
 # Transitions ------------------------------------------------------------------------------
@@ -281,7 +302,7 @@ def sweep_leftovers(settings: Settings, engine: Engine) -> list[str]:
     for job in store.jobs_with_ids(engine, list(found)):
         if JobStatus(job.status) in FINISHED:
             for location in kept_files(job, found[job.id]):
-                artifacts.remove_folder(location)
+                artifacts.remove_path(location)
                 removed.append(str(location))
     for location in removed:
         log.info("removed %s, left by an ended job", location)

@@ -183,7 +183,7 @@ def run_finetune(
     if model is None:
         log.warning("job %s lost its lease before registering; result discarded", job_id)
         if stored_at is not None:
-            artifacts.remove_folder(stored_at)
+            artifacts.remove_path(stored_at)
         return "lost"
     log.info("job %s succeeded: %s:%s at %s", job_id, model.name, model.version, model.path)
     return "succeeded"
@@ -217,14 +217,14 @@ def start_scoring(
     from tuneq.worker.ml.score import check_vocabulary, stage_input
 
     store.record_progress(engine, job_id=job_id, attempt=attempt, progress={"phase": "staging"})
-    artifacts.remove_folder(folder)
+    artifacts.remove_path(folder)
     staged = stage_input(spec, folder)
     lease.check()
     warning = check_vocabulary(spec, folder)
     if warning:
         store.add_event(engine, job_id=job_id, attempt=attempt, kind="warning", message=warning)
     if not store.create_shards(engine, job_id=job_id, attempt=attempt, sizes=staged.shard_sizes):
-        artifacts.remove_folder(folder)
+        artifacts.remove_path(folder)
         return "lost"
     queue = store.get_job(engine, job_id).queue
     for index in range(len(staged.shard_sizes)):
@@ -296,8 +296,8 @@ def finish_scoring(
         engine, job_id=job_id, attempt=attempt, progress=dict(job.progress or {}, phase="writing")
     )
     output = spec.output
-    scratch = settings.artifact_dir / "staging"
-    assemble_output(folder, len(shards), output, on_part=lease.check, scratch=scratch)
+    partial = lifecycle.assembly_file(settings, job_id, attempt, output)
+    assemble_output(folder, len(shards), output, partial, on_part=lease.check)
     rows = sum(s.row_count for s in shards)
     wall = max(1e-6, (utcnow() - aware(job.started_at or utcnow())).total_seconds())
     metrics = {
@@ -316,7 +316,7 @@ def finish_scoring(
         attempt,
         output_path=output,
         metrics=metrics,
-        cleanup=[lifecycle.scoring_folder(settings, job_id)],
+        cleanup=lifecycle.job_files(settings, job),
     ):
         log.warning("job %s lost its lease before finishing; output left in place", job_id)
         return "lost"

@@ -9,12 +9,10 @@ or a URI in the artifact store, which workers that share nothing else can all re
 from __future__ import annotations
 
 import os
-import posixpath
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -227,24 +225,13 @@ def assemble_output(
     folder: Location,
     shards: int,
     output: Location,
+    partial: Path,
     on_part: Callable[[], None] | None = None,
-    *,
-    scratch: Path | None = None,
 ) -> None:
     """Concatenate the parts, in shard order, into ``output``; it appears whole or not at all.
-    ``on_part`` runs before each part and may raise to stop. An output URI is assembled in a
-    temporary folder under ``scratch`` (default: the system's), then uploaded."""
-    if is_uri(output):
-        if scratch is not None:
-            scratch.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="output-", dir=scratch) as temp:
-            local = Path(temp) / posixpath.basename(str(output))
-            assemble_output(folder, shards, local, on_part)
-            put_file(local, output)
-        return
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
+    The output is built in ``partial`` (a local file), then renamed to a local ``output`` or
+    uploaded to an output URI. ``on_part`` runs before each part and may raise to stop."""
+    partial.parent.mkdir(parents=True, exist_ok=True)
     writer: TableWriter | None = None
     try:
         for index in range(shards):
@@ -253,11 +240,15 @@ def assemble_output(
             with open_artifact(part_path(folder, index)) as handle:
                 part = pq.read_table(handle)
             if writer is None:
-                writer = TableWriter(partial, part.schema, output_format=output)
+                writer = TableWriter(partial, part.schema, output_format=PurePath(str(output)))
             writer.write(part)
         assert writer is not None
         writer.close()
-        os.replace(partial, output)
+        if is_uri(output):
+            put_file(partial, output)
+            partial.unlink()
+        else:
+            os.replace(partial, output)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
