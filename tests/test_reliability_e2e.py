@@ -6,6 +6,7 @@ Real worker processes with short leases, so that the reaper acts within seconds.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -441,3 +442,36 @@ def test_jobs_survive_a_flushed_broker(fast_env, start_worker, trained_tiny_mode
     engine = get_engine(env["TUNEQ_DATABASE_URL"])
     assert sorted(m.job_id for m in list_models(engine)) == sorted(jobs)
     assert get_job(engine, jobs[0]).status == "succeeded"
+
+
+def test_shards_whose_messages_the_broker_lost_mid_job_are_published_again(
+    fast_env, start_worker, trained_tiny_model, tmp_path
+):
+    if not redis_available(REDIS_URL):
+        unavailable(f"Redis is not reachable at {REDIS_URL}")
+    import redis
+
+    url = REDIS_URL.rsplit("/", 1)[0] + "/12"  # a database of this test's own
+    env = {**fast_env, "TUNEQ_BROKER_URL": url}
+    queue = queue_name()
+    worker = start_worker(env, queue)
+    source = scoring_input(tmp_path / "in.csv", 6000)
+    output = tmp_path / "out.csv"
+    job_id = submit(
+        env, *score_args(trained_tiny_model, source, output, queue), "--shard-rows", "300"
+    )
+    engine = get_engine(env["TUNEQ_DATABASE_URL"])
+    holding_a_shard(engine, job_id, done=1)
+    redis.Redis.from_url(url).flushdb()  # the broker restarts empty, mid-job
+    waiting = [s.index for s in list_shards(engine, job_id) if s.status == "queued"]
+    assert len(waiting) >= 10, "most shards' messages were in the broker when it lost them"
+
+    job = wait_for(env, job_id, finished, timeout_s=240)
+
+    assert job["status"] == "succeeded", job
+    log = worker.log.read_text()
+    again = {int(i) for i in re.findall(rf"published shard {job_id}/(\d+) again", log)}
+    assert again and again <= set(waiting), "the reaper published lost shards again"
+    assert [s.attempt for s in list_shards(engine, job_id)] == [1] * 20, "none ran twice"
+    scored = [r["id"] for b in iter_batches(output) for r in b.to_pylist()]
+    assert scored == [r["id"] for b in iter_batches(source) for r in b.to_pylist()]
