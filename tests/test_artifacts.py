@@ -30,7 +30,7 @@ from tuneq.worker.io.files import iter_batches
 from tuneq.worker.jobs import lifecycle, runner
 from tuneq.worker.jobs.paths import confine_spec
 from tuneq.worker.ml.predict import predict_texts
-from tuneq.worker.ml.score import assemble_output, score_shard, stage_input
+from tuneq.worker.ml.score import assemble_output, choose_precision, score_shard, stage_input
 from tuneq.worker.store import create_job, get_job
 from tuneq.worker.store.db import get_engine
 
@@ -177,6 +177,7 @@ def test_scoring_work_and_output_live_in_the_store(
     assert staged.shard_sizes == [50, 50, 20]
     with artifacts.open_artifact(staged.path) as f:
         assert pq.ParquetFile(f).metadata.num_row_groups == 3
+    choose_precision(spec, folder)
     for index in range(3):
         score_shard(spec, folder, index)
     scratch = tmp_path / "scratch"

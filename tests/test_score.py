@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,13 +14,21 @@ from tests.conftest import scoring_input
 from tuneq.schemas.errors import DataError
 from tuneq.schemas.specs import ScoreSpec
 from tuneq.worker.io.files import iter_batches
+from tuneq.worker.ml.device import cpu_computes_bf16
 from tuneq.worker.ml.predict import length_batches, load_for_inference, predict_texts
-from tuneq.worker.ml.score import assemble_output, score_shard, stage_input
+from tuneq.worker.ml.score import (
+    assemble_output,
+    choose_precision,
+    chosen_precision,
+    score_shard,
+    stage_input,
+)
 
 
-def run_locally(spec: ScoreSpec, folder: Path) -> None:
-    """Stage, score every shard and assemble, in this process."""
+def run_locally(spec: ScoreSpec, folder: Path, native: bool | None = None) -> None:
+    """Stage, choose the precision, score every shard and assemble, in this process."""
     staged = stage_input(spec, folder)
+    choose_precision(spec, folder, native)
     for index in range(len(staged.shard_sizes)):
         score_shard(spec, folder, index)
     output = Path(spec.output)
@@ -143,6 +152,7 @@ def test_a_failed_assembly_leaves_no_output(trained_tiny_model: Path, tmp_path: 
         shard_rows=10,
     )
     staged = stage_input(spec, tmp_path / "work")
+    choose_precision(spec, tmp_path / "work")
     partial = tmp_path / ".out.csv.j-1.partial"
     score_shard(spec, tmp_path / "work", 0)  # shard 1 never scored
     with pytest.raises(FileNotFoundError):
@@ -157,3 +167,64 @@ def test_faster_precisions_agree_with_fp32(trained_tiny_model: Path, precision: 
     fast = [p.label for p in predict_texts(trained_tiny_model, texts, precision=precision)]
     assert fast == fp32
     assert load_for_inference(str(trained_tiny_model), precision).precision == precision
+
+
+def disagreeing_in_bf16(trained: Path, folder: Path) -> Path:
+    """The trained tiny model with both logits lifted to about 100 and pulled within about 0.1
+    of each other: fp32 still tells the labels apart, bf16 (steps of 0.5 near 100) cannot."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    shutil.copytree(trained, folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    with torch.no_grad():
+        model.classifier.weight.mul_(0.03)
+        model.classifier.bias.fill_(100.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+def auto_spec(model: Path, source: Path, output: Path) -> ScoreSpec:
+    return ScoreSpec(
+        model="m", model_path=str(model), input=str(source), output=str(output), shard_rows=300
+    )
+
+
+def test_auto_takes_bf16_only_where_the_hardware_computes_it(
+    trained_tiny_model: Path, tmp_path: Path
+) -> None:
+    spec = auto_spec(
+        trained_tiny_model, scoring_input(tmp_path / "in.csv", 400), tmp_path / "o.csv"
+    )
+    stage_input(spec, tmp_path / "work")
+
+    without = choose_precision(spec, tmp_path / "work", native=False)
+    assert without.precision == chosen_precision(spec, tmp_path / "work") == "fp32"
+    assert "no native bf16" in without.reason
+    native = choose_precision(spec, tmp_path / "work", native=True)
+    assert native.precision == chosen_precision(spec, tmp_path / "work") == "bf16"
+    assert "on 256 of 256 rows sampled from the first shard" in native.reason
+
+    amx = "flags : fpu avx512f avx512_bf16 amx_bf16 amx_tile"
+    assert cpu_computes_bf16(amx) and cpu_computes_bf16("flags : avx512f avx512_bf16")
+    assert not cpu_computes_bf16("flags : fpu sse4_2 avx2 avx512f avx512bw")  # emulated only
+
+
+def test_the_parity_gate_falls_back_to_fp32_on_a_model_that_disagrees_in_bf16(
+    trained_tiny_model: Path, tmp_path: Path
+) -> None:
+    model = disagreeing_in_bf16(trained_tiny_model, tmp_path / "model")
+    source = scoring_input(tmp_path / "in.csv", 400)
+    spec = auto_spec(model, source, tmp_path / "out.csv")
+    texts = [r["text"] for r in read_back(source).to_pylist() if r["text"]]
+    fp32 = [p.label for p in predict_texts(model, texts)]
+    bf16 = [p.label for p in predict_texts(model, texts, precision="bf16")]
+    assert len(set(fp32)) == 2 and sum(a != b for a, b in zip(fp32, bf16, strict=True)) > 20
+
+    run_locally(spec, tmp_path / "work", native=True)
+
+    reason = json.loads((tmp_path / "work" / "precision.json").read_text())["reason"]
+    assert reason.startswith("precision auto: fp32, as bf16 gave fp32's answer on only")
+    assert chosen_precision(spec, tmp_path / "work") == "fp32"
+    scored = [r["label"] for r in read_back(tmp_path / "out.csv").to_pylist() if r["text"]]
+    assert scored == fp32

@@ -20,8 +20,9 @@ from tests.conftest import (
     unavailable,
 )
 from tuneq.worker.io.files import iter_batches
+from tuneq.worker.ml.device import native_bf16
 from tuneq.worker.ml.predict import predict_texts
-from tuneq.worker.store import list_shards
+from tuneq.worker.store import list_events, list_shards
 from tuneq.worker.store.db import get_engine
 
 
@@ -42,7 +43,8 @@ def score_together(
     job = json.loads(invoke_cli(client, "show", result.stdout.strip(), "--json").stdout)
     assert job["status"] == "succeeded" and job["output_path"] == str(output)
     assert job["metrics"]["rows"] == 3000 and job["metrics"]["shards"] == 30
-    shards = list_shards(get_engine(client["TUNEQ_DATABASE_URL"]), job["id"])
+    engine = get_engine(client["TUNEQ_DATABASE_URL"])
+    shards = list_shards(engine, job["id"])
     assert len({shard.worker for shard in shards}) == len(workers), "every worker took shards"
     assert all(shard.attempt == 1 for shard in shards)
 
@@ -51,7 +53,11 @@ def score_together(
     assert [r["id"] for r in scored] == [r["id"] for r in original]  # each row once, in order
     assert [{k: r[k] for k in original[0]} for r in scored] == original
     texts = [r["text"] for r in original if r["text"]]
-    alone = [p.label for p in predict_texts(model, texts)]
+    precision = job["metrics"]["precision"]  # precision auto: the same on every worker here
+    [chosen] = [e.message for e in list_events(engine, job["id"]) if e.kind == "precision"]
+    assert chosen.startswith(f"precision auto: {precision},")
+    assert precision == ("bf16" if native_bf16() else "fp32"), "the tiny model agrees in bf16"
+    alone = [p.label for p in predict_texts(model, texts, precision=precision)]
     assert [r["label"] for r in scored if r["text"]] == alone
     assert all(r["label"] is None for r in scored if not r["text"])
     assert job["metrics"]["empty_rows"] == sum(1 for r in original if not r["text"])

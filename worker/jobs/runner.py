@@ -214,7 +214,7 @@ def start_scoring(
     lease: Lease,
 ) -> str:
     """Stage the input as shards, record them, and queue one message per shard."""
-    from tuneq.worker.ml.score import check_vocabulary, stage_input
+    from tuneq.worker.ml.score import check_vocabulary, choose_precision, stage_input
 
     store.record_progress(engine, job_id=job_id, attempt=attempt, progress={"phase": "staging"})
     artifacts.remove_path(folder)
@@ -223,6 +223,10 @@ def start_scoring(
     warning = check_vocabulary(spec, folder)
     if warning:
         store.add_event(engine, job_id=job_id, attempt=attempt, kind="warning", message=warning)
+    choice = choose_precision(spec, folder)
+    log.info("job %s: %s", job_id, choice.reason)
+    store.add_event(engine, job_id=job_id, attempt=attempt, kind="precision", message=choice.reason)
+    lease.check()
     if not store.create_shards(engine, job_id=job_id, attempt=attempt, sizes=staged.shard_sizes):
         artifacts.remove_path(folder)
         return "lost"
@@ -288,7 +292,7 @@ def finish_scoring(
     lease: Lease,
 ) -> str:
     """Assemble the parts into the output, then mark the job succeeded pointing at it."""
-    from tuneq.worker.ml.score import assemble_output
+    from tuneq.worker.ml.score import assemble_output, chosen_precision
 
     shards = store.list_shards(engine, job_id)
     job = store.get_job(engine, job_id)
@@ -305,7 +309,7 @@ def finish_scoring(
         "empty_rows": sum(s.empty_rows for s in shards),
         "shards": len(shards),
         "workers": len({s.worker for s in shards}),
-        "precision": spec.precision,
+        "precision": chosen_precision(spec, folder),
         "seconds": round(wall, 3),
         "rows_per_second": round(rows / wall, 2),
         "scoring_seconds": round(sum(s.seconds or 0 for s in shards), 3),

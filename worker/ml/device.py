@@ -25,9 +25,15 @@ def native_bf16() -> bool:
     if torch.cuda.is_available():
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        return cpu_computes_bf16(Path("/proc/cpuinfo").read_text())
     except OSError:  # not Linux: be conservative
         return False
+
+
+def cpu_computes_bf16(cpuinfo: str) -> bool:
+    """Whether the CPU that ``cpuinfo`` (``/proc/cpuinfo``'s text) describes has a bf16
+    matmul instruction: AVX512-BF16 or AMX."""
+    flags = cpuinfo.split()
     return any(flag in flags for flag in NATIVE_BF16_FLAGS)
 
 

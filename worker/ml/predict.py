@@ -209,6 +209,23 @@ def model_outputs(
     return outputs
 
 
+def agreement(classifier: Classifier, reference: np.ndarray, candidate: np.ndarray) -> float:
+    """The share of rows on which two runs of ``classify`` give the same answer: the same
+    label; for a multi-label model the same label set; for a regression model a value within
+    1 % of the target's standard deviation."""
+    if len(reference) == 0:
+        return 1.0
+    if classifier.target_scale is not None:
+        tolerance = 0.01 * classifier.target_scale[1]
+        same = np.abs(reference[:, 0] - candidate[:, 0]) <= tolerance
+    elif classifier.thresholds is not None:
+        thresholds = np.asarray(classifier.thresholds)
+        same = ((reference >= thresholds) == (candidate >= thresholds)).all(axis=1)
+    else:
+        same = reference.argmax(axis=1) == candidate.argmax(axis=1)
+    return float(same.mean())
+
+
 def predict_texts(
     folder: Path, texts: list[str], *, precision: str = "fp32", max_length: int = 512
 ) -> list[Prediction]:

@@ -8,6 +8,7 @@ or a URI in the artifact store, which workers that share nothing else can all re
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +28,9 @@ from tuneq.worker.io.files import TableWriter, iter_batches
 
 STAGED_INPUT = "input.parquet"
 PARTS = "parts"
+PRECISION = "precision.json"  # the precision a job's shards score in, chosen once per attempt
+PARITY_ROWS = 256  # rows of the first shard that ``auto`` scores in both fp32 and bf16
+PARITY_AGREEMENT = 0.995  # the share of them on which bf16 must give fp32's answer
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,71 @@ def add_label_sets(
     return table
 
 
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision a scoring job's shards use, and why (recorded on the job)."""
+
+    precision: str
+    reason: str
+
+
+def choose_precision(
+    spec: ScoreSpec, folder: Location, native: bool | None = None
+) -> PrecisionChoice:
+    """Resolve ``spec.precision`` for the job staged in ``folder`` and save it there for the
+    shards. ``auto`` is bf16 where this machine computes bf16 natively (``native``, default:
+    :func:`native_bf16`) and bf16 gives fp32's answers on at least 99.5 % of a sample of the
+    first shard (the parity gate); otherwise fp32."""
+    from tuneq.worker.ml.device import native_bf16
+    from tuneq.worker.ml.predict import agreement, classify, load_for_inference
+
+    if spec.precision != "auto":
+        choice = PrecisionChoice(spec.precision, f"precision {spec.precision}, as asked")
+    elif not (native_bf16() if native is None else native):
+        choice = PrecisionChoice(
+            "fp32",
+            "precision auto: fp32, this machine has no native bf16 (AVX512-BF16, AMX, "
+            "or a GPU from Ampere on)",
+        )
+    else:
+        assert spec.model_path is not None
+        table = read_shard(join(folder, STAGED_INPUT), 0)
+        texts = pc.cast(table.column(spec.text_column), pa.string()).to_pylist()
+        sample = [t for t in texts if t is not None and t.strip()][:PARITY_ROWS]
+        outputs = {}
+        for precision in ("fp32", "bf16"):
+            classifier = load_for_inference(spec.model_path, precision, spec.trust_remote_code)
+            outputs[precision] = classify(
+                classifier, sample, max_length=spec.max_length, batch_tokens=spec.batch_tokens
+            )
+        share = agreement(classifier, outputs["fp32"], outputs["bf16"])
+        agreed = round(share * len(sample))
+        if share >= PARITY_AGREEMENT:
+            choice = PrecisionChoice(
+                "bf16",
+                f"precision auto: bf16, which gave fp32's answer on {agreed} of "
+                f"{len(sample)} rows sampled from the first shard",
+            )
+        else:
+            choice = PrecisionChoice(
+                "fp32",
+                f"precision auto: fp32, as bf16 gave fp32's answer on only {agreed} of "
+                f"{len(sample)} rows sampled from the first shard ({share:.1%}; at least "
+                f"{PARITY_AGREEMENT:.1%} needed)",
+            )
+    with writing(join(folder, PRECISION)) as sink:
+        sink.write(json.dumps({"precision": choice.precision, "reason": choice.reason}).encode())
+    return choice
+
+
+def chosen_precision(spec: ScoreSpec, folder: Location) -> str:
+    """The precision the shards of the job staged in ``folder`` score in."""
+    if spec.precision != "auto":
+        return spec.precision
+    with open_artifact(join(folder, PRECISION)) as handle:
+        return str(json.load(handle)["precision"])
+
+
 def score_shard(
     spec: ScoreSpec, folder: Location, index: int, on_batch: Callable[[], None] | None = None
 ) -> ShardResult:
@@ -209,7 +278,8 @@ def score_shard(
 
     started = time.perf_counter()
     assert spec.model_path is not None
-    classifier = load_for_inference(spec.model_path, spec.precision, spec.trust_remote_code)
+    precision = chosen_precision(spec, folder)
+    classifier = load_for_inference(spec.model_path, precision, spec.trust_remote_code)
     table = read_shard(join(folder, STAGED_INPUT), index)
     scored, empty = score_table(table, spec, classifier, on_batch)
     with writing(part_path(folder, index)) as sink:  # a part exists whole or not at all
