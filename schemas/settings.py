@@ -44,7 +44,10 @@ class Settings(BaseModel):
         "work live, shared by every machine; default: none, artifact_dir is the store.",
     )
     worker_threads: int = Field(
-        0, ge=0, description="torch threads per worker process; 0 means the cores / concurrency."
+        0,
+        ge=0,
+        description="torch threads per worker process; 0 means a share of the machine's cores "
+        "among every tuneq worker process running on it.",
     )
     heartbeat_s: float = Field(
         5.0, gt=0, description="How often a running job renews its lease (seconds)."

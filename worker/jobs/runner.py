@@ -28,6 +28,7 @@ from tuneq.worker.jobs import lifecycle
 from tuneq.worker.jobs.lease import JobStopped, Lease
 from tuneq.worker.jobs.paths import confine_spec
 from tuneq.worker.ml.device import release_gpu_memory
+from tuneq.worker.ml.threads import REFIT_INTERVAL_S, fit_threads_to_host
 from tuneq.worker.store.db import get_engine
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class ProgressRecorder:
         """Record ``progress``; raises ``JobStopped`` (which ends training at this step) once
         the job is cancelled or owned by another attempt."""
         self.lease.check()
+        fit_threads_to_host(every_s=REFIT_INTERVAL_S)  # another worker may have come or gone
         self.latest = progress
         now = time.monotonic()
         final_step = progress.get("step") is not None and progress.get("step") == progress.get(
@@ -71,6 +73,7 @@ def run_job(
     """Claim job ``job_id`` and run it; returns its state afterwards, or ``None`` when another
     delivery owns the job. A scoring job stays ``running`` while its shards are scored."""
     engine = get_engine(settings.database_url)
+    fit_threads_to_host()
     claim = lifecycle.claim(engine, job_id, worker=worker)
     if claim is None:
         log.info("job %s is not claimable (already taken, finished or unreadable)", job_id)
@@ -241,6 +244,7 @@ def run_shard(settings: Settings, job_id: str, index: int, *, worker: str) -> st
     from tuneq.worker.ml.score import score_shard
 
     engine = get_engine(settings.database_url)
+    fit_threads_to_host()
     shard_attempt = lifecycle.claim_shard(engine, job_id, index, worker=worker)
     if shard_attempt is None:
         log.info("shard %s/%s is not claimable; skipping", job_id, index)

@@ -16,7 +16,7 @@ from tuneq.schemas.settings import Settings
 from tuneq.worker.jobs.app import create_app, send_job, send_shard, waiting_messages
 from tuneq.worker.jobs.reaper import start_reaper
 from tuneq.worker.ml.device import nvidia_gpus
-from tuneq.worker.ml.threads import configure_torch, share_of_cores
+from tuneq.worker.ml.threads import configure_torch, leave_host, share_of_cores
 from tuneq.worker.store import workers
 from tuneq.worker.store.db import get_engine
 from tuneq.worker.store.workers import worker_name
@@ -73,19 +73,28 @@ def run_worker(
         )
     engine = get_engine(settings.database_url)  # create or migrate the database first
     settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+    # Without TUNEQ_WORKER_THREADS, each pool process takes its share of the host's cores
+    # among every worker process on it (tuneq.worker.ml.threads); the row records the share
+    # this worker would have alone.
     threads = settings.worker_threads or share_of_cores(concurrency)
 
     def init_child(**_kwargs: Any) -> None:
         # Database engines are dropped in the child by tuneq.worker.store.db's at-fork hook.
-        configure_torch(threads)
+        configure_torch(settings.worker_threads or None)
+        import torch
+
         log.info(
             "pool process %d ready for jobs (torch threads: %d, CUDA_VISIBLE_DEVICES=%s)",
             os.getpid(),
-            threads,
+            torch.get_num_threads(),
             os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
         )
 
+    def exit_child(**_kwargs: Any) -> None:
+        leave_host()
+
     signals.worker_process_init.connect(init_child, weak=False)
+    signals.worker_process_shutdown.connect(exit_child, weak=False)
     app = create_app(settings)
     name = worker_name()
 
