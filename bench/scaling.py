@@ -4,9 +4,10 @@
     .venv/bin/python bench/scaling.py                    # fine-tunes MiniLM on 1,000 reviews first
 
 Each layout scores the same IMDB test reviews as one job split into shards, on the embedded
-broker: one worker process with all the cores as torch threads; one worker with two pool
-processes; two workers. Every process's torch threads are recorded: on 2 cores, two processes
-get one thread each. Writes bench/results/scaling.json.
+broker: one worker process; one worker with two pool processes; two workers with the default
+threads (the machine's cores split among every worker process on it); and two workers that
+each take every core, as before threads were shared per host. Writes
+bench/results/scaling.json.
 """
 
 from __future__ import annotations
@@ -22,10 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import imdb_reviews, machine, run_job, tuneq_workers, write_result  # noqa: E402
 
+from tuneq.worker.ml.threads import host_cores  # noqa: E402
+
 LAYOUTS: dict[str, list[tuple[list[str], dict[str, str]]]] = {
-    "1 worker, 1 process, 2 threads": [([], {})],
-    "1 worker, 2 processes, 1 thread each": [(["--concurrency", "2"], {})],
-    "2 workers, 1 process each, 1 thread each": [([], {"TUNEQ_WORKER_THREADS": "1"})] * 2,
+    "1 worker, 1 process": [([], {})],
+    "1 worker, --concurrency 2": [(["--concurrency", "2"], {})],
+    "2 workers, defaults (the host's cores split between them)": [([], {})] * 2,
+    # what two workers did before threads were shared per host: each took every core
+    "2 workers, each with every core (TUNEQ_WORKER_THREADS=cores)": [
+        ([], {"TUNEQ_WORKER_THREADS": str(host_cores())})
+    ]
+    * 2,
 }
 
 

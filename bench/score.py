@@ -19,6 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import engines  # noqa: E402
 from common import (  # noqa: E402
     encoder_flops,
     imdb_reviews,
@@ -86,10 +87,19 @@ def in_process_classify(folder: str, texts: list[str], precision: str) -> float:
 def ceilings() -> dict[str, dict[str, float]]:
     """The FLOP/s the model's are compared with, per dtype: a 2048² ``torch.matmul`` (the
     issue's reference) and tuneq's oneDNN linear on the model's widest layer."""
+    dtypes = timed_dtypes()
     return {
-        "matmul": {name: matmul_flops_per_second(name) for name in ("fp32", "bf16")},
-        "onednn_linear": {name: onednn_linear_flops_per_second(name) for name in ("fp32", "bf16")},
+        "matmul": {name: matmul_flops_per_second(name) for name in dtypes},
+        "onednn_linear": {name: onednn_linear_flops_per_second(name) for name in dtypes},
     }
+
+
+def timed_dtypes() -> tuple[str, ...]:
+    """The dtypes worth timing here: bf16 only where the CPU computes it natively (emulated, a
+    2048² bf16 matmul takes minutes and says nothing about tuneq)."""
+    from tuneq.worker.ml.device import native_bf16
+
+    return ("fp32", "bf16") if native_bf16() else ("fp32",)
 
 
 def rates(flops: float, seconds: float, dtype: str, ceiling: dict[str, dict[str, float]]) -> dict:
@@ -104,6 +114,36 @@ def rates(flops: float, seconds: float, dtype: str, ceiling: dict[str, dict[str,
 
 def agreement(a: list[Any], b: list[Any]) -> float:
     return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def engine_runs(
+    folder: str, texts: list[str], work: Path, id2label: dict[int, str]
+) -> dict[str, dict[str, Any]]:
+    """The model on ONNX Runtime (fp32, and its int8 dynamic quantization) and on OpenVINO (the
+    same two ONNX files), where they are installed: rows/s and labels."""
+    import torch
+
+    installed = [e for e in ("onnxruntime", "openvino") if engines.available(e)]
+    if "onnxruntime" not in installed:
+        print("onnxruntime is not installed (pip install -e .[bench]): no engine runs")
+        return {}
+    files = dict(zip(("fp32", "int8"), engines.export(folder, work), strict=True))
+    runs = {}
+    for engine in installed:
+        for mode, path in files.items():
+            try:
+                ids, seconds = engines.classify(
+                    engine, path, folder, texts, torch.get_num_threads()
+                )
+            except Exception as exc:  # an engine that cannot run a file: say so, go on
+                runs[f"{engine}_{mode}"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                continue
+            runs[f"{engine}_{mode}"] = {
+                "rows_per_s": len(texts) / seconds,
+                "seconds": seconds,
+                "labels": [id2label[i] for i in ids],
+            }
+    return runs
 
 
 def fine_tune_minilm(folder: Path) -> str:
@@ -173,12 +213,15 @@ def main() -> None:
     print("pipeline", runs["pipeline"], flush=True)
 
     tutorial_labels = [id2label[i] for i in labels_a]
-    for precision in ("fp32", "bf16", "int8"):
+    precisions = ["fp32", "auto", *(["bf16"] if "bf16" in timed_dtypes() else []), "int8"]
+    for precision in precisions:  # auto: the default
         job = tuneq_job(
             folder, source, work / f"out-{precision}.csv", precision, work / f"run-{precision}"
         )
         seconds = job["metrics"]["seconds"]
+        chosen = job["metrics"]["precision"]
         runs[f"tuneq_{precision}"] = {
+            "precision": chosen,
             "rows_per_s": job["metrics"]["rows_per_second"],
             "seconds": seconds,
             "wall_from_submit_s": job["wall_from_submit_s"],
@@ -186,7 +229,7 @@ def main() -> None:
             "labels_agree_with_tuneq_fp32": agreement(
                 job["labels"], runs.get("tuneq_fp32", {}).get("labels", job["labels"])
             ),
-            **rates(flops, seconds, "bf16" if precision == "bf16" else "fp32", ceiling),
+            **rates(flops, seconds, "bf16" if chosen == "bf16" else "fp32", ceiling),
             "labels": job["labels"],
         }
         print(
@@ -203,18 +246,18 @@ def main() -> None:
         work / "out-fp32-2x1.csv",
         "fp32",
         work / "run-fp32-2x1",
-        (["--concurrency", "2"], {"TUNEQ_WORKER_THREADS": "1"}),
+        (["--concurrency", "2"], {}),
     )
     seconds = two["metrics"]["seconds"]
     runs["tuneq_fp32_2_processes"] = {
         "rows_per_s": two["metrics"]["rows_per_second"],
         "seconds": seconds,
-        "worker": "--concurrency 2, TUNEQ_WORKER_THREADS=1",
+        "worker": "--concurrency 2 (each process takes its share of the cores)",
         "labels_agree_with_tuneq_fp32": agreement(two["labels"], fp32_labels),
         **rates(flops, seconds, "fp32", ceiling),
     }
     print("fp32, 2 processes", runs["tuneq_fp32_2_processes"], flush=True)
-    for precision in ("fp32", "bf16"):
+    for precision in timed_dtypes():
         seconds = in_process_classify(folder, texts, precision)
         runs[f"classify_in_process_{precision}"] = {
             "rows_per_s": len(texts) / seconds,
@@ -222,11 +265,24 @@ def main() -> None:
             **rates(flops, seconds, precision, ceiling),
         }
         print(precision, "in process", runs[f"classify_in_process_{precision}"], flush=True)
+    truth = [id2label[r["label"]] for r in reviews]
+    for name, run in engine_runs(folder, texts, work / "onnx", id2label).items():
+        if "error" in run:
+            runs[name] = run
+            print(name, run, flush=True)
+            continue
+        labels = run.pop("labels")
+        runs[name] = {
+            **run,
+            "labels_agree_with_tuneq_fp32": agreement(labels, fp32_labels),
+            "accuracy": agreement(labels, truth),
+            **rates(flops, run["seconds"], "fp32", ceiling),
+        }
+        print(name, runs[name], flush=True)
     ceiling_after = ceilings()
     print(f"ceilings at the end: {ceiling_after}", flush=True)
     pipeline_agree = agreement(labels_b, tutorial_labels)
-    truth = [id2label[r["label"]] for r in reviews]
-    for name in ("tuneq_fp32", "tuneq_bf16", "tuneq_int8"):
+    for name in (f"tuneq_{precision}" for precision in precisions):
         runs[name]["accuracy"] = agreement(runs[name].pop("labels"), truth)
     runs["tutorial_predict"]["accuracy"] = agreement(tutorial_labels, truth)
     a, b = runs["tutorial_predict"]["rows_per_s"], runs["pipeline"]["rows_per_s"]
@@ -245,7 +301,18 @@ def main() -> None:
                 "vs_tutorial": runs[name]["rows_per_s"] / a,
                 "vs_pipeline": runs[name]["rows_per_s"] / b,
             }
-            for name in ("tuneq_fp32", "tuneq_fp32_2_processes", "tuneq_bf16", "tuneq_int8")
+            for name in (
+                "tuneq_fp32",
+                "tuneq_auto",
+                "tuneq_fp32_2_processes",
+                "tuneq_bf16",
+                "tuneq_int8",
+                "onnxruntime_fp32",
+                "onnxruntime_int8",
+                "openvino_fp32",
+                "openvino_int8",
+            )
+            if "rows_per_s" in runs.get(name, {})
         },
         "torch_threads": torch.get_num_threads(),
     }
