@@ -88,8 +88,12 @@ def test_early_stopping_registers_the_best_evaluation(
     spec = FinetuneSpec.model_validate(job["spec"])
     on_disk = eval_loss_of(Path(job["model"]["path"]), spec)
     last = curve[-1]["loss"]
-    assert last - best["loss"] > 0.05, "the setup must make the last epoch worse than the best"
-    assert abs(on_disk - best["loss"]) < 0.02, (on_disk, best["loss"], last)
+    # Re-evaluated in fp32, the weights on disk score the best's loss to within what the job's
+    # own precision explains (bf16 autocast evaluates a little differently); the last epoch
+    # must be more than twice that away, or the check could not tell the two apart.
+    tolerance = 0.02 if metrics["precision"] == "bf16" else 0.002
+    assert last - best["loss"] > 2 * tolerance, "the last epoch must be worse than the best"
+    assert abs(on_disk - best["loss"]) < tolerance, (on_disk, best["loss"], last)
 
     manifest = json.loads((Path(job["model"]["path"]) / "tuneq.json").read_text())
     assert manifest["training"]["best_step"] == best["step"]
