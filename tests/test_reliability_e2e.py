@@ -212,6 +212,19 @@ def test_a_duplicate_delivery_runs_once(fast_env, start_worker, trained_tiny_mod
     assert log.count(f"job {job_id} is not claimable") == 1, "the second delivery came, refused"
 
 
+def scoring_under_way(
+    env, start_worker, queue: str, model: Path, tmp_path: Path, rows: int, output: str, shards: str
+):
+    """A worker on ``queue``, and a scoring job of ``rows`` rows in shards of ``shards`` rows
+    submitted to it: the worker, the input, the output, the job's id and the database."""
+    worker = start_worker(env, queue)
+    source = scoring_input(tmp_path / "in.csv", rows)
+    job_id = submit(
+        env, *score_args(model, source, tmp_path / output, queue), "--shard-rows", shards
+    )
+    return worker, source, tmp_path / output, job_id, get_engine(env["TUNEQ_DATABASE_URL"])
+
+
 def holding_a_shard(engine, job_id: str, *, done: int) -> list[str]:
     """Wait until a worker holds a shard of ``job_id`` and ``done`` shards are finished; the
     shards' statuses then."""
@@ -231,13 +244,9 @@ def test_a_duplicate_shard_delivery_scores_nothing_twice(
         unavailable(f"Redis is not reachable at {REDIS_URL}")
     env = {**fast_env, "TUNEQ_BROKER_URL": REDIS_URL}  # its priorities put the duplicates first
     queue = queue_name()
-    worker = start_worker(env, queue)
-    source = scoring_input(tmp_path / "in.csv", 3000)
-    output = tmp_path / "out.csv"
-    job_id = submit(
-        env, *score_args(trained_tiny_model, source, output, queue), "--shard-rows", "200"
+    worker, source, output, job_id, engine = scoring_under_way(
+        env, start_worker, queue, trained_tiny_model, tmp_path, 3000, "out.csv", "200"
     )
-    engine = get_engine(env["TUNEQ_DATABASE_URL"])
     statuses = holding_a_shard(engine, job_id, done=2)  # 2 done, 1 held, 12 waiting
     again = [i for i, status in enumerate(statuses) if status in ("done", "running")]
     app = create_app(load_settings(env))
@@ -360,13 +369,9 @@ def test_kill_9_during_scoring_scores_only_the_lost_shard_again(
             unavailable(f"Redis is not reachable at {REDIS_URL}")
         env = {**fast_env, "TUNEQ_BROKER_URL": REDIS_URL}
     queue = queue_name()
-    doomed = start_worker(env, queue)
-    source = scoring_input(tmp_path / "in.csv", 9000)
-    output = tmp_path / "out.parquet"
-    job_id = submit(
-        env, *score_args(trained_tiny_model, source, output, queue), "--shard-rows", "300"
+    doomed, source, output, job_id, engine = scoring_under_way(
+        env, start_worker, queue, trained_tiny_model, tmp_path, 9000, "out.parquet", "300"
     )
-    engine = get_engine(env["TUNEQ_DATABASE_URL"])
     holding_a_shard(engine, job_id, done=2)  # kill it while it holds one, after two
     kill_hard(doomed)
     [lost] = [s for s in list_shards(engine, job_id) if s.status == "running"]
@@ -403,13 +408,9 @@ def test_a_shard_lost_too_often_fails_its_job_and_leaves_no_part(
 ):
     env = {**fast_env, "TUNEQ_MAX_ATTEMPTS": "1"}
     queue = queue_name()
-    doomed = start_worker(env, queue)
-    source = scoring_input(tmp_path / "in.csv", 6000)
-    output = tmp_path / "out.csv"
-    job_id = submit(
-        env, *score_args(trained_tiny_model, source, output, queue), "--shard-rows", "300"
+    doomed, source, output, job_id, engine = scoring_under_way(
+        env, start_worker, queue, trained_tiny_model, tmp_path, 6000, "out.csv", "300"
     )
-    engine = get_engine(env["TUNEQ_DATABASE_URL"])
     holding_a_shard(engine, job_id, done=1)
     kill_hard(doomed)
     [lost] = [s for s in list_shards(engine, job_id) if s.status == "running"]
@@ -454,13 +455,9 @@ def test_shards_whose_messages_the_broker_lost_mid_job_are_published_again(
     url = REDIS_URL.rsplit("/", 1)[0] + "/12"  # a database of this test's own
     env = {**fast_env, "TUNEQ_BROKER_URL": url}
     queue = queue_name()
-    worker = start_worker(env, queue)
-    source = scoring_input(tmp_path / "in.csv", 6000)
-    output = tmp_path / "out.csv"
-    job_id = submit(
-        env, *score_args(trained_tiny_model, source, output, queue), "--shard-rows", "300"
+    worker, source, output, job_id, engine = scoring_under_way(
+        env, start_worker, queue, trained_tiny_model, tmp_path, 6000, "out.csv", "300"
     )
-    engine = get_engine(env["TUNEQ_DATABASE_URL"])
     holding_a_shard(engine, job_id, done=1)
     redis.Redis.from_url(url).flushdb()  # the broker restarts empty, mid-job
     waiting = [s.index for s in list_shards(engine, job_id) if s.status == "queued"]
