@@ -5,7 +5,7 @@ batch and length), fused by ORT's transformer optimizer (attention, LayerNorm, G
 ORT's best quantized mode, the fused graph dynamically quantized to int8 weights by ORT's own
 tool. OpenVINO compiles the same ONNX files. Batches are made as tuneq makes them
 (length-sorted under a token budget), so that the comparison is of the engines, not of the
-batching. Needs ``pip install -e .[bench]``.
+batching. Needs ``pip install -e '.[bench]'``.
 """
 
 from __future__ import annotations

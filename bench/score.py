@@ -125,7 +125,7 @@ def engine_runs(
 
     installed = [e for e in ("onnxruntime", "openvino") if engines.available(e)]
     if "onnxruntime" not in installed:
-        print("onnxruntime is not installed (pip install -e .[bench]): no engine runs")
+        print("onnxruntime is not installed (pip install -e '.[bench]'): no engine runs")
         return {}
     files = dict(zip(("fp32", "int8"), engines.export(folder, work), strict=True))
     runs = {}

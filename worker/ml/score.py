@@ -135,6 +135,12 @@ def read_shard(staged: Location, index: int) -> pa.Table:
         return pq.ParquetFile(handle).read_row_group(index)
 
 
+def texts_of(table: pa.Table, column: str) -> tuple[list[str | None], list[int]]:
+    """The column's texts, and the positions of those that are not empty (the rows to score)."""
+    texts = pc.cast(table.column(column), pa.string()).to_pylist()
+    return texts, [i for i, text in enumerate(texts) if text is not None and text.strip()]
+
+
 def score_table(
     table: pa.Table,
     spec: ScoreSpec,
@@ -146,8 +152,7 @@ def score_table(
     from tuneq.worker.ml.predict import Classifier, classify
 
     assert isinstance(classifier, Classifier)
-    texts = pc.cast(table.column(spec.text_column), pa.string()).to_pylist()
-    present = [i for i, text in enumerate(texts) if text is not None and text.strip()]
+    texts, present = texts_of(table, spec.text_column)
     probabilities = classify(
         classifier,
         [texts[i] for i in present],
@@ -232,9 +237,8 @@ def choose_precision(
         )
     else:
         assert spec.model_path is not None
-        table = read_shard(join(folder, STAGED_INPUT), 0)
-        texts = pc.cast(table.column(spec.text_column), pa.string()).to_pylist()
-        sample = [t for t in texts if t is not None and t.strip()][:PARITY_ROWS]
+        texts, present = texts_of(read_shard(join(folder, STAGED_INPUT), 0), spec.text_column)
+        sample = [texts[i] for i in present[:PARITY_ROWS]]
         outputs = {}
         for precision in ("fp32", "bf16"):
             classifier = load_for_inference(spec.model_path, precision, spec.trust_remote_code)
