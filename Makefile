@@ -26,7 +26,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy schemas worker cli
+	$(BIN)/mypy schemas worker cli ui
 
 # The whole suite on SQLite, then again (all but the minutes-long real-model test) on PostgreSQL.
 test: install lint

@@ -7,9 +7,9 @@ import json
 import click
 
 from tuneq.cli.context import engine, settings
-from tuneq.cli.queue import describe_estimate, estimate_json
-from tuneq.cli.render import JOB_HEADERS, describe_job, job_json, job_row, model_json, table
-from tuneq.schemas.tables import ACTIVE, JobStatus
+from tuneq.cli.queue import describe_estimate
+from tuneq.cli.render import JOB_HEADERS, describe_job, job_row, table
+from tuneq.schemas.tables import JobStatus
 
 
 @click.command()
@@ -29,6 +29,7 @@ def jobs(status: str | None, group_id: str | None, limit: int, as_json: bool) ->
       tuneq jobs --group imdb-lr-1a2b3c
     """
     from tuneq.worker.store import list_jobs
+    from tuneq.worker.views.documents import job_json
 
     rows = list_jobs(engine(), limit=limit, status=status, group_id=group_id)
     if as_json:
@@ -54,22 +55,18 @@ def show(job_id: str, as_json: bool) -> None:
     from tuneq.worker.store import get_job, job_model, list_events
 
     db = engine()
-    job = get_job(db, job_id)
-    model = job_model(db, job)
-    estimate = None
-    if JobStatus(job.status) in ACTIVE:
-        from tuneq.worker.views.eta import queue_estimates
-
-        estimates = queue_estimates(db, interval_s=settings().reap_interval_s)
-        estimate = next((e for e in estimates if e.job_id == job.id), None)
     if as_json:
-        data = job_json(job)
-        data["model"] = model_json(model) if model else None
-        data["estimate"] = estimate_json(estimate) if estimate else None
-        click.echo(json.dumps(data, indent=2))
-    else:
-        eta = describe_estimate(estimate) if estimate else None
-        click.echo(describe_job(job, model, list_events(db, job.id), eta=eta))
+        from tuneq.worker.views.documents import job_detail
+
+        detail = job_detail(db, job_id, interval_s=settings().reap_interval_s)
+        click.echo(json.dumps(detail, indent=2))
+        return
+    from tuneq.worker.views.eta import job_estimate
+
+    job = get_job(db, job_id)
+    estimate = job_estimate(db, job, interval_s=settings().reap_interval_s)
+    eta = describe_estimate(estimate) if estimate else None
+    click.echo(describe_job(job, job_model(db, job), list_events(db, job.id), eta=eta))
 
 
 @click.command()

@@ -16,6 +16,7 @@ from tuneq.cli.queue import queue
 from tuneq.cli.report import report
 from tuneq.cli.score import score
 from tuneq.cli.sweep import compare, sweep
+from tuneq.cli.ui import ui
 from tuneq.cli.worker import worker
 from tuneq.cli.workers import workers
 from tuneq.schemas.errors import TuneqError
@@ -68,6 +69,7 @@ for command in (
     predict,
     worker,
     workers,
+    ui,
     db,
 ):
     cli.add_command(command)

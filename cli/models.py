@@ -8,7 +8,7 @@ import re
 import click
 
 from tuneq.cli.context import engine
-from tuneq.cli.render import MODEL_HEADERS, model_json, model_row, table
+from tuneq.cli.render import MODEL_HEADERS, model_row, table
 from tuneq.schemas.specs import MODEL_NAME_PATTERN
 
 
@@ -44,17 +44,14 @@ def list_models_command(name: str | None, as_json: bool) -> None:
       tuneq models list imdb-sentiment
     """
     from tuneq.worker.store import list_models, model_tags
+    from tuneq.worker.views.documents import model_json
 
     db = engine()
     rows = list_models(db, name=name)
     tags = model_tags(db)
     if as_json:
-        click.echo(
-            json.dumps(
-                [dict(model_json(m), tags=tags.get((m.name, m.version), [])) for m in rows],
-                indent=2,
-            )
-        )
+        documents = [model_json(m, tags.get((m.name, m.version), [])) for m in rows]
+        click.echo(json.dumps(documents, indent=2))
     elif rows:
         click.echo(
             table(

@@ -31,6 +31,7 @@ def queue(queue_name: str | None, as_json: bool) -> None:
       tuneq queue
       tuneq queue --queue gpu --json
     """
+    from tuneq.worker.views.documents import estimate_json
     from tuneq.worker.views.eta import queue_estimates
 
     estimates = queue_estimates(engine(), interval_s=settings().reap_interval_s)
@@ -57,18 +58,6 @@ def estimate_row(estimate: Estimate) -> list[Any]:
     ]
 
 
-def estimate_json(estimate: Estimate) -> dict[str, Any]:
-    return {
-        "job": estimate.job_id,
-        "queue": estimate.queue,
-        "priority": estimate.priority,
-        "position": estimate.position,
-        "start_in_s": rounded(estimate.start_in_s),
-        "end_in_s": rounded(estimate.end_in_s),
-        "basis": estimate.basis,
-    }
-
-
 def describe_estimate(estimate: Estimate) -> str:
     """One line for ``tuneq show``."""
     if not estimate.position:
@@ -82,7 +71,3 @@ def describe_estimate(estimate: Estimate) -> str:
 
 def about(seconds: float | None) -> str:
     return "?" if seconds is None else f"~{format_seconds(seconds)}"
-
-
-def rounded(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds, 1)

@@ -23,28 +23,11 @@ def workers(as_json: bool) -> None:
       tuneq workers --json
     """
     from tuneq.worker.store.workers import live_workers
+    from tuneq.worker.views.documents import worker_json
 
     rows = live_workers(engine(), interval_s=settings().reap_interval_s)
     if as_json:
-        click.echo(
-            json.dumps(
-                [
-                    {
-                        "name": live.worker.name,
-                        "hostname": live.worker.hostname,
-                        "queues": live.worker.queues,
-                        "device": live.worker.device,
-                        "concurrency": live.worker.concurrency,
-                        "threads": live.worker.threads,
-                        "started_at": live.worker.started_at.isoformat(),
-                        "heartbeat_at": live.worker.heartbeat_at.isoformat(),
-                        "running": live.running,
-                    }
-                    for live in rows
-                ],
-                indent=2,
-            )
-        )
+        click.echo(json.dumps([worker_json(live) for live in rows], indent=2))
     elif rows:
         headers = ["worker", "queues", "device", "processes", "threads", "running"]
         click.echo(

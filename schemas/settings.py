@@ -69,6 +69,11 @@ class Settings(BaseModel):
         description="Folders, separated by ':', inside which jobs may read data and models "
         "and write outputs; default: data_dir and the worker's working directory.",
     )
+    ui_token: str = Field(
+        "",
+        description="The token `tuneq ui` asks of every action (cancel, retry, tag, submit); "
+        "default: a new one, printed when the dashboard starts.",
+    )
 
     @field_validator("allowed_roots", mode="before")
     @classmethod

@@ -139,3 +139,13 @@ def test_the_default_length_fits_the_data(tiny_model: Path) -> None:
     assert choose_max_length(tokenizer, tweets) == 56, "99th percentile: 49 words + 2, to 8s"
     reviews = [" ".join(["word"] * 900) for _ in range(10)]
     assert choose_max_length(tokenizer, reviews) == 256, "long reviews keep 256"
+
+
+def test_the_live_loss_curve_is_thinned_to_a_few_hundred_points_and_keeps_the_newest() -> None:
+    from tuneq.worker.ml.finetune import CURVE_POINTS, thinned
+
+    points = [[step, 1.0 / step] for step in range(1, 1001)]
+    kept = thinned(points)
+    assert len(kept) <= CURVE_POINTS and kept[0] == points[0] and kept[-1] == points[-1]
+    assert [p[0] for p in kept] == sorted({p[0] for p in kept})
+    assert thinned(points[:5]) == points[:5]

@@ -440,6 +440,18 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+CURVE_POINTS = 200  # the live loss curve on a running job's row: enough to draw, small to write
+
+
+def thinned(points: list[list[float]], most: int = CURVE_POINTS) -> list[list[float]]:
+    """At most ``most`` of ``points``, evenly spaced, always with the newest."""
+    if len(points) <= most:
+        return points
+    every = -(-len(points) // most)
+    kept = points[::every]
+    return kept if kept[-1] is points[-1] else [*kept[: most - 1], points[-1]]
+
+
 class ProgressCallback(TrainerCallback):  # type: ignore[misc]
     """Reports steps and losses to tuneq while the Trainer runs."""
 
@@ -471,7 +483,9 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
                 "total": total,
                 "epoch": round(float(state.epoch or 0), 3),
                 "loss": self.curves.train[-1]["loss"] if self.curves.train else None,
+                "steps_per_s": round(done / elapsed, 3) if done > 0 and elapsed > 0 else None,
                 "eta_s": round(eta, 1) if eta is not None else None,
+                "curve": thinned([[p["step"], p["loss"]] for p in self.curves.train]),
             }
         )
 

@@ -38,3 +38,29 @@ def claim_group_notification(engine: Engine, *, group_id: str) -> JobGroup | Non
             return None
     with Session(engine) as session:
         return session.get(JobGroup, group_id)
+
+
+def list_groups(engine: Engine, *, limit: int = 100) -> list[dict[str, object]]:
+    """The newest groups first, each with its size and how many of its jobs are in each
+    state."""
+    with Session(engine) as session:
+        groups = list(
+            session.scalars(select(JobGroup).order_by(JobGroup.created_at.desc()).limit(limit))
+        )
+        counts = session.execute(
+            select(Job.group_id, Job.status, func.count())
+            .where(Job.group_id.in_([g.id for g in groups]))
+            .group_by(Job.group_id, Job.status)
+        ).all()
+    by_group: dict[str, dict[str, int]] = {}
+    for group_id, status, count in counts:
+        by_group.setdefault(group_id, {})[str(status)] = count
+    return [
+        {
+            "group": g.id,
+            "size": g.size,
+            "created_at": g.created_at.isoformat(),
+            "statuses": by_group.get(g.id, {}),
+        }
+        for g in groups
+    ]

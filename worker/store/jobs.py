@@ -104,14 +104,25 @@ def get_job(engine: Engine, job_id: str) -> Job:
 
 
 def list_jobs(
-    engine: Engine, *, limit: int = 50, status: str | None = None, group_id: str | None = None
+    engine: Engine,
+    *,
+    limit: int = 50,
+    status: str | None = None,
+    group_id: str | None = None,
+    kind: str | None = None,
+    model: str | None = None,
 ) -> list[Job]:
-    """The newest jobs first."""
+    """The newest jobs first; ``model`` matches the spec's model (a base model or a
+    registered ``name:version``) by its start."""
     query = select(Job).order_by(Job.created_at.desc(), Job.id).limit(limit)
     if status:
         query = query.where(Job.status == status)
     if group_id:
         query = query.where(Job.group_id == group_id)
+    if kind:
+        query = query.where(Job.kind == kind)
+    if model:
+        query = query.where(Job.spec["model"].as_string().startswith(model, autoescape=True))
     with Session(engine) as session:
         return list(session.scalars(query))
 

@@ -134,6 +134,14 @@ def queue_estimates(
     return estimates
 
 
+def job_estimate(engine: Engine, job: Job, *, interval_s: float) -> Estimate | None:
+    """When a waiting or running job should start and end; None once it has ended."""
+    if JobStatus(job.status) not in ACTIVE:
+        return None
+    estimates = queue_estimates(engine, interval_s=interval_s)
+    return next((e for e in estimates if e.job_id == job.id), None)
+
+
 def play_queue(
     queue: str, jobs: list[Job], processes: int, throughput: Throughput, now: datetime
 ) -> list[Estimate]:
