@@ -18,7 +18,7 @@ function h(tag, attrs, ...children) {
     if (name === "width%") node.style.width = value + "%";
     else node.setAttribute(name, value === true ? "" : String(value));
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -294,7 +294,8 @@ const PAGES = {
     if (job.kind === "finetune" && (m.loss_curve || (job.progress || {}).curve)) {
       parts.push(h("h2", {}, "Loss"), chart(lossSeries(job), { x: "step", label: "loss curve", legend: true }));
     }
-    parts.push(h("h2", {}, "Spec"), h("pre", {}, JSON.stringify(job.spec, null, 2)));
+    const set = Object.fromEntries(Object.entries(job.spec).filter(([, v]) => v !== null));
+    parts.push(h("h2", {}, "Spec"), h("pre", {}, JSON.stringify(set, null, 2)));
     if (job.events.length) {
       parts.push(h("h2", {}, "Events"), table(["at", "attempt", "kind", "message"],
         job.events.map((e) => ({ cells: [when(e.at), e.attempt, e.kind, e.message] })), { id: "events" }));
