@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import click
 
 from tuneq.cli.context import engine, settings
@@ -41,4 +43,9 @@ def ui(host: str, port: int) -> None:
         click.echo("actions need the token in TUNEQ_UI_TOKEN")
     else:
         click.echo(f"actions need this token (set TUNEQ_UI_TOKEN to choose one): {token}")
+    # A request builds thousands of short-lived dicts; collecting the young generation every
+    # 700 allocations, and rescanning the startup objects each full pass, made the slowest
+    # answers twice the median (bench/ui.py).
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     uvicorn.run(app, host=host, port=port, log_level="warning")

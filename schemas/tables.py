@@ -16,6 +16,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -101,6 +102,13 @@ class Job(Base):
     """One fine-tune (or later scoring) job and everything known about its run."""
 
     __tablename__ = "jobs"
+    __table_args__ = (
+        # The newest jobs first (lists); the newest finished in a state (estimates), and
+        # durations without reading the rows (metrics); counts (metrics).
+        Index("ix_jobs_created_at_id", "created_at", "id"),
+        Index("ix_jobs_status_finished_at", "status", "finished_at", "kind", "started_at"),
+        Index("ix_jobs_status_kind_queue", "status", "kind", "queue"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))

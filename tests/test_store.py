@@ -35,7 +35,7 @@ MODEL = {
 
 
 def test_the_database_is_migrated_on_first_use(engine: Engine) -> None:
-    assert current_revision(engine) == head_revision() == "0006"
+    assert current_revision(engine) == head_revision() == "0007"
 
 
 def test_a_job_can_be_claimed_once(engine: Engine) -> None:

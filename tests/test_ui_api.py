@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
 from starlette.testclient import TestClient
 
 from tests.conftest import invoke_cli
@@ -139,7 +141,7 @@ def test_metrics_follow_the_database(
     env: dict[str, str], dashboard: TestClient, tmp_path: Path
 ) -> None:
     engine = get_engine(env["TUNEQ_DATABASE_URL"])
-    succeeded_job(env, tmp_path, "reviews")
+    done = succeeded_job(env, tmp_path, "reviews")
     first = store.create_job(engine, spec=finetune_spec("first", queue="gpu"))
     store.create_job(engine, spec=finetune_spec("second", queue="gpu"))
     register_worker(engine, name="host:1", hostname="host", queues=["gpu", "cpu"], device="cuda",
@@ -158,11 +160,22 @@ def test_metrics_follow_the_database(
     assert jobs == in_database
     assert before[("tuneq_live_workers", (("device", "cuda"), ("queue", "gpu")))] == 1
     assert before[("tuneq_live_workers", (("device", "cuda"), ("queue", "cpu")))] == 1
-    histogram = (
-        "tuneq_job_duration_seconds_count",
-        (("kind", "finetune"), ("status", "succeeded")),
-    )
-    assert before[histogram] == 1
+    durations = (("kind", "finetune"), ("status", "succeeded"))
+    assert before[("tuneq_job_duration_seconds_count", durations)] == 1
+    with engine.begin() as conn:  # the fine-tune took 45 s; the first job waits since 100 s
+        conn.execute(
+            update(Job)
+            .where(Job.id == done.id)
+            .values(started_at=done.finished_at - timedelta(seconds=45))
+        )
+        conn.execute(update(Job).where(Job.id == first.id)
+                     .values(created_at=first.created_at - timedelta(seconds=100)))  # fmt: skip
+    before = metric_samples(dashboard)
+    bucket = "tuneq_job_duration_seconds_bucket"
+    assert before[(bucket, tuple(sorted((*durations, ("le", "30.0")))))] == 0
+    assert before[(bucket, tuple(sorted((*durations, ("le", "60.0")))))] == 1
+    assert before[("tuneq_job_duration_seconds_sum", durations)] == pytest.approx(45, abs=0.01)
+    assert before[oldest] >= 100
 
     # The oldest job is claimed: one fewer waits, and the oldest waiting is the second one.
     attempt, _ = store.claim_job(engine, job_id=first.id, worker="host:1/2") or (0, "")
@@ -170,6 +183,7 @@ def test_metrics_follow_the_database(
     store.record_progress(engine, job_id=first.id, attempt=attempt, progress=progress)
     after = metric_samples(dashboard)
     assert after[depth] == 1
+    assert 0 <= after[oldest] < 100
     assert after[("tuneq_training_steps_per_second", (("job", first.id),))] == 2.5
     store.claim_job(engine, job_id=store.list_jobs(engine, status="queued")[0].id, worker="w")
     assert depth not in metric_samples(dashboard)  # nothing waits on gpu any more

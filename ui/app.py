@@ -37,7 +37,7 @@ from tuneq.worker.views.documents import (
     model_json,
     worker_json,
 )
-from tuneq.worker.views.eta import queue_estimates
+from tuneq.worker.views.eta import active_jobs, queue_estimates
 from tuneq.worker.views.report import build_report
 from tuneq.worker.views.sweep import compare_rows, varied_fields
 
@@ -74,8 +74,8 @@ def create_app(settings: Settings, *, token: str, engine: Engine | None = None) 
         return render
 
     def overview(request: Request) -> dict[str, Any]:
-        estimates = queue_estimates(db, interval_s=interval_s)
-        active = store.jobs_with_ids(db, [e.job_id for e in estimates])
+        active = active_jobs(db)
+        estimates = queue_estimates(db, interval_s=interval_s, active=active)
         counts: dict[str, int] = {}
         for status, _kind, _queue, count in job_counts(db):
             counts[status] = counts.get(status, 0) + count
@@ -117,7 +117,12 @@ def create_app(settings: Settings, *, token: str, engine: Engine | None = None) 
 
     def models(request: Request) -> list[dict[str, Any]]:
         tags = store.model_tags(db)
-        return [model_json(m, tags.get((m.name, m.version), [])) for m in store.list_models(db)]
+        rows = store.list_models(
+            db,
+            name=request.query_params.get("name") or None,
+            limit=int_param(request.query_params.get("limit"), PAGE_LIMIT),
+        )
+        return [model_json(m, tags.get((m.name, m.version), [])) for m in rows]
 
     def workers(request: Request) -> list[dict[str, Any]]:
         return [worker_json(live) for live in live_workers(db, interval_s=interval_s)]

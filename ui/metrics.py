@@ -3,7 +3,6 @@ every replica of the dashboard, and every worker's host, report the same numbers
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -16,7 +15,20 @@ from tuneq.worker.store import stats
 from tuneq.worker.store.workers import live_workers
 
 # Job durations, seconds: from a minute-long test job to a night's scoring.
-DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400)
+DURATION_BUCKETS = (
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    14400.0,
+    28800.0,
+    86400.0,
+)
 
 
 class QueueCollector(Collector):  # type: ignore[misc]
@@ -81,11 +93,9 @@ class QueueCollector(Collector):  # type: ignore[misc]
         rows = GaugeMetricFamily(
             "tuneq_scoring_rows_per_second", "Speed of running scoring jobs.", labels=["job"]
         )
-        for job_id, kind, progress in stats.running_progress(self.engine):
-            if kind == "finetune" and progress.get("steps_per_s") is not None:
-                steps.add_metric([job_id], float(progress["steps_per_s"]))
-            elif kind == "score" and progress.get("rows_per_s") is not None:
-                rows.add_metric([job_id], float(progress["rows_per_s"]))
+        for job_id, kind, speed in stats.running_speeds(self.engine):
+            if speed is not None:
+                (steps if kind == "finetune" else rows).add_metric([job_id], speed)
         yield steps
         yield rows
 
@@ -94,14 +104,12 @@ class QueueCollector(Collector):  # type: ignore[misc]
             "tuneq_job_duration_seconds", "Seconds from start to end of finished jobs.",
             labels=["kind", "status"],
         )  # fmt: skip
-        observed: dict[tuple[str, str], list[float]] = {}
-        for kind, status, seconds in stats.finished_durations(self.engine):
-            observed.setdefault((kind, status), []).append(seconds)
-        for (kind, status), seconds in sorted(observed.items()):
-            seconds.sort()
-            buckets = [(str(b), bisect.bisect_right(seconds, b)) for b in DURATION_BUCKETS]
-            buckets.append(("+Inf", len(seconds)))
-            family.add_metric([kind, status], buckets, sum_value=sum(seconds))
+        for durations in stats.finished_durations(self.engine, DURATION_BUCKETS):
+            buckets = [(str(b), durations.at_most[b]) for b in DURATION_BUCKETS]
+            buckets.append(("+Inf", durations.count))
+            family.add_metric(
+                [durations.kind, durations.status], buckets, sum_value=durations.total_s
+            )
         return family
 
 

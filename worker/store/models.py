@@ -124,8 +124,11 @@ def _register_once(
         raise
 
 
-def list_models(engine: Engine, *, name: str | None = None) -> list[Model]:
-    query = select(Model).order_by(Model.name, Model.version.desc())
+def list_models(
+    engine: Engine, *, name: str | None = None, limit: int | None = None
+) -> list[Model]:
+    """Every model (or every version of ``name``) by name, newest version first."""
+    query = select(Model).order_by(Model.name, Model.version.desc()).limit(limit)
     if name:
         query = query.where(Model.name == name)
     with Session(engine) as session:

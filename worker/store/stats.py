@@ -3,11 +3,14 @@ thousands of jobs."""
 
 from __future__ import annotations
 
+import itertools
+import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import ColumnElement, Engine, case, func, select
 
 from tuneq.schemas.tables import FINISHED, WAITING, Job, JobStatus, aware, values
 
@@ -39,26 +42,70 @@ def queue_waits(engine: Engine) -> list[QueueWait]:
         return [QueueWait(queue, n, aware(oldest)) for queue, n, oldest in conn.execute(query)]
 
 
-def finished_durations(engine: Engine) -> list[tuple[str, str, float]]:
-    """``(kind, status, seconds from start to end)`` of every job that started and ended."""
-    query = select(Job.kind, Job.status, Job.started_at, Job.finished_at).where(
+@dataclass(frozen=True)
+class Durations:
+    """How long the finished jobs of one kind and status took: how many, their total
+    seconds, and how many took at most each bound (a cumulative histogram)."""
+
+    kind: str
+    status: str
+    count: int
+    total_s: float
+    at_most: dict[float, int]
+
+
+def finished_durations(engine: Engine, bounds: Sequence[float]) -> list[Durations]:
+    """Per kind and status of the jobs that started and ended, a histogram of their durations
+    over ``bounds`` (seconds, ascending), counted by the database from an index."""
+    finished = select(Job.kind, Job.status, duration_s(engine).label("seconds")).where(
         Job.status.in_(values(FINISHED)),
         Job.started_at.is_not(None),
         Job.finished_at.is_not(None),
     )
+    rows = finished.cte("finished")
+    if engine.dialect.name == "postgresql" or sqlite3.sqlite_version_info >= (3, 35):
+        rows = rows.prefix_with("MATERIALIZED")  # the seconds once per row, not once per bound
+    bucket = case(
+        *[(rows.c.seconds <= bound, index) for index, bound in enumerate(bounds)],
+        else_=len(bounds),
+    ).label("bucket")
+    query = select(
+        rows.c.kind, rows.c.status, bucket, func.count(), func.sum(rows.c.seconds)
+    ).group_by(rows.c.kind, rows.c.status, bucket)
+    counted: dict[tuple[str, str], list[int]] = {}
+    totals: dict[tuple[str, str], float] = {}
+    with engine.connect() as conn:
+        for kind, status, index, count, total in conn.execute(query):
+            key = (kind, str(status))
+            counted.setdefault(key, [0] * (len(bounds) + 1))[index] = count
+            totals[key] = totals.get(key, 0.0) + float(total or 0.0)
+    return [
+        Durations(kind, status, sum(counts), totals[(kind, status)],
+                  dict(zip(bounds, itertools.accumulate(counts[:-1]), strict=True)))
+        for (kind, status), counts in sorted(counted.items())
+    ]  # fmt: skip
+
+
+def duration_s(engine: Engine) -> ColumnElement[Any]:
+    """Seconds from a job's start to its end, as SQL for this database."""
+    if engine.dialect.name == "postgresql":
+        return func.extract("epoch", Job.finished_at - Job.started_at)
+    # SQLite keeps timestamps as UTC text, which julianday() reads.
+    return (func.julianday(Job.finished_at) - func.julianday(Job.started_at)) * 86400.0
+
+
+def running_speeds(engine: Engine) -> list[tuple[str, str, float | None]]:
+    """``(job id, kind, speed)`` of every running job: steps/s of a fine-tune, rows/s of a
+    scoring job, as its progress last said (None before it said)."""
+    progress = Job.progress
+    query = select(
+        Job.id,
+        Job.kind,
+        progress["steps_per_s"].as_float(),
+        progress["rows_per_s"].as_float(),
+    ).where(Job.status == JobStatus.running)
     with engine.connect() as conn:
         return [
-            (
-                kind,
-                str(status),
-                (aware(end) - aware(start)).total_seconds(),
-            )
-            for kind, status, start, end in conn.execute(query)
+            (job_id, kind, steps if kind == "finetune" else rows)
+            for job_id, kind, steps, rows in conn.execute(query)
         ]
-
-
-def running_progress(engine: Engine) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(job id, kind, progress)`` of every running job."""
-    query = select(Job.id, Job.kind, Job.progress).where(Job.status == JobStatus.running)
-    with engine.connect() as conn:
-        return [(job_id, kind, progress or {}) for job_id, kind, progress in conn.execute(query)]

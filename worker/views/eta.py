@@ -78,34 +78,37 @@ class Throughput:
 
 
 def measured_throughput(engine: Engine) -> Throughput:
-    """Throughput of the newest ``HISTORY`` succeeded jobs."""
+    """Throughput of the newest ``HISTORY`` succeeded jobs (read without their curves and
+    tables: only the fields an estimate needs)."""
     query = (
-        select(Job)
+        select(
+            Job.kind,
+            Job.started_at,
+            Job.finished_at,
+            Job.spec,
+            Job.metrics[("data", "train_rows")].as_integer(),
+        )
         .where(Job.status == JobStatus.succeeded.value, Job.started_at.is_not(None))
         .order_by(Job.finished_at.desc())
         .limit(HISTORY)
     )
-    with Session(engine) as session:
-        finished = list(session.scalars(query))
+    with engine.connect() as conn:
+        finished = conn.execute(query).all()
     per_example: dict[str, list[float]] = {}
     rows: dict[str, int] = {}
     scoring: dict[str, list[float]] = {}
-    for job in finished:
-        seconds = wall_seconds(job)
-        metrics = job.metrics or {}
-        if seconds is None:
+    for kind, started, ended, spec, train_rows in finished:
+        if ended is None:
             continue
-        if job.kind == "score":
-            scoring.setdefault(str(job.spec.get("model")), []).append(seconds)
+        seconds = (aware(ended) - aware(started)).total_seconds()
+        if kind == "score":
+            scoring.setdefault(str(spec.get("model")), []).append(seconds)
             continue
-        train_rows = (metrics.get("data") or {}).get("train_rows")
         if not train_rows:
             continue
-        rows.setdefault(str(job.spec.get("data")), int(train_rows))
-        epochs = float(job.spec.get("epochs") or 1.0)
-        per_example.setdefault(str(job.spec.get("model")), []).append(
-            seconds / (train_rows * epochs)
-        )
+        rows.setdefault(str(spec.get("data")), int(train_rows))
+        epochs = float(spec.get("epochs") or 1.0)
+        per_example.setdefault(str(spec.get("model")), []).append(seconds / (train_rows * epochs))
     return Throughput(per_example, rows, scoring)
 
 
@@ -116,12 +119,17 @@ def wall_seconds(job: Job) -> float | None:
 
 
 def queue_estimates(
-    engine: Engine, *, interval_s: float, now: datetime | None = None
+    engine: Engine,
+    *,
+    interval_s: float,
+    now: datetime | None = None,
+    active: list[Job] | None = None,
 ) -> list[Estimate]:
-    """Every running and waiting job, queue by queue, in the order they will run."""
+    """Every running and waiting job (``active``, if the caller has read them already), queue
+    by queue, in the order they will run."""
     now = now or utcnow()
-    with Session(engine) as session:
-        active = list(session.scalars(select(Job).where(Job.status.in_(values(ACTIVE)))))
+    if active is None:
+        active = active_jobs(engine)
     processes: dict[str, int] = {}
     for live in workers.live_workers(engine, interval_s=interval_s, now=now):
         for queue in live.worker.queues:
@@ -132,6 +140,12 @@ def queue_estimates(
         jobs = [job for job in active if job.queue == queue]
         estimates += play_queue(queue, jobs, processes.get(queue, 0), throughput, now)
     return estimates
+
+
+def active_jobs(engine: Engine) -> list[Job]:
+    """The jobs that wait or run."""
+    with Session(engine) as session:
+        return list(session.scalars(select(Job).where(Job.status.in_(values(ACTIVE)))))
 
 
 def job_estimate(engine: Engine, job: Job, *, interval_s: float) -> Estimate | None:
