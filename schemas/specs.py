@@ -217,6 +217,13 @@ class FinetuneSpec(BaseModel):
         description="Early stopping: stop after this many evaluations in a row without an "
         "improvement of --metric; default: train every epoch.",
     )
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="Also report the run to these experiment trackers, through the Trainer's "
+        "own integrations (comma-separated): tensorboard writes event files into the model "
+        "folder's runs/ (tensorboard --logdir the models folder); mlflow logs to the worker's "
+        "MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME. The worker needs the package.",
+    )
     device: Device = "auto"
     queue: Queue = None
     priority: Priority = "normal"

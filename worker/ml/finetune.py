@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from transformers import PrinterCallback, TrainerCallback, set_seed
 
+from tuneq.schemas.errors import ConfigError
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.worker.ml.best_model import (
     BestModel,
@@ -91,6 +92,7 @@ def finetune(
     cover the data).
     """
     report = on_progress or (lambda _progress: None)
+    check_trackers(spec.report_to)
     timer = PhaseTimer()
     with timer.phase("load_data"):
         report({"phase": "loading data"})
@@ -121,8 +123,9 @@ def finetune(
         task.scorer(),
     )
     trainer, curves = build_trainer(
-        spec, model, tokenizer, train_set, eval_set, out_dir, report, keeper, checkpoint_dir
-    )
+        spec, model, tokenizer, train_set, eval_set, out_dir, report, keeper, checkpoint_dir,
+        trackers=True,
+    )  # fmt: skip
     resume = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
     if resume is not None:
         report({"phase": "resuming", "checkpoint": resume.name})
@@ -339,10 +342,13 @@ def build_trainer(
     report: Progress,
     keeper: BestModel,
     checkpoint_dir: Path | None = None,
+    *,
+    trackers: bool = False,
 ) -> tuple[Any, LossCurves]:
     """A Trainer that reports progress through ``report``, evaluates on ``eval_set`` (if
     any) as :class:`EvalSchedule` says, keeps the best evaluation with ``keeper``, and saves
-    nothing by itself but checkpoints into ``checkpoint_dir``, when given."""
+    nothing by itself but checkpoints into ``checkpoint_dir``, when given. With ``trackers``
+    it also reports to the experiment trackers ``spec.report_to`` names."""
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -365,7 +371,8 @@ def build_trainer(
         save_total_limit=2,
         logging_strategy="steps",
         logging_steps=max(1, min(50, steps_per_epoch // 5)),
-        report_to="none",
+        report_to=[t for t in spec.report_to if t != "tensorboard"] if trackers else "none",
+        run_name=spec.name,
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
         bf16=training_bf16(spec.precision),
@@ -385,10 +392,38 @@ def build_trainer(
             ProgressCallback(report, curves),
             *([EvalSchedule(spec.eval_steps, report), keeper] if eval_set is not None else []),
             CheckpointMarker(),
+            *(tracker_callbacks(spec.report_to, out_dir) if trackers else []),
         ],
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to the job row, not to stdout
     return trainer, curves
+
+
+TENSORBOARD_DIR = "runs"  # in the model folder, where the Hub's model repositories keep them
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Refuse, before any work, a tracker whose package this worker lacks."""
+    import importlib.util
+
+    for tracker in report_to:
+        if importlib.util.find_spec(TRACKER_PACKAGES[tracker]) is None:
+            raise ConfigError(
+                f"report_to {tracker} needs the {tracker} package on the worker: pip install "
+                f"{TRACKER_PACKAGES[tracker]} (or drop --report-to {tracker})"
+            )
+
+
+def tracker_callbacks(report_to: list[str], out_dir: Path) -> list[Any]:
+    """The Trainer's own TensorBoard integration, writing into the model folder (the others
+    in ``report_to`` the Trainer adds itself)."""
+    if "tensorboard" not in report_to:
+        return []
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out_dir / TENSORBOARD_DIR)))]
 
 
 class EvalSchedule(TrainerCallback):  # type: ignore[misc]
