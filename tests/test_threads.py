@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -58,7 +59,8 @@ def last_threads(worker, timeout_s: float = 60) -> tuple[int, int]:
 def test_two_workers_on_one_host_split_its_cores(
     env: dict[str, str], start_worker, trained_tiny_model: Path, tmp_path: Path
 ) -> None:
-    host = {**env, "TMPDIR": str(tmp_path / "host")}  # a registry of this test's own
+    # A registry of this test's own; heartbeats every second, so the rows follow quickly.
+    host = {**env, "TMPDIR": str(tmp_path / "host"), "TUNEQ_REAP_INTERVAL_S": "1"}
     (tmp_path / "host").mkdir()
     queue = queue_name()
     first = start_worker(host, queue)
@@ -83,3 +85,6 @@ def test_two_workers_on_one_host_split_its_cores(
         time.sleep(0.5)
     assert [count for _, count in shares] == [2, 2], shares
     assert sum(threads for threads, _ in shares) == max(host_cores(), 2), shares
+    # `tuneq workers` shows the share each has now, not the whole machine it had alone.
+    rows = json.loads(invoke_cli(host, "workers", "--json").stdout)
+    assert [row["threads"] for row in rows] == [max(1, host_cores() // 2)] * 2, rows

@@ -16,7 +16,7 @@ from tuneq.schemas.settings import Settings
 from tuneq.worker.jobs.app import create_app, send_job, send_shard, waiting_messages
 from tuneq.worker.jobs.reaper import start_reaper
 from tuneq.worker.ml.device import nvidia_gpus
-from tuneq.worker.ml.threads import configure_torch, leave_host, share_of_cores
+from tuneq.worker.ml.threads import configure_torch, current_share, leave_host, share_of_cores
 from tuneq.worker.store import workers
 from tuneq.worker.store.db import get_engine
 from tuneq.worker.store.workers import worker_name
@@ -74,8 +74,8 @@ def run_worker(
     engine = get_engine(settings.database_url)  # create or migrate the database first
     settings.artifact_dir.mkdir(parents=True, exist_ok=True)
     # Without TUNEQ_WORKER_THREADS, each pool process takes its share of the host's cores
-    # among every worker process on it (tuneq.worker.ml.threads); the row records the share
-    # this worker would have alone.
+    # among every worker process on it (tuneq.worker.ml.threads); the row starts with the share
+    # this worker would have alone, and each heartbeat records the share it has now.
     threads = settings.worker_threads or share_of_cores(concurrency)
 
     def init_child(**_kwargs: Any) -> None:
@@ -116,7 +116,9 @@ def run_worker(
                 app, job_id, index, queue, priority
             ),
             waiting_in=lambda queue: waiting_messages(app, queue),
-            heartbeat=lambda: workers.beat(engine, name=name),
+            heartbeat=lambda: workers.beat(
+                engine, name=name, threads=settings.worker_threads or current_share()
+            ),
         )
 
     def on_shutdown(**_kwargs: Any) -> None:

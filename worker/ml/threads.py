@@ -89,6 +89,13 @@ def host_share(pid: int, pids: list[int], cores: int) -> int:
     return max(1, base + (1 if pids.index(pid) < extra else 0))
 
 
+def current_share(folder: Path | None = None) -> int | None:
+    """The threads a worker process on this machine has now (the smaller share when they
+    differ by one); ``None`` when no worker process is registered."""
+    pids = host_processes(folder)
+    return max(1, host_cores() // len(pids)) if pids else None
+
+
 def fit_threads_to_host(*, every_s: float = 0.0, folder: Path | None = None) -> int | None:
     """Set this process's torch threads to its share of the machine's cores, at most once per
     ``every_s`` seconds; its threads, or ``None`` if this process is not in the registry."""

@@ -67,9 +67,13 @@ def register_worker(
         )
 
 
-def beat(engine: Engine, *, name: str) -> None:
+def beat(engine: Engine, *, name: str, threads: int | None = None) -> None:
+    """Renew the worker's row; ``threads``: the torch threads each of its processes has now."""
+    values: dict[str, object] = {"heartbeat_at": utcnow()}
+    if threads is not None:
+        values["threads"] = threads
     with engine.begin() as conn:
-        conn.execute(update(Worker).where(Worker.name == name).values(heartbeat_at=utcnow()))
+        conn.execute(update(Worker).where(Worker.name == name).values(**values))
 
 
 def unregister_worker(engine: Engine, *, name: str) -> None:
