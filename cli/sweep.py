@@ -92,6 +92,10 @@ def compare_table(group_id: str) -> str:
 def compare(group_id: str, as_json: bool) -> None:
     """Compare the jobs of a group: the fields that vary, then metrics, best first.
 
+    Best means by the metric that picked each run's best checkpoint (--metric, or the task's
+    default: macro-F1, micro-F1 for multi-label, MAE for regression, lowest first); runs that
+    did not succeed come last.
+
     \b
     Examples:
       tuneq compare imdb-lr-1a2b3c

@@ -61,7 +61,7 @@ def test_a_sweep_runs_every_combination_and_compare_ranks_them(
     assert {job["status"] for job in listed} == {"succeeded"}
 
     shown = [json.loads(invoke_cli(env, "show", j, "--json").stdout) for j in job_ids]
-    shown.sort(key=lambda job: (-job["metrics"]["accuracy"], job["id"]))
+    shown.sort(key=lambda job: (-job["metrics"]["macro_f1"], job["id"]))  # what picks the best
     expected = table(
         ["job", "status", "batch_size", "learning_rate", "accuracy", "macro_f1", "eval_loss",
          "train_s", "model"],

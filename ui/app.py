@@ -39,7 +39,7 @@ from tuneq.worker.views.documents import (
 )
 from tuneq.worker.views.eta import active_jobs, queue_estimates
 from tuneq.worker.views.report import build_report
-from tuneq.worker.views.sweep import compare_rows, varied_fields
+from tuneq.worker.views.sweep import compare_rows, ranking, varied_fields
 
 HERE = Path(__file__).parent
 PAGE_LIMIT = 200  # jobs a list answers with unless asked for more
@@ -109,6 +109,7 @@ def create_app(settings: Settings, *, token: str, engine: Engine | None = None) 
         rows = compare_rows(db, group_id)
         return {
             "group": group_id,
+            "metric": ranking(members[0].spec)[0] if members else None,
             "varied": varied_fields([j.spec for j in members]),
             "compare": rows,
             "curves": {j.id: (j.metrics or {}).get("loss_curve") or live_curve(j.progress)

@@ -322,7 +322,7 @@ const PAGES = {
     const curves = Object.entries(data.curves).filter(([, points]) => points.length)
       .map(([job, points]) => ({ name: job, points: points.map((p) => [p.step, p.loss]) }));
     parts.push(h("h2", {}, "Training loss, every run"), chart(curves, { x: "step", label: "loss curves", legend: true }));
-    const metric = data.compare.some((r) => typeof r.macro_f1 === "number") ? "macro_f1" : "accuracy";
+    const metric = data.metric;  // what ranks the runs (and picked each one's best checkpoint)
     const plots = data.varied.filter((field) => data.compare.some((r) => typeof r[field] === "number"))
       .map((field) => h("div", {}, h("h2", {}, `${metric} by ${field}`), chart([{ name: metric,
         points: data.compare.filter((r) => typeof r[field] === "number" && typeof r[metric] === "number")

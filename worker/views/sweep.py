@@ -12,11 +12,16 @@ from typing import Any
 from sqlalchemy import Engine
 
 from tuneq.schemas.errors import ConfigError, JobNotFound
-from tuneq.schemas.specs import FinetuneSpec, check_notify_url
+from tuneq.schemas.specs import TASK_METRICS, FinetuneSpec, check_notify_url
 from tuneq.worker import store
 
 SWEEP_KEYS = ("name", "base", "grid", "data", "notify")
-METRIC_COLUMNS = ("accuracy", "macro_f1", "eval_loss")
+METRIC_COLUMNS = {
+    "classification": ("accuracy", "macro_f1", "eval_loss"),
+    "multi_label": ("micro_f1", "macro_f1", "eval_loss"),
+    "regression": ("mae", "rmse", "spearman", "eval_loss"),
+}
+LOWER_IS_BETTER = ("eval_loss", "mae", "rmse")
 
 
 @dataclass(frozen=True)
@@ -74,12 +79,14 @@ def varied_fields(specs: list[dict[str, Any]]) -> list[str]:
 
 
 def compare_rows(engine: Engine, group_id: str) -> list[dict[str, Any]]:
-    """The group's jobs, best first (succeeded ones by accuracy, then the rest): the fields
-    that vary between them, their metrics, train seconds and model."""
+    """The group's jobs, best first (succeeded ones by the metric that picks their best
+    checkpoint, then the rest): the fields that vary between them, their metrics, train
+    seconds and model."""
     jobs = store.list_jobs(engine, group_id=group_id, limit=10_000)
     if not jobs:
         raise JobNotFound(f"no jobs in group {group_id!r}; `tuneq sweep FILE` starts one")
     varied = varied_fields([job.spec for job in jobs])
+    metric, columns = ranking(jobs[0].spec)
     rows = []
     for job in jobs:
         metrics = job.metrics or {}
@@ -89,10 +96,27 @@ def compare_rows(engine: Engine, group_id: str) -> list[dict[str, Any]]:
                 "job": job.id,
                 "status": job.status,
                 **{key: job.spec.get(key) for key in varied},
-                **{key: metrics.get(key) for key in METRIC_COLUMNS},
+                **{key: metrics.get(key) for key in columns},
                 "train_s": (metrics.get("phases") or {}).get("train"),
                 "model": f"{model.name}:{model.version}" if model else None,
             }
         )
-    rows.sort(key=lambda r: (r["status"] != "succeeded", -(r["accuracy"] or 0.0), r["job"]))
+    sign = 1.0 if metric in LOWER_IS_BETTER else -1.0
+    missing = float("inf")
+    rows.sort(
+        key=lambda r: (
+            r["status"] != "succeeded",
+            missing if r.get(metric) is None else sign * r[metric],
+            r["job"],
+        )
+    )
     return rows
+
+
+def ranking(spec: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """The metric a group's runs are ranked by (what picks each run's best checkpoint; the
+    evaluation loss for ``loss``) and the metric columns of its task."""
+    task = str(spec.get("task") or "classification")
+    chosen = str(spec.get("metric") or TASK_METRICS[task][0])
+    metric = "eval_loss" if chosen == "loss" else chosen
+    return metric, METRIC_COLUMNS[task]
