@@ -46,7 +46,7 @@ def test_every_tuneq_variable_is_a_setting_tuneq_reads(compose: dict[str, Any]) 
     from tuneq.schemas.settings import Settings
 
     known = {"TUNEQ_" + name.upper() for name in Settings.model_fields}
-    for service in ("migrate", "worker-cpu", "worker-gpu"):
+    for service in ("migrate", "worker-cpu", "worker-gpu", "ui"):
         assert set(compose["services"][service]["environment"]) <= known
     interpolated = re.findall(r"\$\{(\w+)", (REPO / "compose.yaml").read_text())
     assert "REDIS_PASSWORD" in interpolated
@@ -65,3 +65,12 @@ def test_workers_share_artifacts_and_the_gpu_worker_reserves_a_gpu(
     assert devices[0]["capabilities"] == ["gpu"]
     command = services["worker-gpu"]["command"]
     assert command[command.index("--gpu") + 1] == "0"  # one GPU, a fresh process per job
+
+
+def test_the_dashboard_needs_a_token_and_listens_on_loopback_only(compose: dict[str, Any]) -> None:
+    ui = compose["services"]["ui"]
+    assert ui["command"][:2] == ["tuneq", "ui"]
+    assert "${UI_TOKEN:?" in ui["environment"]["TUNEQ_UI_TOKEN"]
+    assert ui["environment"]["TUNEQ_DATABASE_URL"].startswith("postgresql://")  # the workers'
+    assert ui["ports"] == ["127.0.0.1:8600:8600"]
+    assert ui["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
