@@ -32,13 +32,15 @@ def ui(host: str, port: int) -> None:
     import uvicorn
 
     from tuneq.ui.app import create_app
-    from tuneq.ui.guard import new_token
+    from tuneq.ui.guard import LOOPBACK, allowed_hosts, new_token
 
     config = settings()
     token = config.ui_token or new_token()
-    app = create_app(config, token=token, engine=engine())
-    where = "this machine only" if host in ("127.0.0.1", "localhost", "::1") else "the network"
+    app = create_app(config, token=token, engine=engine(), listen_host=host)
+    where = "this machine only" if host in LOOPBACK else "the network"
     click.echo(f"tuneq ui: http://{host}:{port}/ (listening for {where}; --host to change)")
+    hosts = allowed_hosts(host, config.ui_hosts)
+    click.echo(f"answering requests for {', '.join(hosts)} (TUNEQ_UI_HOSTS adds names)")
     if config.ui_token:
         click.echo("actions need the token in TUNEQ_UI_TOKEN")
     else:

@@ -75,11 +75,25 @@ class Settings(BaseModel):
         "default: a new one, printed when the dashboard starts.",
     )
 
+    ui_hosts: tuple[str, ...] = Field(
+        (),
+        description="Host names, separated by ',', under which people reach `tuneq ui` (a "
+        "proxy's public name, this machine's name on the network); requests naming another "
+        "host are refused. Default: localhost and the address it listens on.",
+    )
+
     @field_validator("allowed_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part for part in value.split(os.pathsep) if part.strip())
+        return value
+
+    @field_validator("ui_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip().lower() for part in value.split(",") if part.strip())
         return value
 
     @field_validator("database_url", "broker_url")

@@ -5,6 +5,7 @@ own functions, as workers would."""
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +19,7 @@ from starlette.testclient import TestClient
 from tests.conftest import invoke_cli
 from tuneq.schemas.settings import load_settings
 from tuneq.schemas.specs import FinetuneSpec, ScoreSpec
-from tuneq.schemas.tables import Job
+from tuneq.schemas.tables import Job, JobEvent, JobStatus
 from tuneq.ui.app import create_app
 from tuneq.worker import store
 from tuneq.worker.store.db import get_engine
@@ -30,7 +31,9 @@ EVIL = "<script>alert('x')</script>"
 
 @pytest.fixture
 def dashboard(env: dict[str, str]) -> Iterator[TestClient]:
-    settings = load_settings(env)
+    """The dashboard, reached as ``testserver`` (the test client's host name) and, behind a
+    proxy, as ``tuneq.example.com``."""
+    settings = load_settings({**env, "TUNEQ_UI_HOSTS": "testserver,tuneq.example.com"})
     with TestClient(create_app(settings, token=TOKEN)) as client:
         yield client
 
@@ -137,56 +140,85 @@ def metric_samples(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str],
     return samples
 
 
+def labels(**values: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(values.items()))
+
+
 def test_metrics_follow_the_database(
     env: dict[str, str], dashboard: TestClient, tmp_path: Path
 ) -> None:
     engine = get_engine(env["TUNEQ_DATABASE_URL"])
-    done = succeeded_job(env, tmp_path, "reviews")
+    done = [succeeded_job(env, tmp_path, f"run-{i}") for i in range(3)]
     first = store.create_job(engine, spec=finetune_spec("first", queue="gpu"))
     store.create_job(engine, spec=finetune_spec("second", queue="gpu"))
     register_worker(engine, name="host:1", hostname="host", queues=["gpu", "cpu"], device="cuda",
-                    concurrency=1, threads=8)  # fmt: skip
+                    concurrency=2, threads=8)  # fmt: skip
+    with engine.begin() as conn:  # the fine-tunes took 5, 45 and 4,000 s; `first` waits 100 s
+        for job, seconds in zip(done, (5, 45, 4000), strict=True):
+            conn.execute(
+                update(Job)
+                .where(Job.id == job.id)
+                .values(started_at=job.finished_at - timedelta(seconds=seconds))
+            )
+        conn.execute(update(JobEvent).where(JobEvent.job_id == first.id)
+                     .values(at=first.created_at - timedelta(seconds=100)))  # fmt: skip
 
     before = metric_samples(dashboard)
-    depth = ("tuneq_queue_waiting_jobs", (("queue", "gpu"),))
-    oldest = ("tuneq_queue_oldest_waiting_seconds", (("queue", "gpu"),))
+    depth = ("tuneq_queue_waiting_jobs", labels(queue="gpu"))
+    oldest = ("tuneq_queue_oldest_waiting_seconds", labels(queue="gpu"))
     assert before[depth] == 2
-    assert before[oldest] >= 0
-    jobs = {labels: value for (name, labels), value in before.items() if name == "tuneq_jobs"}
-    in_database = {}
+    assert 100 <= before[oldest] < 200
+    assert before[("tuneq_queue_waiting_jobs", labels(queue="cpu"))] == 0  # a worker listens
+    jobs = {key: value for (name, key), value in before.items() if name == "tuneq_jobs"}
+    in_database: dict[tuple[tuple[str, str], ...], float] = {}
     for job in store.list_jobs(engine, limit=100):
-        key = (("kind", job.kind), ("queue", job.queue), ("status", str(job.status)))
+        key = labels(kind=job.kind, queue=job.queue, status=str(job.status))
         in_database[key] = in_database.get(key, 0) + 1
     assert jobs == in_database
-    assert before[("tuneq_live_workers", (("device", "cuda"), ("queue", "gpu")))] == 1
-    assert before[("tuneq_live_workers", (("device", "cuda"), ("queue", "cpu")))] == 1
-    durations = (("kind", "finetune"), ("status", "succeeded"))
-    assert before[("tuneq_job_duration_seconds_count", durations)] == 1
-    with engine.begin() as conn:  # the fine-tune took 45 s; the first job waits since 100 s
-        conn.execute(
-            update(Job)
-            .where(Job.id == done.id)
-            .values(started_at=done.finished_at - timedelta(seconds=45))
-        )
-        conn.execute(update(Job).where(Job.id == first.id)
-                     .values(created_at=first.created_at - timedelta(seconds=100)))  # fmt: skip
-    before = metric_samples(dashboard)
-    bucket = "tuneq_job_duration_seconds_bucket"
-    assert before[(bucket, tuple(sorted((*durations, ("le", "30.0")))))] == 0
-    assert before[(bucket, tuple(sorted((*durations, ("le", "60.0")))))] == 1
-    assert before[("tuneq_job_duration_seconds_sum", durations)] == pytest.approx(45, abs=0.01)
-    assert before[oldest] >= 100
+    assert before[("tuneq_live_workers", labels(device="cuda", queue="gpu"))] == 2
+    assert before[("tuneq_live_workers", labels(device="cuda", queue="cpu"))] == 2
+    finished = {"kind": "finetune", "status": "succeeded"}
+    buckets = {le: before[("tuneq_job_duration_seconds_bucket", labels(**finished, le=le))]
+               for le in ("10.0", "30.0", "60.0", "3600.0", "7200.0", "+Inf")}  # fmt: skip
+    assert buckets == {"10.0": 1, "30.0": 1, "60.0": 2, "3600.0": 2, "7200.0": 3, "+Inf": 3}
+    assert before[("tuneq_job_duration_seconds_count", labels(**finished))] == 3
+    assert before[("tuneq_job_duration_seconds_sum", labels(**finished))] == pytest.approx(
+        4050, abs=0.1
+    )
 
-    # The oldest job is claimed: one fewer waits, and the oldest waiting is the second one.
+    # The longest-waiting job is claimed and trains: one fewer waits, the rest waited less.
     attempt, _ = store.claim_job(engine, job_id=first.id, worker="host:1/2") or (0, "")
     progress = {"phase": "training", "step": 3, "total": 9, "steps_per_s": 2.5}
     store.record_progress(engine, job_id=first.id, attempt=attempt, progress=progress)
     after = metric_samples(dashboard)
     assert after[depth] == 1
     assert 0 <= after[oldest] < 100
-    assert after[("tuneq_training_steps_per_second", (("job", first.id),))] == 2.5
+    assert after[("tuneq_training_steps_per_second", labels(job=first.id))] == 2.5
     store.claim_job(engine, job_id=store.list_jobs(engine, status="queued")[0].id, worker="w")
-    assert depth not in metric_samples(dashboard)  # nothing waits on gpu any more
+    emptied = metric_samples(dashboard)
+    assert emptied[depth] == 0 and oldest not in emptied
+
+    # A week-old job retried now waits since its retry, not since it was first queued.
+    scoring_spec = ScoreSpec(model="run-0:1", input="/d/in.csv", output="/d/out.csv", queue="gpu")
+    scoring = store.create_job(engine, spec=scoring_spec)
+    with engine.begin() as conn:
+        conn.execute(
+            update(JobEvent)
+            .where(JobEvent.job_id == scoring.id)
+            .values(at=scoring.created_at - timedelta(days=7))
+        )
+        conn.execute(update(Job).where(Job.id == scoring.id)
+                     .values(created_at=scoring.created_at - timedelta(days=7)))  # fmt: skip
+    assert metric_samples(dashboard)[oldest] > 6 * 86400
+    attempt, _ = store.claim_job(engine, job_id=scoring.id, worker="w") or (0, "")
+    rows = {"rows": 400, "total_rows": 1000, "rows_per_s": 40.0}
+    store.record_progress(engine, job_id=scoring.id, attempt=attempt, progress=rows)
+    speed = ("tuneq_scoring_rows_per_second", labels(job=scoring.id))
+    assert metric_samples(dashboard)[speed] == 40
+    store.mark_failed(engine, job_id=scoring.id, attempt=attempt, error="lost")
+    store.requeue_job(engine, job_id=scoring.id, from_statuses=["failed"],
+                      to_status=JobStatus.queued, reason="retried")  # fmt: skip
+    assert metric_samples(dashboard)[oldest] < 100
 
 
 ACTIONS = [
@@ -284,3 +316,33 @@ def test_names_and_errors_are_text_not_markup(env: dict[str, str], dashboard: Te
     report = dashboard.get(f"/jobs/{job.id}/report")
     assert report.status_code == 200 and "<script>alert" not in report.text
     assert "default-src 'none'" in report.headers["content-security-policy"]
+
+
+def test_requests_for_another_host_name_are_refused(
+    env: dict[str, str], dashboard: TestClient
+) -> None:
+    """A page whose own name was made to resolve to this machine (DNS rebinding) sends its
+    name as Host: it reads nothing and acts on nothing."""
+    engine = get_engine(env["TUNEQ_DATABASE_URL"])
+    waiting = store.create_job(engine, spec=finetune_spec("later"))
+    rebound = {"host": "evil.example:8600"}
+    assert dashboard.get("/api/jobs", headers=rebound).status_code == 400
+    assert dashboard.get("/metrics", headers=rebound).status_code == 400
+    cancel = f"/api/jobs/{waiting.id}/cancel"
+    acted = dashboard.post(cancel, headers={**rebound, "origin": "http://evil.example:8600",
+                                            "x-tuneq-token": TOKEN})  # fmt: skip
+    assert acted.status_code == 400
+    assert store.get_job(engine, waiting.id).status == "queued"
+    # Behind a proxy that rewrites Host, the page's origin is the proxy's public name.
+    proxied = {"host": "127.0.0.1:8600", "origin": "https://tuneq.example.com",
+               "x-tuneq-token": TOKEN}  # fmt: skip
+    assert dashboard.post(cancel, headers=proxied).json() == {"cancelled": waiting.id}
+
+
+def test_only_loopback_and_the_named_hosts_are_allowed() -> None:
+    from tuneq.ui.guard import allowed_hosts
+
+    assert allowed_hosts("127.0.0.1", ()) == ["127.0.0.1", "::1", "localhost"]
+    assert "tuneq.example.com" in allowed_hosts("127.0.0.1", ("tuneq.example.com",))
+    everywhere = allowed_hosts("0.0.0.0", ())
+    assert socket.gethostname().lower() in everywhere and "evil.example" not in everywhere

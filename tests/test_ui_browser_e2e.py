@@ -223,6 +223,10 @@ def test_the_dashboard_shows_the_queue_live_and_guards_its_actions(
     error = page.locator("#error").text_content() or ""
     assert HOSTILE in error and page.locator("main img").count() == 0
     assert page.dialogs == []
+    # A page whose data no longer changes is not redrawn (an open traceback stays open).
+    page.evaluate("document.querySelector('#content dl').dataset.mark = 'kept'")
+    time.sleep(4)  # two polls
+    assert page.evaluate("document.querySelector('#content dl').dataset.mark") == "kept"
 
     page.goto(f"{dashboard_url}/jobs")
     page.wait_for_selector("#jobs tbody tr")

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -23,7 +24,7 @@ from tuneq.schemas.errors import JobNotFound, JobStateError, ModelNotFound, Tune
 from tuneq.schemas.settings import Settings
 from tuneq.schemas.specs import parse_spec
 from tuneq.schemas.tables import JobStatus
-from tuneq.ui.guard import Refused, check_action
+from tuneq.ui.guard import Refused, allowed_hosts, check_action
 from tuneq.ui.metrics import metrics_text, queue_registry
 from tuneq.worker import store
 from tuneq.worker.store.db import get_engine
@@ -42,13 +43,17 @@ from tuneq.worker.views.report import build_report
 from tuneq.worker.views.sweep import compare_rows, ranking, varied_fields
 
 HERE = Path(__file__).parent
+LOOPBACK = "127.0.0.1"
 PAGE_LIMIT = 200  # jobs a list answers with unless asked for more
 # Pages run only our own script and style; the reports add inline styles and images.
 PAGE_POLICY = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
 )
-REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+REPORT_POLICY = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'; "
+    "base-uri 'none'; form-action 'none'"
+)
 PAGES = {
     "/": ("queue", "Queue"),
     "/jobs": ("jobs", "Jobs"),
@@ -58,10 +63,14 @@ PAGES = {
 }
 
 
-def create_app(settings: Settings, *, token: str, engine: Engine | None = None) -> Starlette:
-    """The dashboard over ``settings.database_url``; actions need ``token``."""
+def create_app(
+    settings: Settings, *, token: str, engine: Engine | None = None, listen_host: str = LOOPBACK
+) -> Starlette:
+    """The dashboard over ``settings.database_url``, listening on ``listen_host``; actions
+    need ``token``."""
     db = engine or get_engine(settings.database_url)
     interval_s = settings.reap_interval_s
+    public = settings.ui_hosts
     templates = Jinja2Templates(directory=HERE / "templates")  # autoescapes .html
     registry = queue_registry(db, interval_s=interval_s)
 
@@ -143,7 +152,7 @@ def create_app(settings: Settings, *, token: str, engine: Engine | None = None) 
     def retry(request: Request, body: dict[str, Any]) -> dict[str, Any]:
         from tuneq.worker.jobs.submit import retry as retry_job
 
-        again = retry_job(settings, request.path_params["key"], resume=bool(body.get("resume")))
+        again = retry_job(settings, request.path_params["key"], resume=body.get("resume") is True)
         return {"queued": again.id}
 
     def tag(request: Request, body: dict[str, Any]) -> dict[str, Any]:
@@ -172,19 +181,21 @@ def create_app(settings: Settings, *, token: str, engine: Engine | None = None) 
         Route("/api/overview", read(overview)),
         Route("/api/queue", read(lambda r: overview(r)["queue"])),
         Route("/api/jobs", read(jobs)),
-        Route("/api/jobs", action(submit, token), methods=["POST"]),
+        Route("/api/jobs", action(submit, token, public), methods=["POST"]),
         Route("/api/jobs/{key}", read(job)),
-        Route("/api/jobs/{key}/cancel", action(cancel, token), methods=["POST"]),
-        Route("/api/jobs/{key}/retry", action(retry, token), methods=["POST"]),
+        Route("/api/jobs/{key}/cancel", action(cancel, token, public), methods=["POST"]),
+        Route("/api/jobs/{key}/retry", action(retry, token, public), methods=["POST"]),
         Route("/api/groups", read(lambda r: list_groups(db))),
         Route("/api/groups/{key}", read(group)),
         Route("/api/models", read(models)),
-        Route("/api/models/{key}/tags", action(tag, token), methods=["POST"]),
+        Route("/api/models/{key}/tags", action(tag, token, public), methods=["POST"]),
         Route("/api/workers", read(workers)),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     app = Starlette(routes=routes)
     app.add_middleware(SecurityHeaders)
+    hosts = allowed_hosts(listen_host, settings.ui_hosts)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=["*"] if "*" in hosts else hosts)
     return app
 
 
@@ -231,14 +242,14 @@ def read(build: Callable[[Request], Any]) -> Callable[[Request], Response]:
 
 
 def action(
-    run: Callable[[Request, dict[str, Any]], dict[str, Any]], token: str
+    run: Callable[[Request, dict[str, Any]], dict[str, Any]], token: str, public: tuple[str, ...]
 ) -> Callable[[Request], Any]:
     """A POST endpoint that checks origin and token before it reads the body or does
     anything; the body is JSON, or YAML for a job file."""
 
     async def endpoint(request: Request) -> Response:
         try:
-            check_action(request, token)
+            check_action(request, token, public)
         except Refused as refused:
             return JSONResponse({"error": refused.reason}, status_code=refused.status)
         try:

@@ -40,9 +40,10 @@ class QueueCollector(Collector):  # type: ignore[misc]
         self.interval_s = interval_s
 
     def collect(self) -> Iterator[Metric]:
+        processes = self.processes()  # read once per scrape (scrapes may run side by side)
         yield self.jobs()
-        yield from self.waiting()
-        yield self.workers()
+        yield from self.waiting(processes)
+        yield self.workers(processes)
         yield from self.speeds()
         yield self.durations()
 
@@ -55,33 +56,44 @@ class QueueCollector(Collector):  # type: ignore[misc]
             family.add_metric([status, kind, queue], count)
         return family
 
-    def waiting(self) -> Iterator[Metric]:
+    def waiting(self, processes: dict[tuple[str, str], int]) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
-            "tuneq_queue_waiting_jobs", "Jobs waiting to be claimed, per queue.", labels=["queue"]
+            "tuneq_queue_waiting_jobs",
+            "Jobs waiting to be claimed, per queue (0 for a queue live workers listen on).",
+            labels=["queue"],
         )
         age = GaugeMetricFamily(
             "tuneq_queue_oldest_waiting_seconds",
-            "Age of the oldest waiting job, per queue (absent when none waits).",
+            "How long the longest-waiting job of each queue has waited since it was queued "
+            "(absent when none waits).",
             labels=["queue"],
         )
         now = utcnow()
-        for wait in stats.queue_waits(self.engine):
-            depth.add_metric([wait.queue], wait.waiting)
-            age.add_metric([wait.queue], (now - wait.oldest_created_at).total_seconds())
+        waits = {wait.queue: wait for wait in stats.queue_waits(self.engine)}
+        for queue in sorted({*waits, *(q for q, _ in processes)}):
+            wait = waits.get(queue)
+            depth.add_metric([queue], wait.waiting if wait else 0)
+            if wait:
+                age.add_metric([queue], (now - wait.oldest_since).total_seconds())
         yield depth
         yield age
 
-    def workers(self) -> Metric:
-        family = GaugeMetricFamily(
-            "tuneq_live_workers", "Live worker processes listening, per queue and device.",
-            labels=["queue", "device"],
-        )  # fmt: skip
+    def processes(self) -> dict[tuple[str, str], int]:
+        """Live worker processes per (queue, device)."""
         counts: dict[tuple[str, str], int] = {}
         for live in live_workers(self.engine, interval_s=self.interval_s):
             for queue in live.worker.queues:
                 key = (queue, live.worker.device)
-                counts[key] = counts.get(key, 0) + 1
-        for (queue, device), count in sorted(counts.items()):
+                counts[key] = counts.get(key, 0) + live.worker.concurrency
+        return counts
+
+    def workers(self, processes: dict[tuple[str, str], int]) -> Metric:
+        family = GaugeMetricFamily(
+            "tuneq_live_workers",
+            "Live worker processes (each worker's --concurrency) per queue and device.",
+            labels=["queue", "device"],
+        )
+        for (queue, device), count in sorted(processes.items()):
             family.add_metric([queue, device], count)
         return family
 
@@ -101,7 +113,9 @@ class QueueCollector(Collector):  # type: ignore[misc]
 
     def durations(self) -> Metric:
         family = HistogramMetricFamily(
-            "tuneq_job_duration_seconds", "Seconds from start to end of finished jobs.",
+            "tuneq_job_duration_seconds",
+            "Seconds from start to end of finished jobs, recounted from the database at each "
+            "scrape (a retried job leaves it until it ends again).",
             labels=["kind", "status"],
         )  # fmt: skip
         for durations in stats.finished_durations(self.engine, DURATION_BUCKETS):

@@ -25,9 +25,14 @@ function h(tag, attrs, ...children) {
   return node;
 }
 
+let fetched = [];  // the bodies this refresh read: unchanged ones leave the page as it is
+
 async function api(path) {
   const answer = await fetch(path, { headers: { accept: "application/json" } });
-  const data = await answer.json().catch(() => ({}));
+  const text = await answer.text();
+  fetched.push(text);
+  let data = {};
+  try { data = JSON.parse(text); } catch (error) { /* an error page: its status says */ }
   if (!answer.ok) throw new Error(data.error || answer.statusText);
   return data;
 }
@@ -209,7 +214,7 @@ const PAGES = {
     const running = data.queue.filter((e) => !e.position);
     const waiting = data.queue.filter((e) => e.position);
     const cards = running.map((e) => {
-      const job = data.jobs[e.job] || { id: e.job, spec: {} };
+      const job = data.jobs[e.job] || { id: e.job, spec: {}, status: "running", queue: e.queue };
       const card = h("div", { class: "card", "data-job": job.id },
         h("div", {}, jobLink(job.id), " ", h("span", { class: "muted" }, job.kind), " ",
           job.spec.name ? h("strong", {}, job.spec.name) : "", " ", status(job.status)),
@@ -279,7 +284,9 @@ const PAGES = {
         ["phases", m.phases ? Object.entries(m.phases).map(([k, v]) => `${k} ${v.toFixed(1)}s`).join(", ") : null],
       ]));
       const perClass = m.per_class || {};
-      const names = Object.keys(perClass);
+      // The model's label order (JavaScript would put names like "10" before "x").
+      const labels = (job.model && job.model.labels) || [];
+      const names = labels.length === Object.keys(perClass).length ? labels : Object.keys(perClass);
       if (names.length) {
         parts.push(h("h2", {}, "Per class"), table(["label", "precision", "recall", "f1", "support"],
           names.map((n) => ({ cells: [n, num(perClass[n].precision), num(perClass[n].recall),
@@ -355,12 +362,19 @@ const PAGES = {
 
 let busy = false;
 let failing = false;  // the notice shows a failed refresh, to clear once one works again
-async function refresh() {
+let shown = null;  // what the page shows now, as the API bodies it was drawn from
+async function refresh(force) {
   if (busy || document.hidden) return;
   busy = true;
   try {
+    fetched = [];
     const nodes = await PAGES[PAGE]();
-    document.getElementById("content").replaceChildren(...[nodes].flat());
+    const drawn = fetched.join("\n");
+    // Redrawing unchanged data would close an open traceback and drop a selection.
+    if (force === true || drawn !== shown) {
+      document.getElementById("content").replaceChildren(...[nodes].flat());
+      shown = drawn;
+    }
     if (failing) notice("");
     failing = false;
   } catch (error) {
@@ -410,7 +424,7 @@ function wire() {
     filters.addEventListener("input", () => {
       const query = new URLSearchParams([...new FormData(filters)].filter(([, v]) => v));
       history.replaceState(null, "", `?${query}`);
-      refresh();
+      refresh(true);
     });
   }
 }

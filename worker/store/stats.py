@@ -12,14 +12,14 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, case, func, select
 
-from tuneq.schemas.tables import FINISHED, WAITING, Job, JobStatus, aware, values
+from tuneq.schemas.tables import FINISHED, WAITING, Job, JobEvent, JobStatus, aware, values
 
 
 @dataclass(frozen=True)
 class QueueWait:
     queue: str
     waiting: int
-    oldest_created_at: datetime
+    oldest_since: datetime
 
 
 def job_counts(engine: Engine) -> list[tuple[str, str, str, int]]:
@@ -32,10 +32,24 @@ def job_counts(engine: Engine) -> list[tuple[str, str, str, int]]:
 
 
 def queue_waits(engine: Engine) -> list[QueueWait]:
-    """Per queue with waiting jobs: how many wait, and when the oldest of them was queued."""
+    """Per queue with waiting jobs: how many wait, and since when the longest-waiting one
+    has (its latest ``queued`` or ``retrying`` event: a retried week-old job waits since its
+    retry; one whose message was published again, since it was first queued)."""
+    waiting = Job.status.in_(values(WAITING))
+    entered = (
+        select(JobEvent.job_id, func.max(JobEvent.at).label("at"))
+        .where(
+            JobEvent.kind.in_([JobStatus.queued.value, JobStatus.retrying.value]),
+            JobEvent.job_id.in_(select(Job.id).where(waiting)),
+        )
+        .group_by(JobEvent.job_id)
+        .subquery()
+    )
     query = (
-        select(Job.queue, func.count(), func.min(Job.created_at))
-        .where(Job.status.in_(values(WAITING)))
+        select(Job.queue, func.count(), func.min(func.coalesce(entered.c.at, Job.created_at)))
+        .select_from(Job)
+        .outerjoin(entered, entered.c.job_id == Job.id)
+        .where(waiting)
         .group_by(Job.queue)
     )
     with engine.connect() as conn:
