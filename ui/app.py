@@ -94,6 +94,9 @@ def create_app(
             "jobs": {job.id: job_json(job) for job in active},
         }
 
+    def queue(request: Request) -> list[dict[str, Any]]:
+        return [estimate_json(e) for e in queue_estimates(db, interval_s=interval_s)]
+
     def jobs(request: Request) -> list[dict[str, Any]]:
         query = request.query_params
         status = query.get("status") or None
@@ -179,7 +182,7 @@ def create_app(
         Route("/groups/{key}/report", read(report)),
         Route("/metrics", metrics),
         Route("/api/overview", read(overview)),
-        Route("/api/queue", read(lambda r: overview(r)["queue"])),
+        Route("/api/queue", read(queue)),
         Route("/api/jobs", read(jobs)),
         Route("/api/jobs", action(submit, token, public), methods=["POST"]),
         Route("/api/jobs/{key}", read(job)),
