@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SHARED_DATA, machine  # noqa: E402
+from common import RESULTS, SHARED_DATA, cpu_model, machine  # noqa: E402
 
 RESULTS_FILE = RESULTS / "quality.json"
 GRID = {"learning_rate": [5e-5, 1e-4, 2e-4], "epochs": [1, 3]}
@@ -146,15 +146,26 @@ def fine_tune(data: dict[str, Any], settings: dict[str, Any], seed: int) -> dict
     nothing)."""
     from tuneq.schemas.errors import TrainingDiverged
     from tuneq.schemas.specs import FinetuneSpec
+    from tuneq.worker.ml.device import training_bf16
     from tuneq.worker.ml.finetune import finetune
 
     spec = FinetuneSpec(model="minilm", seed=seed, checkpoint_steps=None, **data, **settings)
+    # The defaults train under bf16 autocast where the CPU computes bf16 (AMX, AVX512-BF16) and
+    # in fp32 elsewhere: each run says which, and on what.
+    ran_on = {
+        "cpu": cpu_model(),
+        "training_precision": "bf16" if training_bf16(spec.precision) else "fp32",
+    }
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         try:
             result = finetune(spec, Path(out))
         except TrainingDiverged as exc:
-            return {"diverged": str(exc), "wall_s": round(time.perf_counter() - started, 1)}
+            return {
+                "diverged": str(exc),
+                "wall_s": round(time.perf_counter() - started, 1),
+                **ran_on,
+            }
     metrics = result.metrics
     if spec.task == "regression":
         headline = {k: round(metrics[k], 4) for k in ("mae", "rmse", "spearman", "constant_mae")}
@@ -174,6 +185,7 @@ def fine_tune(data: dict[str, Any], settings: dict[str, Any], seed: int) -> dict
         "eval_rows": metrics["data"]["eval_rows"],
         "train_s": result.phases.get("train"),
         "wall_s": round(time.perf_counter() - started, 1),
+        **ran_on,
     }
 
 
@@ -198,7 +210,7 @@ def commit() -> str:
 
 def run(sets: list[DataSet], seeds: int | None, only: str | None, rerun: bool) -> None:
     results = load_results()
-    results["machine"] = machine()
+    results.setdefault("machines", {})[cpu_model()] = machine()
     results["grid"] = GRID
     done = {run_key(r["set"], r["seed"], r["settings"]) for r in results["runs"]}
     with tempfile.TemporaryDirectory() as work:
@@ -264,6 +276,7 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "grid_points": len(grid),
                 "grid_complete": complete,
                 "seeds_compared": sorted({r["seed"] for r in runs}),
+                "ran_on": sorted({ran_on(r) for r in runs}),
                 "gap_points": round(100 * (grid[best_key][headline] - defaults[headline]), 2)
                 if best_key and defaults and defaults["seeds"]
                 else None,
@@ -290,6 +303,13 @@ def comparable_runs(runs: list[dict[str, Any]], name: str) -> tuple[list[dict[st
     return [r for r in runs if r["seed"] in seeds], True
 
 
+def ran_on(run: dict[str, Any]) -> str:
+    """Where a run trained, in a few words: the processor's make and the training precision."""
+    cpu = run.get("cpu", "?")
+    make = "Xeon" if "Xeon" in cpu else "EPYC" if "EPYC" in cpu else cpu
+    return f"{make} {run.get('training_precision', '?')}"
+
+
 def mean_of(group: list[dict[str, Any]]) -> dict[str, Any]:
     learned = [r for r in group if "diverged" not in r]
     out: dict[str, Any] = {"seeds": len(learned), "diverged": len(group) - len(learned)}
@@ -306,8 +326,8 @@ def table(results: dict[str, Any]) -> str:
     for regression (its MAE in the accuracy column)."""
     lines = [
         "| set | defaults: macro-F1 or Spearman (spread) | accuracy or MAE | ECE → calibrated "
-        "| best grid run | its score | gap (points) | seeds | grid | wall s |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---|---:|",
+        "| best grid run | its score | gap (points) | seeds | grid | wall s | trained on |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---|---:|---|",
     ]
     for row in summarise(results):
         d, b = row["defaults"] or {}, row["best_grid"] or {}
@@ -321,7 +341,7 @@ def table(results: dict[str, Any]) -> str:
             f"| {best} | {fmt(b.get(key))} | {fmt(row['gap_points'], 2)} "
             f"| {d.get('seeds', 0)} "
             f"| {'all 6' if row['grid_complete'] else str(row['grid_points']) + ' of 6'} "
-            f"| {fmt(d.get('wall_s'), 0)} |"
+            f"| {fmt(d.get('wall_s'), 0)} | {', '.join(row['ran_on'])} |"
         )
     return "\n".join(lines)
 
