@@ -28,7 +28,8 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy schemas worker cli ui
 
-# The whole suite on SQLite, then again (all but the minutes-long real-model test) on PostgreSQL.
+# The whole suite on SQLite, then its database tests (but the minutes-long real-model ones) on
+# PostgreSQL; tests/conftest.py deselects the rest there.
 test: install lint
 	$(BIN)/pytest
 	TUNEQ_DATABASE_URL=$(PG_TEST_URL) $(BIN)/pytest -m "not slow"

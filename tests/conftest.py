@@ -138,6 +138,24 @@ def postgres_database(base_url: str) -> Iterator[str]:
         admin.dispose()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With TUNEQ_DATABASE_URL=postgresql://… (the second pass of `make test`) run only the tests
+    that use the database the suite runs on (the ``database_url`` fixture, which ``env`` uses):
+    every other test runs the same code as in the SQLite pass."""
+    if not OUTER_DATABASE_URL.startswith("postgres"):
+        return
+    others = [item for item in items if "database_url" not in getattr(item, "fixturenames", ())]
+    if others:
+        config.hook.pytest_deselected(items=others)
+        items[:] = [item for item in items if item not in others]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if OUTER_DATABASE_URL.startswith("postgres"):
+        return "database: PostgreSQL; tests that do not use the database are deselected"
+    return "database: SQLite (TUNEQ_DATABASE_URL=postgresql://… runs the database tests there)"
+
+
 @pytest.fixture
 def database_url(tmp_path: Path) -> Iterator[str]:
     """SQLite in the test's folder, or a fresh PostgreSQL database when the suite runs with
