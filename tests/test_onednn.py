@@ -39,6 +39,16 @@ def test_a_packed_layer_takes_a_strided_input() -> None:
         torch.testing.assert_close(PackedLinear(linear, torch.float32)(x), linear(x))
 
 
+def test_a_layer_with_gelu_computes_gelu_of_linear() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(384, 1536)
+    x = torch.randn(3, 50, 384)
+    with torch.inference_mode():
+        expected = torch.nn.functional.gelu(linear(x))
+        got = PackedLinear(linear, torch.float32, gelu=True)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
 def test_a_bf16_layer_computes_what_autocast_computes() -> None:
     if not available(torch.bfloat16):
         pytest.skip("this CPU has no bf16 for oneDNN")  # fp32 is what CI needs from this file
@@ -60,6 +70,10 @@ def test_a_packed_classifier_gives_the_same_probabilities(trained_tiny_model: Pa
     packed = copy.deepcopy(model)
     assert pack_linear_layers(packed, torch.float32) == linears > 0
     assert not any(type(m) is torch.nn.Linear for m in packed.modules())
+    # each feed-forward block's GELU is folded into its first product
+    fused = [m for m in packed.modules() if isinstance(m, PackedLinear) and m.gelu]
+    assert len(fused) == model.config.num_hidden_layers
+    assert not any(type(m).__name__ == "GELUActivation" for m in packed.modules())
 
     tokenizer = AutoTokenizer.from_pretrained(trained_tiny_model)
     texts = ["superb loved it", "awful dull worst of the year", "brilliant moving film", "hated"]
@@ -78,3 +92,5 @@ def test_scoring_on_the_cpu_loads_packed_layers(trained_tiny_model: Path) -> Non
         layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
         assert layers and all(m.dtype == dtype for m in layers)
         assert not any(type(m) is torch.nn.Linear for m in model.modules())
+        # in bf16 the whole model is bf16 (embeddings, LayerNorm): no casts around each op
+        assert {p.dtype for p in model.parameters()} <= {dtype}

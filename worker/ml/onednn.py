@@ -32,11 +32,12 @@ class PackedLinear(torch.nn.Module):
     Inputs of another dtype are cast first, as autocast would cast them for ``nn.Linear``; the
     weight is no longer a parameter (inference only, no gradients)."""
 
-    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype) -> None:
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype, gelu: bool = False) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.dtype = dtype
+        self.gelu = gelu  # the exact (erf) GELU fused into the product, as oneDNN's post-op
         weight = linear.weight.detach().to(dtype)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
@@ -44,12 +45,19 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
+        if self.gelu:
+            return torch.ops.mkldnn._linear_pointwise(
+                x.contiguous(), self.packed, self.bias, "gelu", [], "none"
+            )
         return torch.ops.mkldnn._linear_pointwise(
             x.contiguous(), self.packed, self.bias, "none", [], ""
         )
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.dtype}"
+        gelu = ", gelu" if self.gelu else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {self.dtype}{gelu}"
+        )
 
 
 def pack_linear_layers(model: Any, dtype: torch.dtype) -> int:
@@ -63,4 +71,28 @@ def pack_linear_layers(model: Any, dtype: torch.dtype) -> int:
             if type(child) is torch.nn.Linear and child.weight.device.type == "cpu":
                 setattr(parent, name, PackedLinear(child, dtype))
                 replaced += 1
+        fuse_gelu(parent)
     return replaced
+
+
+def fuse_gelu(block: torch.nn.Module) -> bool:
+    """Fold a BERT-family feed-forward block's activation (``dense`` then
+    ``intermediate_act_fn``, the exact GELU) into its packed product: the activation then costs
+    a pass over the layer's output inside oneDNN instead of a separate kernel over the widest
+    tensor in the model (8 % of bf16 scoring time on the Xeon, by profile)."""
+    dense, act = getattr(block, "dense", None), getattr(block, "intermediate_act_fn", None)
+    if not isinstance(dense, PackedLinear) or dense.gelu or not exact_gelu(act):
+        return False
+    dense.gelu = True
+    block.intermediate_act_fn = torch.nn.Identity()
+    return True
+
+
+def exact_gelu(module: Any) -> bool:
+    """Whether ``module`` is the erf GELU (Transformers' ``GELUActivation`` or
+    ``nn.GELU()``), not the tanh approximation or another activation."""
+    if isinstance(module, torch.nn.GELU):
+        return module.approximate == "none"
+    return type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is (
+        torch.nn.functional.gelu
+    )
