@@ -85,16 +85,16 @@ def onnxruntime_session(path: Path, threads: int) -> Any:
     return lambda feed: runner.run(["logits"], feed)[0]
 
 
-def openvino_session(path: Path, threads: int) -> Any:
-    """The same on OpenVINO's CPU plugin, latency mode, fp32 inference precision (its default
-    on a CPU with bf16 would be bf16; fp32 keeps it comparable to ORT's fp32)."""
+def openvino_session(path: Path, threads: int, precision: str = "f32") -> Any:
+    """The same on OpenVINO's CPU plugin, latency mode, in ``precision`` (f32, or bf16: its
+    default on a CPU that computes bf16, and its fastest mode there)."""
     import openvino as ov
 
     core = ov.Core()
     compiled = core.compile_model(
         str(path),
         "CPU",
-        {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"},
+        {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision},
     )
     request = compiled.create_infer_request()
     return lambda feed: request.infer(feed)[compiled.output(0)]
@@ -104,16 +104,16 @@ SESSIONS = {"onnxruntime": onnxruntime_session, "openvino": openvino_session}
 
 
 def classify(
-    engine: str, path: Path, folder: str, texts: list[str], threads: int
+    engine: str, path: Path, folder: str, texts: list[str], threads: int, **options: str
 ) -> tuple[list[int], float]:
     """Label ids for ``texts`` in order, and the seconds it took (tokenizing included, the
-    session built and warmed up before)."""
+    session built and warmed up before); ``options`` go to the engine's session."""
     from transformers import AutoTokenizer
 
     from tuneq.worker.ml.predict import CPU_BATCH_TOKENS, length_batches
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    run = SESSIONS[engine](path, threads)
+    run = SESSIONS[engine](path, threads, **options)
 
     def feed(padded: Any) -> dict[str, np.ndarray]:
         ids = padded["input_ids"].astype(np.int64)

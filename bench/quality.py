@@ -4,12 +4,18 @@ learning-rate x epochs grid, on real data sets, with the packaged MiniLM.
     HF_HUB_OFFLINE=1 .venv/bin/python bench/quality.py                 # every set, as planned
     .venv/bin/python bench/quality.py --sets uci-yelp,sst2-1k --seeds 1
     .venv/bin/python bench/quality.py --table                          # the README's table
+    .venv/bin/python bench/quality.py --compare attention_dropout=0    # a change, paired
 
 Runs are added to ``bench/results/quality.json`` one by one as they end, so an interrupted
 benchmark goes on where it stopped; a run already in the file (same set, seed and settings) is
 not repeated unless ``--rerun``. Each run calls the work function ``finetune`` directly (no
 queue), with the set's rows and the settings under test, and records accuracy, macro-F1, the
 calibration error before and after temperature scaling, how training ended, and wall time.
+
+``--compare FIELD=VALUE`` weighs one change to the defaults (a spec field, such as attention
+dropout) on every set: for each set and seed it runs the defaults and the changed defaults one
+after the other, on the same machine and split, and keeps the pair in
+``bench/results/quality_compare.json``; ``--table`` then prints the paired differences too.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, SHARED_DATA, cpu_model, machine  # noqa: E402
 
 RESULTS_FILE = RESULTS / "quality.json"
+COMPARE_FILE = RESULTS / "quality_compare.json"
 GRID = {"learning_rate": [5e-5, 1e-4, 2e-4], "epochs": [1, 3]}
 HEADLINE = "macro_f1"
 
@@ -189,17 +196,17 @@ def fine_tune(data: dict[str, Any], settings: dict[str, Any], seed: int) -> dict
     }
 
 
-def load_results() -> dict[str, Any]:
-    if RESULTS_FILE.is_file():
-        return json.loads(RESULTS_FILE.read_text())
+def load_results(path: Path = RESULTS_FILE) -> dict[str, Any]:
+    if path.is_file():
+        return json.loads(path.read_text())
     return {"runs": []}
 
 
-def save_results(results: dict[str, Any]) -> None:
+def save_results(results: dict[str, Any], path: Path = RESULTS_FILE) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    staging = RESULTS_FILE.with_suffix(".json.tmp")
+    staging = path.with_suffix(".json.tmp")
     staging.write_text(json.dumps(results, indent=1) + "\n")
-    staging.replace(RESULTS_FILE)
+    staging.replace(path)
 
 
 def commit() -> str:
@@ -246,6 +253,87 @@ def run(sets: list[DataSet], seeds: int | None, only: str | None, rerun: bool) -
                         }
                     )
                     save_results(results)
+
+
+def parse_change(text: str) -> dict[str, Any]:
+    """``FIELD=VALUE`` as a spec override; the value is read as JSON where it parses (numbers,
+    true/false), else kept as text."""
+    from tuneq.schemas.specs import FinetuneSpec
+
+    name, _, value = text.partition("=")
+    if not value or name not in FinetuneSpec.model_fields:
+        raise SystemExit(f"--compare wants FIELD=VALUE with a fine-tune spec field, not {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return {name: parsed}
+
+
+def compare(sets: list[DataSet], seeds: int | None, change: dict[str, Any], rerun: bool) -> None:
+    """The defaults and the defaults with ``change``, run back to back per set and seed."""
+    results = load_results(COMPARE_FILE)
+    results.setdefault("machines", {})[cpu_model()] = machine()
+    label = json.dumps(change, sort_keys=True)
+    done = {run_key(r["set"], r["seed"], r["change"]) for r in results["runs"]}
+    with tempfile.TemporaryDirectory() as work:
+        for data_set in sets:
+            data = dict(data_set.fields)
+            if data_set.prepare:
+                data.update(globals()[data_set.prepare](Path(work), data))
+            for seed in range(seeds or data_set.seeds):
+                key = run_key(data_set.name, seed, change)
+                if key in done and not rerun:
+                    continue
+                print(f"{data_set.name} seed {seed}: defaults, then {label} ...", flush=True)
+                pair = {
+                    "defaults": fine_tune(data, {}, seed),
+                    "changed": fine_tune(data, change, seed),
+                }
+                print(f"  {pair}", flush=True)
+                results["runs"] = [
+                    r for r in results["runs"] if run_key(r["set"], r["seed"], r["change"]) != key
+                ]
+                results["runs"].append(
+                    {
+                        "set": data_set.name,
+                        "seed": seed,
+                        "change": change,
+                        "commit": commit(),
+                        **pair,
+                    }
+                )
+                save_results(results, COMPARE_FILE)
+
+
+def compare_table(results: dict[str, Any]) -> str:
+    """Per change and set: the headline metric of the defaults and of the changed defaults
+    (means over the same seeds), the difference, and the training time of each."""
+    lines = [
+        "| change | set | defaults | changed | difference (points) | seeds | train s: defaults "
+        "→ changed | trained on |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    by_set = {s.name: s for s in SETS}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results.get("runs", []):
+        if "diverged" in r["defaults"] or "diverged" in r["changed"]:
+            continue
+        groups.setdefault((json.dumps(r["change"], sort_keys=True), r["set"]), []).append(r)
+    for (label, name), pairs in sorted(
+        groups.items(), key=lambda g: (g[0][0], [s.name for s in SETS].index(g[0][1]))
+    ):
+        key = "spearman" if "mae" in pairs[0]["defaults"] else HEADLINE
+        a = statistics.fmean(p["defaults"][key] for p in pairs)
+        b = statistics.fmean(p["changed"][key] for p in pairs)
+        ta = statistics.fmean(p["defaults"]["train_s"] for p in pairs)
+        tb = statistics.fmean(p["changed"]["train_s"] for p in pairs)
+        where = sorted({ran_on(p["defaults"]) for p in pairs})
+        lines.append(
+            f"| {label} | {by_set[name].what} | {fmt(a)} | {fmt(b)} | {fmt(100 * (b - a), 2)} "
+            f"| {len(pairs)} | {ta:.0f} → {tb:.0f} | {', '.join(where)} |"
+        )
+    return "\n".join(lines)
 
 
 def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -356,20 +444,32 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, help="seeds per set (default: the set's own)")
     parser.add_argument("--only", choices=["defaults", "grid"], help="run only these settings")
     parser.add_argument("--rerun", action="store_true", help="repeat runs already recorded")
-    parser.add_argument("--table", action="store_true", help="print the README table and exit")
+    parser.add_argument("--table", action="store_true", help="print the README tables and exit")
+    parser.add_argument(
+        "--compare",
+        metavar="FIELD=VALUE",
+        help="run the defaults and the defaults with this change, paired, on every set",
+    )
     args = parser.parse_args()
     if args.table:
         results = load_results()
         results["summary"] = summarise(results)
         save_results(results)
         print(table(results))
+        if COMPARE_FILE.is_file():
+            print()
+            print(compare_table(load_results(COMPARE_FILE)))
         return
     names = args.sets.split(",") if args.sets else [s.name for s in SETS]
     unknown = set(names) - {s.name for s in SETS}
     if unknown:
         parser.error(f"unknown sets {sorted(unknown)}; known: {[s.name for s in SETS]}")
     by_name = {s.name: s for s in SETS}
-    run([by_name[name] for name in names], args.seeds, args.only, args.rerun)
+    chosen = [by_name[name] for name in names]
+    if args.compare:
+        compare(chosen, args.seeds, parse_change(args.compare), args.rerun)
+    else:
+        run(chosen, args.seeds, args.only, args.rerun)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,8 @@ def engine_runs(
     folder: str, texts: list[str], work: Path, id2label: dict[int, str]
 ) -> dict[str, dict[str, Any]]:
     """The model on ONNX Runtime (fp32, and its int8 dynamic quantization) and on OpenVINO (the
-    same two ONNX files), where they are installed: rows/s and labels."""
+    same two ONNX files, and bf16 where the CPU has it), where they are installed: rows/s and
+    labels."""
     import torch
 
     installed = [e for e in ("onnxruntime", "openvino") if engines.available(e)]
@@ -128,21 +129,27 @@ def engine_runs(
         print("onnxruntime is not installed (pip install -e '.[bench]'): no engine runs")
         return {}
     files = dict(zip(("fp32", "int8"), engines.export(folder, work), strict=True))
+    # Each engine's modes: the ONNX file it runs and its session's options. OpenVINO also runs
+    # the fp32 file in bf16 where the CPU computes bf16 (its own default there).
+    modes: list[tuple[str, str, Path, dict[str, str]]] = [
+        (engine, mode, path, {}) for engine in installed for mode, path in files.items()
+    ]
+    if "openvino" in installed and "bf16" in timed_dtypes():
+        modes.append(("openvino", "bf16", files["fp32"], {"precision": "bf16"}))
     runs = {}
-    for engine in installed:
-        for mode, path in files.items():
-            try:
-                ids, seconds = engines.classify(
-                    engine, path, folder, texts, torch.get_num_threads()
-                )
-            except Exception as exc:  # an engine that cannot run a file: say so, go on
-                runs[f"{engine}_{mode}"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-                continue
-            runs[f"{engine}_{mode}"] = {
-                "rows_per_s": len(texts) / seconds,
-                "seconds": seconds,
-                "labels": [id2label[i] for i in ids],
-            }
+    for engine, mode, path, options in modes:
+        try:
+            ids, seconds = engines.classify(
+                engine, path, folder, texts, torch.get_num_threads(), **options
+            )
+        except Exception as exc:  # an engine that cannot run a file: say so, go on
+            runs[f"{engine}_{mode}"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            continue
+        runs[f"{engine}_{mode}"] = {
+            "rows_per_s": len(texts) / seconds,
+            "seconds": seconds,
+            "labels": [id2label[i] for i in ids],
+        }
     return runs
 
 
@@ -276,7 +283,7 @@ def main() -> None:
             **run,
             "labels_agree_with_tuneq_fp32": agreement(labels, fp32_labels),
             "accuracy": agreement(labels, truth),
-            **rates(flops, run["seconds"], "fp32", ceiling),
+            **rates(flops, run["seconds"], "bf16" if name.endswith("bf16") else "fp32", ceiling),
         }
         print(name, runs[name], flush=True)
     ceiling_after = ceilings()
@@ -311,6 +318,7 @@ def main() -> None:
                 "onnxruntime_int8",
                 "openvino_fp32",
                 "openvino_int8",
+                "openvino_bf16",
             )
             if "rows_per_s" in runs.get(name, {})
         },
