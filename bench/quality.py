@@ -215,6 +215,14 @@ def commit() -> str:
     return out.stdout.strip() + ("+changes" if dirty else "")
 
 
+def set_fields(data_set: DataSet, work: Path) -> dict[str, Any]:
+    """The spec fields that select ``data_set``'s rows, its files prepared in ``work``."""
+    data = dict(data_set.fields)
+    if data_set.prepare:
+        data.update(globals()[data_set.prepare](work, data))
+    return data
+
+
 def run(sets: list[DataSet], seeds: int | None, only: str | None, rerun: bool) -> None:
     results = load_results()
     results.setdefault("machines", {})[cpu_model()] = machine()
@@ -222,9 +230,7 @@ def run(sets: list[DataSet], seeds: int | None, only: str | None, rerun: bool) -
     done = {run_key(r["set"], r["seed"], r["settings"]) for r in results["runs"]}
     with tempfile.TemporaryDirectory() as work:
         for data_set in sets:
-            data = dict(data_set.fields)
-            if data_set.prepare:
-                data.update(globals()[data_set.prepare](Path(work), data))
+            data = set_fields(data_set, Path(work))
             points = settings_list(GRID)
             if only == "defaults":
                 points = [p for p in points if p in ({}, default_point())]
@@ -278,9 +284,7 @@ def compare(sets: list[DataSet], seeds: int | None, change: dict[str, Any], reru
     done = {run_key(r["set"], r["seed"], r["change"]) for r in results["runs"]}
     with tempfile.TemporaryDirectory() as work:
         for data_set in sets:
-            data = dict(data_set.fields)
-            if data_set.prepare:
-                data.update(globals()[data_set.prepare](Path(work), data))
+            data = set_fields(data_set, Path(work))
             for seed in range(seeds or data_set.seeds):
                 key = run_key(data_set.name, seed, change)
                 if key in done and not rerun:
