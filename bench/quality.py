@@ -325,7 +325,7 @@ def compare_table(results: dict[str, Any]) -> str:
             continue
         groups.setdefault((json.dumps(r["change"], sort_keys=True), r["set"]), []).append(r)
     for (label, name), pairs in sorted(
-        groups.items(), key=lambda g: (g[0][0], [s.name for s in SETS].index(g[0][1]))
+        groups.items(), key=lambda g: (g[0][0], list(by_set).index(g[0][1]))
     ):
         key = "spearman" if "mae" in pairs[0]["defaults"] else HEADLINE
         a = statistics.fmean(p["defaults"][key] for p in pairs)

@@ -45,12 +45,9 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
-        if self.gelu:
-            return torch.ops.mkldnn._linear_pointwise(
-                x.contiguous(), self.packed, self.bias, "gelu", [], "none"
-            )
+        attr, algorithm = ("gelu", "none") if self.gelu else ("none", "")  # "none": erf GELU
         return torch.ops.mkldnn._linear_pointwise(
-            x.contiguous(), self.packed, self.bias, "none", [], ""
+            x.contiguous(), self.packed, self.bias, attr, [], algorithm
         )
 
     def extra_repr(self) -> str:
