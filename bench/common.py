@@ -155,6 +155,25 @@ def cpu_model() -> str:
     return cpu_info("model name") or platform.processor() or platform.machine()
 
 
+def cpu_name() -> str:
+    """The processor's model and the widest bf16 it computes natively: the model string alone
+    does not tell one machine from another ("AMD EPYC" has been both AVX2-only and
+    AVX512-BF16 here), and that is what sets a run's speed and training precision."""
+    flags = set(cpu_flags())
+    isa = (
+        "AMX"
+        if "amx_bf16" in flags
+        else "AVX512-BF16"
+        if "avx512_bf16" in flags
+        else "AVX-512"
+        if "avx512f" in flags
+        else "AVX2"
+        if "avx2" in flags
+        else ""
+    )
+    return f"{cpu_model()} ({isa})" if isa else cpu_model()
+
+
 def cpu_flags() -> list[str]:
     return cpu_info("flags").split()
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SHARED_DATA, cpu_model, machine  # noqa: E402
+from common import RESULTS, SHARED_DATA, cpu_name, machine  # noqa: E402
 
 RESULTS_FILE = RESULTS / "quality.json"
 COMPARE_FILE = RESULTS / "quality_compare.json"
@@ -160,7 +160,7 @@ def fine_tune(data: dict[str, Any], settings: dict[str, Any], seed: int) -> dict
     # The defaults train under bf16 autocast where the CPU computes bf16 (AMX, AVX512-BF16) and
     # in fp32 elsewhere: each run says which, and on what.
     ran_on = {
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "training_precision": "bf16" if training_bf16(spec.precision) else "fp32",
     }
     started = time.perf_counter()
@@ -225,7 +225,7 @@ def set_fields(data_set: DataSet, work: Path) -> dict[str, Any]:
 
 def run(sets: list[DataSet], seeds: int | None, only: str | None, rerun: bool) -> None:
     results = load_results()
-    results.setdefault("machines", {})[cpu_model()] = machine()
+    results.setdefault("machines", {})[cpu_name()] = machine()
     results["grid"] = GRID
     done = {run_key(r["set"], r["seed"], r["settings"]) for r in results["runs"]}
     with tempfile.TemporaryDirectory() as work:
@@ -279,7 +279,7 @@ def parse_change(text: str) -> dict[str, Any]:
 def compare(sets: list[DataSet], seeds: int | None, change: dict[str, Any], rerun: bool) -> None:
     """The defaults and the defaults with ``change``, run back to back per set and seed."""
     results = load_results(COMPARE_FILE)
-    results.setdefault("machines", {})[cpu_model()] = machine()
+    results.setdefault("machines", {})[cpu_name()] = machine()
     label = json.dumps(change, sort_keys=True)
     done = {run_key(r["set"], r["seed"], r["change"]) for r in results["runs"]}
     with tempfile.TemporaryDirectory() as work:
@@ -396,10 +396,12 @@ def comparable_runs(runs: list[dict[str, Any]], name: str) -> tuple[list[dict[st
 
 
 def ran_on(run: dict[str, Any]) -> str:
-    """Where a run trained, in a few words: the processor's make and the training precision."""
+    """Where a run trained, in a few words: the processor's make, its bf16 instructions and the
+    training precision ("EPYC AVX512-BF16 bf16")."""
     cpu = run.get("cpu", "?")
-    make = "Xeon" if "Xeon" in cpu else "EPYC" if "EPYC" in cpu else cpu
-    return f"{make} {run.get('training_precision', '?')}"
+    make = "Xeon" if "Xeon" in cpu else "EPYC" if "EPYC" in cpu else cpu.split(" (")[0]
+    isa = cpu.rsplit(" (", 1)[1].rstrip(")") if cpu.endswith(")") else ""
+    return " ".join(part for part in (make, isa, run.get("training_precision", "?")) if part)
 
 
 def mean_of(group: list[dict[str, Any]]) -> dict[str, Any]:
