@@ -20,6 +20,7 @@ from tuneq.worker.ml.score import (
     assemble_output,
     choose_precision,
     chosen_precision,
+    parity_sample_size,
     score_shard,
     stage_input,
 )
@@ -203,11 +204,25 @@ def test_auto_takes_bf16_only_where_the_hardware_computes_it(
     assert "no native bf16" in without.reason
     native = choose_precision(spec, tmp_path / "work", native=True)
     assert native.precision == chosen_precision(spec, tmp_path / "work") == "bf16"
-    assert "on 256 of 256 rows sampled from the first shard" in native.reason
+    assert "on 256 of 256 rows sampled from the start of the input" in native.reason
 
     amx = "flags : fpu avx512f avx512_bf16 amx_bf16 amx_tile"
     assert cpu_computes_bf16(amx) and cpu_computes_bf16("flags : avx512f avx512_bf16")
     assert not cpu_computes_bf16("flags : fpu sse4_2 avx2 avx512f avx512bw")  # emulated only
+
+
+def test_the_parity_sample_grows_with_the_job_across_shards(
+    trained_tiny_model: Path, tmp_path: Path
+) -> None:
+    """1 % of a job's rows, 256 to 2,048, taken from as many shards as it needs: 600 rows of a
+    60,000-row job in shards of 300."""
+    assert [parity_sample_size(n) for n in (10, 25_600, 60_000, 10**6)] == [256, 256, 600, 2048]
+    spec = auto_spec(
+        trained_tiny_model, scoring_input(tmp_path / "in.csv", 60_000), tmp_path / "o.csv"
+    )
+    stage_input(spec, tmp_path / "work")
+    choice = choose_precision(spec, tmp_path / "work", native=True)
+    assert "of 600 rows sampled from the start of the input" in choice.reason, choice.reason
 
 
 def test_the_parity_gate_falls_back_to_fp32_on_a_model_that_disagrees_in_bf16(
