@@ -156,9 +156,9 @@ def cpu_model() -> str:
 
 
 def cpu_name() -> str:
-    """The processor's model and the widest bf16 it computes natively: the model string alone
-    does not tell one machine from another ("AMD EPYC" has been both AVX2-only and
-    AVX512-BF16 here), and that is what sets a run's speed and training precision."""
+    """The processor's model and its best matrix instructions (AMX, AVX512-BF16, AVX-512,
+    AVX2): the model string alone does not tell one machine from another ("AMD EPYC" has been
+    both AVX2-only and AVX512-BF16 here), and they set a run's speed and training precision."""
     flags = set(cpu_flags())
     isa = (
         "AMX"
