@@ -155,22 +155,20 @@ def cpu_model() -> str:
     return cpu_info("model name") or platform.processor() or platform.machine()
 
 
+MATRIX_ISAS = (  # /proc/cpuinfo flag and name, best first
+    ("amx_bf16", "AMX"),
+    ("avx512_bf16", "AVX512-BF16"),
+    ("avx512f", "AVX-512"),
+    ("avx2", "AVX2"),
+)
+
+
 def cpu_name() -> str:
     """The processor's model and its best matrix instructions (AMX, AVX512-BF16, AVX-512,
     AVX2): the model string alone does not tell one machine from another ("AMD EPYC" has been
     both AVX2-only and AVX512-BF16 here), and they set a run's speed and training precision."""
     flags = set(cpu_flags())
-    isa = (
-        "AMX"
-        if "amx_bf16" in flags
-        else "AVX512-BF16"
-        if "avx512_bf16" in flags
-        else "AVX-512"
-        if "avx512f" in flags
-        else "AVX2"
-        if "avx2" in flags
-        else ""
-    )
+    isa = next((name for flag, name in MATRIX_ISAS if flag in flags), None)
     return f"{cpu_model()} ({isa})" if isa else cpu_model()
 
 
