@@ -125,23 +125,36 @@ def english_tweets(work: Path, data: dict[str, Any]) -> dict[str, Any]:
     return {"data": paths["train"], "eval_data": paths["test"]}
 
 
-def settings_list(grid: dict[str, list[float]]) -> list[dict[str, Any]]:
+def settings_list(
+    grid: dict[str, list[float]], train_rows: int | None = None
+) -> list[dict[str, Any]]:
     """The defaults (no tuning flag) first, unless they are a grid point (the same run, so it
-    is not run twice), then every grid point."""
+    is not run twice), then every grid point. The defaults' learning rate depends on the set's
+    training rows: until a run of the set has recorded them (``train_rows`` None), the
+    defaults run as such."""
     points: list[dict[str, Any]] = []
     for learning_rate in grid["learning_rate"]:
         for epochs in grid["epochs"]:
             points.append({"learning_rate": learning_rate, "epochs": epochs})
-    return points if default_point() in points else [{}, *points]
+    return points if default_point(train_rows) in points else [{}, *points]
 
 
-def default_point() -> dict[str, Any]:
-    """The grid coordinates of a fine-tune with no tuning flags."""
-    from tuneq.schemas.specs import FinetuneSpec
+def default_point(train_rows: int | None) -> dict[str, Any] | None:
+    """The grid coordinates of a fine-tune with no tuning flags on a set of ``train_rows``
+    training rows; None while they are unknown."""
+    from tuneq.schemas.specs import FinetuneSpec, default_learning_rate
 
+    if train_rows is None:
+        return None
     spec = FinetuneSpec(data="x.csv")
     epochs = int(spec.epochs) if spec.epochs == int(spec.epochs) else spec.epochs
-    return {"learning_rate": spec.learning_rate, "epochs": epochs}
+    return {"learning_rate": default_learning_rate(train_rows), "epochs": epochs}
+
+
+def recorded_train_rows(runs: list[dict[str, Any]], name: str) -> int | None:
+    """How many rows set ``name`` trains on, from its recorded runs (one that diverged records
+    none); None before any."""
+    return next((r["train_rows"] for r in runs if r["set"] == name and "train_rows" in r), None)
 
 
 def run_key(set_name: str, seed: int, settings: dict[str, Any]) -> str:
@@ -223,7 +236,13 @@ def set_fields(data_set: DataSet, work: Path) -> dict[str, Any]:
     return data
 
 
-def run(sets: list[DataSet], seeds: int | None, only: str | None, rerun: bool) -> None:
+def run(
+    sets: list[DataSet],
+    seeds: int | None,
+    only: str | None,
+    rerun: bool,
+    points_wanted: list[dict[str, Any]] | None = None,
+) -> None:
     results = load_results()
     results.setdefault("machines", {})[cpu_name()] = machine()
     results["grid"] = GRID
@@ -231,11 +250,14 @@ def run(sets: list[DataSet], seeds: int | None, only: str | None, rerun: bool) -
     with tempfile.TemporaryDirectory() as work:
         for data_set in sets:
             data = set_fields(data_set, Path(work))
-            points = settings_list(GRID)
+            train_rows = recorded_train_rows(results["runs"], data_set.name)
+            points = settings_list(GRID, train_rows)
             if only == "defaults":
-                points = [p for p in points if p in ({}, default_point())]
+                points = [p for p in points if p in ({}, default_point(train_rows))]
             elif only == "grid":
                 points = [p for p in points if p != {}]
+            if points_wanted is not None:
+                points = [p for p in points if p in points_wanted]
             for seed in range(seeds or data_set.seeds):
                 for settings in points:
                     key = run_key(data_set.name, seed, settings)
@@ -259,6 +281,17 @@ def run(sets: list[DataSet], seeds: int | None, only: str | None, rerun: bool) -
                         }
                     )
                     save_results(results)
+
+
+def parse_points(text: str | None) -> list[dict[str, Any]] | None:
+    """``"5e-5x3,1e-4x3"`` as grid points; None for every point."""
+    if not text:
+        return None
+    points = []
+    for item in text.split(","):
+        learning_rate, _, epochs = item.partition("x")
+        points.append({"learning_rate": float(learning_rate), "epochs": int(epochs)})
+    return points
 
 
 def parse_change(text: str) -> dict[str, Any]:
@@ -352,7 +385,8 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
             by_settings.setdefault(json.dumps(r["settings"], sort_keys=True), []).append(r)
         means = {key: mean_of(group) for key, group in by_settings.items()}
         headline = "spearman" if "mae" in runs[0] else HEADLINE
-        defaults = means.get("{}") or means.get(json.dumps(default_point(), sort_keys=True))
+        point = default_point(recorded_train_rows(runs, data_set.name))
+        defaults = means.get("{}") or means.get(json.dumps(point, sort_keys=True))
         grid = {k: v for k, v in means.items() if k != "{}" and v["seeds"]}
         best_key = max(grid, key=lambda k: grid[k].get(headline, -1.0), default=None)
         rows.append(
@@ -383,7 +417,9 @@ def comparable_runs(runs: list[dict[str, Any]], name: str) -> tuple[list[dict[st
     run, and False: a partial grid."""
     runs = [r for r in runs if r["set"] == name]
     points = {json.dumps(r["settings"], sort_keys=True) for r in runs}
-    wanted = {json.dumps(p, sort_keys=True) for p in settings_list(GRID)}
+    wanted = {
+        json.dumps(p, sort_keys=True) for p in settings_list(GRID, recorded_train_rows(runs, name))
+    }
     seeds = {
         seed
         for seed in {r["seed"] for r in runs}
@@ -449,6 +485,11 @@ def main() -> None:
     parser.add_argument("--sets", help="comma-separated set names (default: all)")
     parser.add_argument("--seeds", type=int, help="seeds per set (default: the set's own)")
     parser.add_argument("--only", choices=["defaults", "grid"], help="run only these settings")
+    parser.add_argument(
+        "--points",
+        metavar="LRxEPOCHS,...",
+        help="run only these grid points, e.g. 5e-5x3,1e-4x3 (a further seed of the leaders)",
+    )
     parser.add_argument("--rerun", action="store_true", help="repeat runs already recorded")
     parser.add_argument("--table", action="store_true", help="print the README tables and exit")
     parser.add_argument(
@@ -475,7 +516,7 @@ def main() -> None:
     if args.compare:
         compare(chosen, args.seeds, parse_change(args.compare), args.rerun)
     else:
-        run(chosen, args.seeds, args.only, args.rerun)
+        run(chosen, args.seeds, args.only, args.rerun, parse_points(args.points))
 
 
 if __name__ == "__main__":

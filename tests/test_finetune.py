@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tests.conftest import LEARNS
-from tuneq.schemas.specs import FinetuneSpec
+from tuneq.schemas.specs import FinetuneSpec, default_learning_rate
 from tuneq.worker.ml.finetune import MANIFEST, finetune
 from tuneq.worker.ml.predict import predict_texts
 
@@ -125,6 +125,27 @@ def test_the_same_spec_trains_the_same_model(tiny_model: Path, reviews_csv: Path
     assert (tmp_path / "first" / "model.safetensors").read_bytes() == (
         tmp_path / "second" / "model.safetensors"
     ).read_bytes()
+
+
+def test_the_default_learning_rate_is_chosen_from_the_training_rows(
+    trained_tiny_model: Path, reviews_csv: Path, tmp_path: Path
+) -> None:
+    """No learning rate given: the run takes the default for its training rows and says so in
+    its metrics, its manifest and its model card. (The tiny BERT barely moves at 1e-4 from
+    scratch, so this run goes on from the one already fine-tuned on the same reviews.)"""
+    spec = FinetuneSpec(
+        data=str(reviews_csv), model=str(trained_tiny_model), train_size=40, eval_size=20,
+        epochs=1, batch_size=16,
+    )  # fmt: skip
+    assert spec.learning_rate is None
+    result = finetune(spec, tmp_path)
+
+    assert result.metrics["data"]["train_rows"] == 40
+    assert result.metrics["training"]["learning_rate"] == default_learning_rate(40) == 1e-4
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["spec"]["learning_rate"] == 1e-4
+    assert manifest["training"]["learning_rate"] == 1e-4
+    assert "| Learning rate | 0.0001 |" in (tmp_path / "README.md").read_text()
 
 
 def test_the_default_length_fits_the_data(tiny_model: Path) -> None:

@@ -18,6 +18,7 @@ from tuneq.worker.io.artifacts import put_folder
 from tuneq.worker.ml.plots import write_plots
 from tuneq.worker.store.db import get_engine
 from tuneq.worker.views.report import build_report
+from tuneq.worker.views.sweep import compare_rows
 
 LABELS = ["<neg>", "pos & more"]
 
@@ -27,8 +28,12 @@ def engine(database_url: str) -> Engine:
     return get_engine(database_url)
 
 
-def finished_job(engine: Engine, tmp_path: Path, group: str, lr: float, accuracy: float) -> str:
-    """A fine-tune that succeeded, with a model folder holding its plots."""
+def finished_job(
+    engine: Engine, tmp_path: Path, group: str, lr: float | None, accuracy: float,
+    chosen_lr: float | None = None,
+) -> str:  # fmt: skip
+    """A fine-tune that succeeded, with a model folder holding its plots; with ``lr`` None, the
+    run chose ``chosen_lr``."""
     spec = FinetuneSpec(data="/d/reviews.csv", learning_rate=lr, queue="cpu", name="m")
     job = store.create_job(engine, spec=spec, group_id=group)
     assert store.claim_job(engine, job_id=job.id, worker="host:1/2") == (1, "queued")
@@ -44,6 +49,7 @@ def finished_job(engine: Engine, tmp_path: Path, group: str, lr: float, accuracy
         "loss_curve": [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}],
         "eval_curve": [{"step": 2, "loss": 0.5}],
         "data": {"train_rows": 6, "eval_rows": 6, "train_label_counts": dict.fromkeys(LABELS, 3)},
+        "training": {"learning_rate": lr or chosen_lr},
     }
     staged = tmp_path / f"staged-{job.id}"
     staged.mkdir()
@@ -101,3 +107,18 @@ def test_a_missing_plot_is_said_and_a_stored_model_is_read(engine: Engine, tmp_p
 def test_an_unknown_target_says_where_to_look(engine: Engine) -> None:
     with pytest.raises(JobNotFound, match="no job or group 'nope'; `tuneq jobs` lists jobs"):
         build_report(engine, "nope")
+
+
+def test_a_default_learning_rate_shows_as_the_one_the_run_chose(engine: Engine, tmp_path: Path):
+    small = finished_job(engine, tmp_path, "g-3", None, 0.9, chosen_lr=1e-4)
+    large = finished_job(engine, tmp_path, "g-3", None, 0.8, chosen_lr=5e-5)
+    waiting = store.create_job(
+        engine, spec=FinetuneSpec(data="/d/x.csv", queue="cpu"), group_id="g-3"
+    )
+
+    rates = {row["job"]: row["learning_rate"] for row in compare_rows(engine, "g-3")}
+    assert rates == {small: 1e-4, large: 5e-5, waiting.id: "auto"}, "auto: not run yet"
+    settings = build_report(engine, large).split("<h3>Settings</h3>")[1].split("</table>")[0]
+    assert "<tr><th>learning_rate</th><td class='num'>5e-05</td></tr>" in settings
+    settings = build_report(engine, waiting.id).split("<h3>Settings</h3>")[1].split("</table>")[0]
+    assert "<tr><th>learning_rate</th><td>auto</td></tr>" in settings

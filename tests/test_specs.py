@@ -1,15 +1,22 @@
 import pytest
 from pydantic import ValidationError
 
-from tuneq.schemas.specs import FinetuneSpec, ScoreSpec, parse_spec
+from tuneq.schemas.specs import FinetuneSpec, ScoreSpec, default_learning_rate, parse_spec
 
 
 def test_defaults_are_the_ones_the_quality_benchmark_chose() -> None:
     spec = FinetuneSpec(data="reviews.csv")
     assert (spec.model, spec.batch_size, spec.max_length) == ("minilm", 8, None)  # None: fit data
-    assert (spec.epochs, spec.learning_rate, spec.warmup) == (3.0, 1e-4, 0.1)
+    assert (spec.epochs, spec.learning_rate, spec.warmup) == (3.0, None, 0.1)  # None: fit data
     assert (spec.chosen_metric(), spec.patience, spec.task) == ("macro_f1", None, "classification")
     assert spec.queue is None and spec.device == "auto"
+
+
+@pytest.mark.parametrize(
+    ("train_rows", "rate"), [(800, 1e-4), (1839, 1e-4), (2999, 1e-4), (3000, 5e-5), (10_000, 5e-5)]
+)
+def test_the_default_learning_rate_falls_with_the_training_rows(train_rows: int, rate: float):
+    assert default_learning_rate(train_rows) == rate
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,7 @@ from tuneq.worker.views.documents import (
 )
 from tuneq.worker.views.eta import active_jobs, queue_estimates
 from tuneq.worker.views.report import build_report
-from tuneq.worker.views.sweep import compare_rows, ranking, varied_fields
+from tuneq.worker.views.sweep import compare_rows, ranking, spec_as_run, varied_fields
 
 HERE = Path(__file__).parent
 LOOPBACK = "127.0.0.1"
@@ -122,7 +122,7 @@ def create_app(
         return {
             "group": group_id,
             "metric": ranking(members[0].spec)[0] if members else None,
-            "varied": varied_fields([j.spec for j in members]),
+            "varied": varied_fields([spec_as_run(j) for j in members]),
             "compare": rows,
             "curves": {j.id: (j.metrics or {}).get("loss_curve") or live_curve(j.progress)
                        for j in members},

@@ -19,7 +19,7 @@ import numpy as np
 from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from tuneq.schemas.errors import ConfigError
-from tuneq.schemas.specs import FinetuneSpec
+from tuneq.schemas.specs import FinetuneSpec, default_learning_rate
 from tuneq.worker.ml.best_model import (
     BestModel,
     Evaluation,
@@ -97,6 +97,7 @@ def finetune(
     with timer.phase("load_data"):
         report({"phase": "loading data"})
         data = load_training_data(spec)
+    spec = resolved_spec(spec, data)
     with timer.phase("load_model"):
         report({"phase": "loading model"})
         source = resolve_model_source(spec.model)
@@ -181,7 +182,7 @@ def finetune(
         train_steps=final_step,
         precision="bf16" if training_bf16(spec.precision) else "fp32",
         train_samples_per_second=float(train_output.metrics.get("train_samples_per_second", 0)),
-        training={**training, "max_length": max_length},
+        training={**training, "max_length": max_length, "learning_rate": spec.learning_rate},
         loss_curve=curves.train,
         eval_curve=curves.eval,
         data=data.summary,
@@ -211,6 +212,16 @@ class ExampleSet:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.features[index]
+
+
+def resolved_spec(spec: FinetuneSpec, data: TrainingData) -> FinetuneSpec:
+    """``spec`` with the defaults that depend on the data filled in: the learning rate, by the
+    number of training rows. Everything after (the Trainer, the messages, the manifest) sees
+    the value the run used."""
+    if spec.learning_rate is not None:
+        return spec
+    rate = default_learning_rate(len(data.train.texts))
+    return spec.model_copy(update={"learning_rate": rate})
 
 
 def new_model(spec: FinetuneSpec, source: str, label_names: list[str]) -> Any:

@@ -18,7 +18,7 @@ from tuneq.schemas.tables import Job
 from tuneq.worker import store
 from tuneq.worker.io.artifacts import exists, join, open_artifact
 from tuneq.worker.ml.plots import CONFUSION_PNG, LOSS_PNG
-from tuneq.worker.views.sweep import compare_rows
+from tuneq.worker.views.sweep import compare_rows, spec_as_run
 
 HYPER_PARAMETERS = (
     "model",
@@ -125,8 +125,9 @@ def job_section(engine: Engine, job: Job) -> str:
     status += "</p>"
     if job.error:
         status += f"<pre class='failed'>{esc(job.error)}</pre>"
+    spec = spec_as_run(job)
     settings = key_values(
-        "Settings", [(k, job.spec.get(k)) for k in HYPER_PARAMETERS if job.spec.get(k) is not None]
+        "Settings", [(k, spec.get(k)) for k in HYPER_PARAMETERS if spec.get(k) is not None]
     )
     headline = key_values("Metrics", [(k, metrics[k]) for k in HEADLINE_METRICS if k in metrics])
     choice = key_values("Model choice", list((metrics.get("training") or {}).items()))

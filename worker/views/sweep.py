@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 
 from tuneq.schemas.errors import ConfigError, JobNotFound
 from tuneq.schemas.specs import TASK_METRICS, FinetuneSpec, check_notify_url
+from tuneq.schemas.tables import Job
 from tuneq.worker import store
 
 SWEEP_KEYS = ("name", "base", "grid", "data", "notify")
@@ -78,6 +79,17 @@ def varied_fields(specs: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def spec_as_run(job: Job) -> dict[str, Any]:
+    """``job``'s spec with the learning rate it trained at: one left to the default (None) is
+    the one the run chose from its data (``metrics.training.learning_rate``), "auto" until it
+    has run."""
+    spec = dict(job.spec)
+    if job.kind == "finetune" and spec.get("learning_rate") is None:
+        training = (job.metrics or {}).get("training") or {}
+        spec["learning_rate"] = training.get("learning_rate") or "auto"
+    return spec
+
+
 def compare_rows(engine: Engine, group_id: str) -> list[dict[str, Any]]:
     """The group's jobs, best first (succeeded ones by the metric that picks their best
     checkpoint, then the rest): the fields that vary between them, their metrics, train
@@ -85,17 +97,18 @@ def compare_rows(engine: Engine, group_id: str) -> list[dict[str, Any]]:
     jobs = store.list_jobs(engine, group_id=group_id, limit=10_000)
     if not jobs:
         raise JobNotFound(f"no jobs in group {group_id!r}; `tuneq sweep FILE` starts one")
-    varied = varied_fields([job.spec for job in jobs])
+    specs = [spec_as_run(job) for job in jobs]
+    varied = varied_fields(specs)
     metric, columns = ranking(jobs[0].spec)
     rows = []
-    for job in jobs:
+    for job, spec in zip(jobs, specs, strict=True):
         metrics = job.metrics or {}
         model = store.job_model(engine, job)
         rows.append(
             {
                 "job": job.id,
                 "status": job.status,
-                **{key: job.spec.get(key) for key in varied},
+                **{key: spec.get(key) for key in varied},
                 **{key: metrics.get(key) for key in columns},
                 "train_s": (metrics.get("phases") or {}).get("train"),
                 "model": f"{model.name}:{model.version}" if model else None,
