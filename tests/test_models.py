@@ -81,3 +81,27 @@ def test_pickled_weights_are_refused(tiny_model: Path, tmp_path: Path) -> None:
         "model 'pickled' has no .safetensors weights (only pytorch_model.bin, a pickle "
         "format); tuneq loads safetensors only, because unpickling weights can run code."
     )
+
+
+@pytest.mark.parametrize("declared", [None, "bfloat16"])
+def test_a_checkpoint_saved_in_bf16_loads_in_fp32(
+    tiny_model: Path, tmp_path: Path, declared: str | None
+) -> None:
+    """Fine-tuning keeps fp32 master weights even where the Hub checkpoint is bf16 (saved so,
+    with or without the dtype in its config): transformers 5 would keep it in bf16."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(tiny_model, folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    if declared:
+        config["dtype"] = declared
+    (folder / "config.json").write_text(json.dumps(config))
+    model = load_classifier("bf16", str(folder), num_labels=2)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -111,10 +111,14 @@ def load_tokenizer(name: str, source: str, *, trust_remote_code: bool = False) -
 def load_classifier(
     name: str, source: str, *, trust_remote_code: bool = False, **config: Any
 ) -> Any:
-    """A sequence classifier from ``source``; ``config`` may set labels for a new head.
+    """A sequence classifier from ``source`` in fp32; ``config`` may set labels for a new head.
 
     Weights load from safetensors only: a pickled ``.bin`` checkpoint can run code on load.
+    They load in fp32 whatever the checkpoint holds: transformers 5 would otherwise keep a
+    checkpoint saved in bf16 (many on the Hub are) in bf16, and fine-tune it without fp32
+    master weights. Scoring casts to its precision afterwards.
     """
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     folder = Path(source)
@@ -129,7 +133,11 @@ def load_classifier(
         )
     try:
         return AutoModelForSequenceClassification.from_pretrained(
-            source, use_safetensors=True, trust_remote_code=trust_remote_code, **config
+            source,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            dtype=torch.float32,
+            **config,
         )
     except Exception as exc:
         raise load_error(name, exc) from None
