@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,8 +15,15 @@ from tests.conftest import scoring_input
 from tuneq.schemas.errors import DataError
 from tuneq.schemas.specs import ScoreSpec
 from tuneq.worker.io.files import iter_batches
+from tuneq.worker.ml import predict
 from tuneq.worker.ml.device import cpu_computes_bf16
-from tuneq.worker.ml.predict import length_batches, load_for_inference, predict_texts
+from tuneq.worker.ml.predict import (
+    classify,
+    length_batches,
+    load_for_inference,
+    padded,
+    predict_texts,
+)
 from tuneq.worker.ml.score import (
     assemble_output,
     choose_precision,
@@ -46,6 +54,39 @@ def test_token_budget_batches_group_similar_lengths() -> None:
     assert batches == [[0, 4, 2, 6], [3, 1], [5]]
     assert all(len(b) * max(lengths[i] for i in b) <= 200 for b in batches)
     assert length_batches([300], batch_tokens=200) == [[0]]  # a long text still gets a batch
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batches_are_padded_as_the_tokenizer_pads(trained_tiny_model: Path, side: str) -> None:
+    import torch
+
+    tokenizer = load_for_inference(str(trained_tiny_model)).tokenizer
+    tokenizer.padding_side = side
+    try:
+        rows = tokenizer(["superb", "awful dull worst film", "moving"])["input_ids"]
+        expected = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+        got = padded(tokenizer, rows, torch.device("cpu"))
+    finally:
+        tokenizer.padding_side = "right"
+    assert got.keys() == {"input_ids", "attention_mask"}
+    assert torch.equal(got["input_ids"], expected["input_ids"])
+    assert torch.equal(got["attention_mask"], expected["attention_mask"])
+
+
+def test_texts_past_one_sort_window_keep_their_order(
+    trained_tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows tokenized ahead on a thread: every text's probabilities land on its own row."""
+    classifier = load_for_inference(str(trained_tiny_model))
+    words = ["superb loved it", "awful dull worst", "brilliant moving film", "hated it", "fine"]
+    texts = [" ".join(words[: 1 + i % 5]) + f" {words[i % 4]}" for i in range(23)]
+    whole = classify(classifier, texts)
+    monkeypatch.setattr(predict, "SORT_WINDOW", 4)  # six windows, the last of three texts
+    windowed = classify(classifier, texts)
+    assert windowed.shape == (23, 2)
+    assert np.allclose(windowed, whole, atol=1e-5)
+    assert np.allclose(classify(classifier, texts[::-1]), whole[::-1], atol=1e-5)
+    assert classify(classifier, []).shape == (0, 2)
 
 
 def test_staging_splits_into_shards(tmp_path: Path) -> None:

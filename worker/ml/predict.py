@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,6 +27,9 @@ CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 4096, 32768
 # Texts tokenized per call. A fast tokenizer keeps every truncated text's overflow, offsets and
 # token strings until the call returns: 10,000 IMDB reviews at once took 650 MB, 500 took 150.
 TOKENIZE_CHUNK = 512
+# Texts sorted by length together: a window is tokenized on a thread while the model runs on
+# the one before it. A shard of up to this many rows is one window, sorted as a whole.
+SORT_WINDOW = 4096
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,11 @@ def load_for_inference(
 
         model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     model = model.to(device)
+    if device.type == "cuda" and precision == "bf16":
+        # bf16 weights rather than autocast, which casts every weight again in every batch:
+        # on a GPU, where launching kernels sets the pace for a model this size, those casts
+        # are as many launches again.
+        model = model.to(torch.bfloat16)
     if device.type == "cpu" and precision in ("fp32", "bf16"):
         from tuneq.worker.ml import onednn
 
@@ -196,26 +205,78 @@ def model_outputs(
         on_gpu = classifier.device.type == "cuda"
         batch_tokens = GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS
 
-    encoded: list[list[int]] = []
-    for start in range(0, len(texts), TOKENIZE_CHUNK):
-        chunk = texts[start : start + TOKENIZE_CHUNK]
-        encoded += classifier.tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
+    device = classifier.device
     outputs = np.zeros((len(texts), len(classifier.labels)), dtype=np.float32)
-    # bf16 autocast where the weights are fp32 (a GPU, or a CPU without oneDNN's bf16);
-    # a model loaded in bf16 computes in bf16 as it is.
+    # On a GPU the logits stay there until the end, so that nothing waits for the GPU and the
+    # next batches are padded and queued while it computes; on a CPU they are copied at once.
+    on_device: list[tuple[list[int], Any]] = []
+    # bf16 autocast where the weights are fp32 (a CPU without oneDNN's bf16); a model loaded
+    # in bf16 computes in bf16 as it is.
     autocast = classifier.precision == "bf16" and classifier.model.dtype != torch.bfloat16
-    with torch.inference_mode(), attention_backends(classifier.device):
-        for batch in length_batches([len(ids) for ids in encoded], batch_tokens):
-            if on_batch is not None:
-                on_batch()
-            padded = classifier.tokenizer.pad(
-                {"input_ids": [encoded[i] for i in batch]}, return_tensors="pt"
-            )
-            inputs = {k: v.to(classifier.device) for k, v in padded.items()}
-            with torch.autocast(classifier.device.type, torch.bfloat16, enabled=autocast):
-                logits = classifier.model(**inputs).logits
-            outputs[batch] = logits.float().cpu().numpy()
+    with torch.inference_mode(), attention_backends(device):
+        for offset, encoded in tokenized_windows(classifier.tokenizer, texts, max_length):
+            for batch in length_batches([len(ids) for ids in encoded], batch_tokens):
+                if on_batch is not None:
+                    on_batch()
+                inputs = padded(classifier.tokenizer, [encoded[i] for i in batch], device)
+                with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                    logits = classifier.model(**inputs).logits.float()
+                rows = [offset + i for i in batch]
+                if device.type == "cuda":
+                    on_device.append((rows, logits))
+                else:
+                    outputs[rows] = logits.numpy()
+    if on_device:
+        rows = [row for batch_rows, _ in on_device for row in batch_rows]
+        outputs[rows] = torch.cat([logits for _, logits in on_device]).cpu().numpy()
     return outputs
+
+
+def tokenized_windows(
+    tokenizer: Any, texts: list[str], max_length: int
+) -> Iterator[tuple[int, list[list[int]]]]:
+    """``(offset, token ids)`` for each window of ``SORT_WINDOW`` texts in order; the next
+    window is tokenized on a thread (the tokenizer's Rust code runs without the GIL) while the
+    caller works on this one."""
+
+    def encode(start: int) -> list[list[int]]:
+        ids: list[list[int]] = []
+        for chunk in range(start, min(start + SORT_WINDOW, len(texts)), TOKENIZE_CHUNK):
+            end = min(chunk + TOKENIZE_CHUNK, start + SORT_WINDOW, len(texts))
+            ids += tokenizer(texts[chunk:end], truncation=True, max_length=max_length)["input_ids"]
+        return ids
+
+    starts = range(0, len(texts), SORT_WINDOW)
+    if len(starts) <= 1:  # one window (or none): nothing to overlap
+        yield 0, encode(0)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as ahead:
+        coming = ahead.submit(encode, starts[0])
+        for start in starts:
+            encoded = coming.result()
+            if start + SORT_WINDOW < len(texts):
+                coming = ahead.submit(encode, start + SORT_WINDOW)
+            yield start, encoded
+
+
+def padded(tokenizer: Any, rows: list[list[int]], device: Any) -> dict[str, Any]:
+    """A batch of token ids padded to its longest row, with its attention mask, on
+    ``device``; on a GPU copied from pinned memory without waiting for the copy."""
+    import torch
+
+    longest = max(len(ids) for ids in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = np.full((len(rows), longest), pad, dtype=np.int64)
+    mask = np.zeros((len(rows), longest), dtype=np.int64)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    for row, ids in enumerate(rows):
+        where = slice(longest - len(ids), longest) if left else slice(0, len(ids))
+        input_ids[row, where] = ids
+        mask[row, where] = 1
+    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def agreement(classifier: Classifier, reference: np.ndarray, candidate: np.ndarray) -> float:
