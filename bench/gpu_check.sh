@@ -4,7 +4,11 @@
 # the bundle's "before" commit's) and bench/finetune.py on CUDA (the recipe against tuneq).
 #
 #   .venv/bin/python bench/gpu_bundle.py                        # here: .gpucheck/ and .whl/
-#   device run, carry [".gpucheck", ".whl"]: bash bench/gpu_check.sh
+#   device run, carry [".gpucheck", ".whl"]: bash bench/gpu_check.sh [STEP ...]
+#
+# STEPs, in the order given (default: test score finetune before): test (the GPU test), score
+# (bench/gpu_score.py, with --explore), finetune (bench/finetune.py --gpu), before (scoring
+# with the bundle's earlier commit).
 #
 # Each step has its own time limit and the next runs whatever the last gave; logs and results
 # go to $OUT (the device tool's folder that comes back).
@@ -27,29 +31,41 @@ cat .gpucheck/commit
 nvidia-smi -L
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
 
+run_test() {
 step tests/test_gpu_e2e.py
 timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_e2e.py \
     > "$OUT/gpu_e2e.log" 2>&1
 echo "exit $?"
 grep -E "passed|failed|error|GPU (fp32|bf16) vs" "$OUT/gpu_e2e.log" | tail -8
+}
 
+run_score() {
 step bench/gpu_score.py
 timeout 200 python3 bench/gpu_score.py --data .gpucheck/imdb-test-6000.csv.gz --rows 6000 \
-    --batch-tokens 32768,65536 --out "$OUT/gpu_score.json" > /dev/null 2> "$OUT/gpu_score.err"
+    --batch-tokens 32768,65536 --explore --out "$OUT/gpu_score.json" > /dev/null 2> "$OUT/gpu_score.err"
 echo "exit $?"
 grep -E "^/tmp|matmul" "$OUT/gpu_score.err" | cut -c1-300
+}
 
+run_finetune() {
 step bench/finetune.py --gpu
 timeout 240 python3 bench/finetune.py --gpu --data .gpucheck/imdb-ft --model .gpucheck/minilm \
     --variants tuneq,tuneq_fp32 --name finetune_gpu > "$OUT/finetune_gpu.log" 2>&1
 echo "exit $?"
 cp bench/results/finetune_gpu.json "$OUT/" 2>/dev/null
 grep -E "^(recipe|tuneq|matmul)" "$OUT/finetune_gpu.log" | cut -c1-400
+}
 
+run_before() {
 step "bench/gpu_score.py at the before commit"
 PYTHONPATH=/tmp/before:/tmp/site timeout 90 python3 bench/gpu_score.py \
     --data .gpucheck/imdb-test-6000.csv.gz --rows 6000 --shapes minilm --precisions bf16 \
     --skip-tutorial --out "$OUT/gpu_score_before.json" > /dev/null 2> "$OUT/gpu_score_before.err"
 echo "exit $?"
 grep -E "^/tmp" "$OUT/gpu_score_before.err" | cut -c1-300
+}
+
+for name in "${@:-test score finetune before}"; do
+    for part in $name; do "run_$part"; done
+done
 step done

@@ -171,6 +171,12 @@ def main() -> None:
         help="classify() token budgets to time, comma-separated; tuneq's defaults are 4096 "
         "on a CPU and 32768 on a GPU",
     )
+    parser.add_argument(
+        "--explore",
+        action="store_true",
+        help="also time bf16 classify() of the first shape with other tokenizing chunks and "
+        "sort windows (TOKENIZE_CHUNK, SORT_WINDOW), to choose them",
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     if args.device == "cpu":
@@ -210,6 +216,10 @@ def main() -> None:
             "tokenize_rows_per_s": round(tokenize_rate(folder, texts), 1),
             "runs": score_runs(args, folder, texts, flops, ceiling, budgets),
         }
+        if args.explore and shape == args.shapes.split(",")[0]:
+            shapes[shape]["windows"] = explore_windows(
+                folder, texts, flops, ceiling["bf16"], args.device
+            )
         del model
     result = {
         "note": RANDOM_WEIGHTS + "; label agreement only shows that the paths compute the same "
@@ -233,6 +243,35 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+
+
+EXPLORED = [(512, 4096), (2048, 4096), (512, 1024), (1024, 2048), (2048, 8192)]
+
+
+def explore_windows(
+    folder: str, texts: list[str], flops: float, ceiling: float, device: str
+) -> list[dict[str, Any]]:
+    """bf16 classify() with other (TOKENIZE_CHUNK, SORT_WINDOW) pairs, the module's own first."""
+    from tuneq.worker.ml import predict
+
+    own = (predict.TOKENIZE_CHUNK, predict.SORT_WINDOW)
+    found = []
+    try:
+        for chunk, window in [own, *(pair for pair in EXPLORED if pair != own)]:
+            predict.TOKENIZE_CHUNK, predict.SORT_WINDOW = chunk, window
+            _labels, seconds = tuneq_classify(folder, texts, "bf16", 32768, device)
+            found.append(
+                {
+                    "tokenize_chunk": chunk,
+                    "sort_window": window,
+                    "rows_per_s": round(len(texts) / seconds, 1),
+                    "utilisation_of_matmul": flops / seconds / ceiling,
+                }
+            )
+            print(folder, found[-1], file=sys.stderr, flush=True)
+    finally:
+        predict.TOKENIZE_CHUNK, predict.SORT_WINDOW = own
+    return found
 
 
 def score_runs(

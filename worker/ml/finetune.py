@@ -28,7 +28,7 @@ from tuneq.worker.ml.best_model import (
 )
 from tuneq.worker.ml.calibration import softmax
 from tuneq.worker.ml.data import Examples, TrainingData, load_training_data
-from tuneq.worker.ml.device import training_bf16
+from tuneq.worker.ml.device import avoid_cudnn_attention, training_bf16
 from tuneq.worker.ml.label_errors import find_label_issues
 from tuneq.worker.ml.model_card import write_model_card
 from tuneq.worker.ml.models import (
@@ -107,6 +107,7 @@ def finetune(
         if warning and on_warning:
             on_warning(warning)
         model = new_model(spec, source, data.label_names)
+        avoid_cudnn_attention()
     task = Task.of(spec.task, data.label_names, data.train)
     with timer.phase("tokenize"):
         report({"phase": "tokenizing"})

@@ -7,7 +7,6 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -81,6 +80,10 @@ def load_for_inference(
 
         model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     model = model.to(device)
+    if device.type == "cuda":
+        from tuneq.worker.ml.device import avoid_cudnn_attention
+
+        avoid_cudnn_attention()
     if device.type == "cuda" and precision == "bf16":
         # bf16 weights rather than autocast, which casts every weight again in every batch:
         # on a GPU, where launching kernels sets the pace for a model this size, those casts
@@ -149,19 +152,6 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
-def attention_backends(device: Any) -> AbstractContextManager[Any]:
-    """On CUDA, attention by any backend but cuDNN's: cuDNN builds a graph for every new shape
-    (on an H200, 5 ms of CPU time for 42 µs of GPU work), and length-sorted batches are nearly
-    all new shapes; bf16 scoring ran 3-4x slower with it."""
-    if device.type != "cuda":
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(
-        [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    )
-
-
 def classify(
     classifier: Classifier,
     texts: list[str],
@@ -213,7 +203,7 @@ def model_outputs(
     # bf16 autocast where the weights are fp32 (a CPU without oneDNN's bf16); a model loaded
     # in bf16 computes in bf16 as it is.
     autocast = classifier.precision == "bf16" and classifier.model.dtype != torch.bfloat16
-    with torch.inference_mode(), attention_backends(device):
+    with torch.inference_mode():
         for offset, encoded in tokenized_windows(classifier.tokenizer, texts, max_length):
             for batch in length_batches([len(ids) for ids in encoded], batch_tokens):
                 if on_batch is not None:
