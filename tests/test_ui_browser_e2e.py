@@ -22,7 +22,15 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import invoke_cli, queue_name, score_args, scoring_input, unavailable
+from tests.conftest import (
+    invoke_cli,
+    queue_name,
+    score_args,
+    scoring_input,
+    synthetic_reviews,
+    unavailable,
+    write_csv,
+)
 from tuneq.worker.store import get_job
 from tuneq.worker.store.db import get_engine
 
@@ -147,24 +155,16 @@ def test_the_dashboard_shows_the_queue_live_and_guards_its_actions(
     assert shown_status(page) == "queued"
 
     workers = [start_worker(env, queue), start_worker(env, queue)]
-    seen, done = [shown_status(page)], []
+    seen = [shown_status(page)]
     finished = ("succeeded", "failed", "cancelled")
 
-    def progress_moves() -> bool:
-        # One read of the page, so nothing vanishes between looking and reading.
-        status, number = page.evaluate(
-            "[document.querySelector('dl.kv .status')?.textContent,"
-            " document.querySelector('.progress[data-done]')?.dataset.done]"
-        )
-        if status != seen[-1]:
+    def status_moves() -> bool:
+        if (status := shown_status(page)) != seen[-1]:
             seen.append(status)
-        if status == "running" and number is not None and (not done or int(number) != done[-1]):
-            done.append(int(number))
         return status in finished
 
-    watch(page, progress_moves)
+    watch(page, status_moves)
     assert seen == ["queued", "running", "succeeded"], seen
-    assert len(done) >= 2 and done == sorted(done), f"progress seen: {done}"
     curve = page.locator("svg.chart polyline[data-series='training loss']")
     assert len((curve.get_attribute("points") or "").split()) >= 5
     assert page.evaluate("window.stillTheSamePage") is True  # never reloaded
@@ -180,8 +180,10 @@ def test_the_dashboard_shows_the_queue_live_and_guards_its_actions(
     assert page.locator("svg.chart polyline").count() == 2  # both runs' loss curves
     page.screenshot(path=str(shots / "group.png"), full_page=True)
 
-    # A long fine-tune, cancelled from its page: refused without the token, then obeyed.
-    long_run = invoke_cli(env, "finetune", "--data", str(reviews_csv), "--model", str(tiny_model),
+    # A long fine-tune, cancelled from its page: refused without the token, then obeyed. Its
+    # 5,000 rows make it last (100 epochs of the 200 reviews took 10-20 s on a fast CPU).
+    many = write_csv(tmp_path / "many.csv", ["text", "label"], synthetic_reviews(5000))
+    long_run = invoke_cli(env, "finetune", "--data", str(many), "--model", str(tiny_model),
                           "--queue", queue, "--epochs", "100", "--name", "long")  # fmt: skip
     assert long_run.exit_code == 0, long_run.output
     long_job = long_run.stdout.strip()
@@ -200,8 +202,25 @@ def test_the_dashboard_shows_the_queue_live_and_guards_its_actions(
     watch(page, lambda: holder.count() == 1)  # the worker that runs it says so
     page.screenshot(path=str(shots / "workers.png"), full_page=True)
 
+    # Its progress is seen to advance without a reload: this run lasts until it is cancelled,
+    # so two polls fall inside it on any processor (the sweep's short runs can end between two).
     page.goto(f"{dashboard_url}/jobs/{long_job}")
-    watch(page, lambda: shown_status(page) == "running")
+    page.evaluate("window.stillTheSamePage = true")
+    done: list[int] = []
+
+    def progress_moves() -> bool:
+        # One read of the page, so nothing vanishes between looking and reading.
+        status, number = page.evaluate(
+            "[document.querySelector('dl.kv .status')?.textContent,"
+            " document.querySelector('.progress[data-done]')?.dataset.done]"
+        )
+        if status == "running" and number is not None and (not done or int(number) != done[-1]):
+            done.append(int(number))
+        return len(done) >= 3 or status in finished
+
+    watch(page, progress_moves)
+    assert len(done) >= 3 and done == sorted(done), f"progress seen: {done}"
+    assert page.evaluate("window.stillTheSamePage") is True
     page.click("#cancel")
     page.wait_for_selector("#notice.error")
     assert "401" in (page.locator("#notice").text_content() or "")
