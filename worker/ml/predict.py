@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "int8")
 # Default token budgets per batch (rows × padded length). On the 2-core CPU 8,192 and 16,384 ran
-# no faster than 4,096. On an H200, MiniLM-shaped bf16 scoring of 2,000 IMDB reviews ran at 796
-# rows/s at 4,096 and 1,107 at 32,768, using 551 MiB (bench/results/gpu_score.json).
+# no faster than 4,096. On an H200, MiniLM-shaped bf16 scoring of 6,000 IMDB reviews ran at
+# 9,513 rows/s at 32,768 and 7,830 at 65,536 (bench/results/gpu_score.json).
 CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 4096, 32768
 # Texts tokenized per call. A fast tokenizer keeps every truncated text's overflow, offsets and
 # token strings until the call returns: 10,000 IMDB reviews at once took 650 MB, 500 took 150.
