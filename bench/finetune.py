@@ -268,11 +268,9 @@ def main() -> None:
         "train": 3 * encoder_flops(model, train_lengths),
         "eval": encoder_flops(model, eval_lengths),
     }
+    size, device = (8192, "cuda") if GPU else (2048, "cpu")
     ceiling = {
-        name: matmul_flops_per_second(name, 8192, device="cuda")
-        if GPU
-        else matmul_flops_per_second(name)
-        for name in ("fp32", "bf16")
+        name: matmul_flops_per_second(name, size, device=device) for name in ("fp32", "bf16")
     }
     print(f"matmul ceiling {ceiling}; train FLOPs {flops['train']:.3e}", flush=True)
     runs: dict[str, Any] = {}

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from tuneq.schemas.errors import ModelError
+from tuneq.worker.ml.device import avoid_cudnn_attention
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,7 @@ def load_for_inference(
 
         model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     model = model.to(device)
-    if device.type == "cuda":
-        from tuneq.worker.ml.device import avoid_cudnn_attention
-
-        avoid_cudnn_attention()
+    avoid_cudnn_attention()
     if device.type == "cuda" and precision == "bf16":
         # bf16 weights rather than autocast, which casts every weight again in every batch:
         # on a GPU, where launching kernels sets the pace for a model this size, those casts
