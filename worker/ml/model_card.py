@@ -183,11 +183,8 @@ def describe_training(manifest: dict[str, Any]) -> str:
     spec = manifest.get("spec") or {}
     training = manifest.get("training") or {}
     metrics = manifest.get("metrics") or {}
-    # The effective values (after a default was chosen from the data) beat the requested ones.
-    values = {
-        **spec,
-        **{key: training.get(key) or spec.get(key) for key in ("max_length", "learning_rate")},
-    }
+    # The effective max length (after a default was chosen) beats the requested one.
+    values = {**spec, "max_length": training.get("max_length") or spec.get("max_length")}
     rows = [[title, format_setting(values.get(key))] for key, title in HYPER_PARAMETERS]
     if metrics.get("train_steps") is not None:
         rows.append(["Training steps", format_count(metrics["train_steps"])])
