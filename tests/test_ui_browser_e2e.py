@@ -181,7 +181,7 @@ def test_the_dashboard_shows_the_queue_live_and_guards_its_actions(
     page.screenshot(path=str(shots / "group.png"), full_page=True)
 
     # A long fine-tune, cancelled from its page: refused without the token, then obeyed. Its
-    # 5,000 rows make it last (100 epochs of the 200 reviews took 10-20 s on a fast CPU).
+    # 5,000 rows make it last: 100 epochs of the 200 reviews could end before the cancel.
     many = write_csv(tmp_path / "many.csv", ["text", "label"], synthetic_reviews(5000))
     long_run = invoke_cli(env, "finetune", "--data", str(many), "--model", str(tiny_model),
                           "--queue", queue, "--epochs", "100", "--name", "long")  # fmt: skip
