@@ -67,6 +67,7 @@ step "bench/quality.py --compare attention_dropout=0, 6 processes"
 for shard in 0 1 2 3 4 5; do
     OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false timeout "${QUALITY_LIMIT:-330}" \
         python3 bench/quality.py --compare attention_dropout=0 --rows-from /tmp/quality \
+        --model .gpucheck/minilm \
         --shard "$shard/6" --out "$OUT/quality_$shard.json" > "$OUT/quality_$shard.log" 2>&1 &
 done
 wait

@@ -170,7 +170,9 @@ def run_key(set_name: str, seed: int, settings: dict[str, Any]) -> str:
     return json.dumps([set_name, seed, settings], sort_keys=True)
 
 
-def fine_tune(data: dict[str, Any], settings: dict[str, Any], seed: int) -> dict[str, Any]:
+def fine_tune(
+    data: dict[str, Any], settings: dict[str, Any], seed: int, model: str = "minilm"
+) -> dict[str, Any]:
     """One fine-tune; its headline figures, or why it was refused (a run that learned
     nothing)."""
     from tuneq.schemas.errors import TrainingDiverged
@@ -178,7 +180,7 @@ def fine_tune(data: dict[str, Any], settings: dict[str, Any], seed: int) -> dict
     from tuneq.worker.ml.device import training_bf16
     from tuneq.worker.ml.finetune import finetune
 
-    spec = FinetuneSpec(model="minilm", seed=seed, checkpoint_steps=None, **data, **settings)
+    spec = FinetuneSpec(model=model, seed=seed, checkpoint_steps=None, **data, **settings)
     # The defaults train under bf16 autocast where the CPU computes bf16 (AMX, AVX512-BF16) and
     # in fp32 elsewhere: each run says which, and on what.
     import torch
@@ -376,6 +378,7 @@ def compare(
     rows_from: Path | None = None,
     shard: tuple[int, int] = (0, 1),
     out: Path = COMPARE_FILE,
+    model: str = "minilm",
 ) -> None:
     """The defaults and the defaults with ``change``, run back to back per set and seed; with
     ``shard`` (I, N), only the I-th of every N pairs, dealt largest first."""
@@ -405,8 +408,8 @@ def compare(
                 data = set_fields(data_set, Path(work))
             print(f"{data_set.name} seed {seed}: defaults, then {label} ...", flush=True)
             pair = {
-                "defaults": fine_tune(data, {}, seed),
-                "changed": fine_tune(data, change, seed),
+                "defaults": fine_tune(data, {}, seed, model),
+                "changed": fine_tune(data, change, seed, model),
             }
             print(f"  {pair}", flush=True)
             results["runs"] = [
@@ -605,6 +608,9 @@ def main() -> None:
         "--rows-from", type=Path, metavar="DIR", help="compare on rows --export wrote"
     )
     parser.add_argument("--shard", default="0/1", metavar="I/N", help="run every N-th pair from I")
+    parser.add_argument(
+        "--model", default="minilm", help="the model a comparison fine-tunes (a folder on a GPU)"
+    )
     parser.add_argument("--out", type=Path, default=COMPARE_FILE, help="the comparison's file")
     parser.add_argument(
         "--merge", type=Path, nargs="+", metavar="FILE", help="fold comparison files in and exit"
@@ -634,7 +640,7 @@ def main() -> None:
         index, _, count = args.shard.partition("/")
         change = parse_change(args.compare)
         shard = (int(index), int(count))
-        compare(chosen, args.seeds, change, args.rerun, args.rows_from, shard, args.out)
+        compare(chosen, args.seeds, change, args.rerun, args.rows_from, shard, args.out, args.model)
     else:
         run(chosen, args.seeds, args.only, args.rerun, parse_points(args.points))
 
