@@ -68,11 +68,8 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
 @click.option(
     "--attention-dropout",
     type=float,
-    default=0.0,
-    show_default=True,
-    help="Dropout on attention weights. The demo turns it off: on a CPU drawing that mask "
-    "doubles a step's time (three epochs took 477 s with it, the demo's whole budget), and "
-    "one epoch without it scored 0.83 against 0.795 with it (bench/finetune.py).",
+    default=None,
+    help="Dropout on attention weights; default: a fine-tune's (0).",
 )
 @click.option(
     "--name", default="imdb-sentiment", show_default=True, help="Name to register the model under."
@@ -84,7 +81,7 @@ def demo(
     eval_size: int,
     epochs: float | None,
     max_length: int | None,
-    attention_dropout: float,
+    attention_dropout: float | None,
     name: str,
 ) -> None:
     """Fine-tune a sentiment classifier on IMDB reviews through a queue and a worker that the

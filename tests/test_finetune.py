@@ -95,18 +95,56 @@ def test_the_same_seed_gives_the_same_model(
     assert runs[0]["eval_loss"] == runs[1]["eval_loss"]
 
 
-def test_attention_dropout_can_be_set_for_training(tiny_model: Path, reviews_csv: Path, tmp_path):
-    spec = FinetuneSpec(
-        data=str(reviews_csv),
-        model=str(tiny_model),
-        attention_dropout=0.0,
-        train_size=120,
-        **LEARNS,
+def test_attention_dropout_is_off_unless_asked(tiny_model: Path, reviews_csv: Path, tmp_path):
+    """The default turns the model's attention dropout (BERT's 0.1) off and records that; an
+    explicit value replaces it; nothing else of the model's regularisation changes."""
+    runs = {}
+    for name, asked in (("default", {}), ("asked", {"attention_dropout": 0.05})):
+        spec = FinetuneSpec(data=str(reviews_csv), model=str(tiny_model), train_size=120, **asked)
+        spec = spec.model_copy(update=LEARNS)
+        result = finetune(spec, tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        manifest = json.loads((tmp_path / name / MANIFEST).read_text())
+        runs[name] = (
+            config["attention_probs_dropout_prob"],
+            config["hidden_dropout_prob"],
+            result.metrics["training"]["attention_dropout"],
+            manifest["spec"]["attention_dropout"],
+        )
+    assert runs["default"] == (0.0, 0.1, 0.0, 0.0)
+    assert runs["asked"] == (0.05, 0.1, 0.05, 0.05)
+
+
+def test_a_model_without_attention_dropout_trains_as_it_is(
+    tiny_model: Path, reviews_csv: Path, tmp_path: Path
+):
+    """GPT-2 names its attention dropout otherwise (attn_pdrop): the default leaves it alone,
+    and asking for a value is refused before anything trains."""
+    import pytest
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from tuneq.schemas.errors import ModelError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    gpt2 = tmp_path / "tiny-gpt2"
+    config = GPT2Config(
+        vocab_size=tokenizer.vocab_size,
+        n_positions=256,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    finetune(spec, tmp_path / "out")
-    config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["attention_probs_dropout_prob"] == 0.0
-    assert config["hidden_dropout_prob"] == 0.1  # only the attention dropout changes
+    GPT2ForSequenceClassification(config).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    spec = FinetuneSpec(data=str(reviews_csv), model=str(gpt2), train_size=60, epochs=1)
+    result = finetune(spec, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["attn_pdrop"] == 0.1
+    assert result.metrics["training"]["attention_dropout"] is None
+    with pytest.raises(ModelError, match="no attention dropout setting"):
+        finetune(spec.model_copy(update={"attention_dropout": 0.0}), tmp_path / "refused")
+    assert not (tmp_path / "refused" / "model.safetensors").exists()
 
 
 def test_the_same_spec_trains_the_same_model(tiny_model: Path, reviews_csv: Path, tmp_path: Path):

@@ -30,10 +30,10 @@ def engine(database_url: str) -> Engine:
 
 def finished_job(
     engine: Engine, tmp_path: Path, group: str, lr: float | None, accuracy: float,
-    chosen_lr: float | None = None,
+    chosen_lr: float | None = None, attention_dropout: float | None = 0.0,
 ) -> str:  # fmt: skip
     """A fine-tune that succeeded, with a model folder holding its plots; with ``lr`` None, the
-    run chose ``chosen_lr``."""
+    run chose ``chosen_lr``; it trained with ``attention_dropout`` (None: the model had none)."""
     spec = FinetuneSpec(data="/d/reviews.csv", learning_rate=lr, queue="cpu", name="m")
     job = store.create_job(engine, spec=spec, group_id=group)
     assert store.claim_job(engine, job_id=job.id, worker="host:1/2") == (1, "queued")
@@ -49,7 +49,7 @@ def finished_job(
         "loss_curve": [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}],
         "eval_curve": [{"step": 2, "loss": 0.5}],
         "data": {"train_rows": 6, "eval_rows": 6, "train_label_counts": dict.fromkeys(LABELS, 3)},
-        "training": {"learning_rate": lr or chosen_lr},
+        "training": {"learning_rate": lr or chosen_lr, "attention_dropout": attention_dropout},
     }
     staged = tmp_path / f"staged-{job.id}"
     staged.mkdir()
@@ -122,3 +122,15 @@ def test_a_default_learning_rate_shows_as_the_one_the_run_chose(engine: Engine, 
     assert "<tr><th>learning_rate</th><td class='num'>5e-05</td></tr>" in settings
     settings = build_report(engine, waiting.id).split("<h3>Settings</h3>")[1].split("</table>")[0]
     assert "<tr><th>learning_rate</th><td>auto</td></tr>" in settings
+
+
+def test_default_attention_dropout_shows_as_what_the_run_used(engine: Engine, tmp_path: Path):
+    off = finished_job(engine, tmp_path, "g-4", 1e-4, 0.9)
+    own = finished_job(engine, tmp_path, "g-4", 1e-4, 0.8, attention_dropout=None)
+    waiting = store.create_job(
+        engine, spec=FinetuneSpec(data="/d/x.csv", queue="cpu"), group_id="g-4"
+    )
+    shown = {row["job"]: row["attention_dropout"] for row in compare_rows(engine, "g-4")}
+    assert shown == {off: 0.0, own: "model's", waiting.id: "auto"}
+    settings = build_report(engine, off).split("<h3>Settings</h3>")[1].split("</table>")[0]
+    assert "<tr><th>attention_dropout</th><td class='num'>0</td></tr>" in settings

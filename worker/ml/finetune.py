@@ -19,7 +19,7 @@ import numpy as np
 from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from tuneq.schemas.errors import ConfigError
-from tuneq.schemas.specs import FinetuneSpec, default_learning_rate
+from tuneq.schemas.specs import DEFAULT_ATTENTION_DROPOUT, FinetuneSpec, default_learning_rate
 from tuneq.worker.ml.best_model import (
     BestModel,
     Evaluation,
@@ -32,6 +32,7 @@ from tuneq.worker.ml.device import avoid_cudnn_attention, training_bf16
 from tuneq.worker.ml.label_errors import find_label_issues
 from tuneq.worker.ml.model_card import write_model_card
 from tuneq.worker.ml.models import (
+    attention_dropout_keys,
     attention_dropout_override,
     load_classifier,
     load_tokenizer,
@@ -97,10 +98,10 @@ def finetune(
     with timer.phase("load_data"):
         report({"phase": "loading data"})
         data = load_training_data(spec)
-    spec = resolved_spec(spec, data)
     with timer.phase("load_model"):
         report({"phase": "loading model"})
         source = resolve_model_source(spec.model)
+        spec = resolved_spec(spec, data, source)
         tokenizer = load_tokenizer(spec.model, source, trust_remote_code=spec.trust_remote_code)
         warning = vocabulary_warning(spec.model, unknown_share(tokenizer, data.train.texts))
         warnings = [warning] if warning else []
@@ -183,7 +184,12 @@ def finetune(
         train_steps=final_step,
         precision="bf16" if training_bf16(spec.precision) else "fp32",
         train_samples_per_second=float(train_output.metrics.get("train_samples_per_second", 0)),
-        training={**training, "max_length": max_length, "learning_rate": spec.learning_rate},
+        training={
+            **training,
+            "max_length": max_length,
+            "learning_rate": spec.learning_rate,
+            "attention_dropout": spec.attention_dropout,  # None: the model has no such setting
+        },
         loss_curve=curves.train,
         eval_curve=curves.eval,
         data=data.summary,
@@ -215,14 +221,19 @@ class ExampleSet:
         return self.features[index]
 
 
-def resolved_spec(spec: FinetuneSpec, data: TrainingData) -> FinetuneSpec:
-    """``spec`` with the defaults that depend on the data filled in: the learning rate, by the
-    number of training rows. Everything after (the Trainer, the messages, the manifest) sees
-    the value the run used."""
-    if spec.learning_rate is not None:
-        return spec
-    rate = default_learning_rate(len(data.train.texts))
-    return spec.model_copy(update={"learning_rate": rate})
+def resolved_spec(spec: FinetuneSpec, data: TrainingData, source: str) -> FinetuneSpec:
+    """``spec`` with the defaults that depend on the data or the model filled in: the learning
+    rate, by the number of training rows; attention dropout 0 where the model has that setting
+    (a model without one trains as it is). Everything after (the Trainer, the messages, the
+    manifest) sees the values the run used."""
+    update: dict[str, Any] = {}
+    if spec.learning_rate is None:
+        update["learning_rate"] = default_learning_rate(len(data.train.texts))
+    if spec.attention_dropout is None and attention_dropout_keys(
+        spec.model, source, trust_remote_code=spec.trust_remote_code
+    ):
+        update["attention_dropout"] = DEFAULT_ATTENTION_DROPOUT
+    return spec.model_copy(update=update) if update else spec
 
 
 def new_model(spec: FinetuneSpec, source: str, label_names: list[str]) -> Any:

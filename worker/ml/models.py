@@ -41,24 +41,28 @@ def is_model_path(name: str) -> bool:
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
 
 
-def attention_dropout_override(
-    name: str, source: str, value: float | None, *, trust_remote_code: bool = False
-) -> dict[str, float]:
-    """Config overrides that set a model's attention dropout to ``value`` (none for ``None``);
-    BERT-like configs call it attention_probs_dropout_prob, others attention_dropout."""
-    if value is None:
-        return {}
+def attention_dropout_keys(name: str, source: str, *, trust_remote_code: bool = False) -> list[str]:
+    """The config keys that hold a model's attention dropout: attention_probs_dropout_prob in
+    BERT-like configs, attention_dropout in others; none where it has no such setting."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise load_error(name, exc) from None
-    keys = [key for key in ATTENTION_DROPOUT_KEYS if hasattr(config, key)]
+    return [key for key in ATTENTION_DROPOUT_KEYS if hasattr(config, key)]
+
+
+def attention_dropout_override(
+    name: str, source: str, value: float | None, *, trust_remote_code: bool = False
+) -> dict[str, float]:
+    """Config overrides that set a model's attention dropout to ``value`` (none for ``None``)."""
+    if value is None:
+        return {}
+    keys = attention_dropout_keys(name, source, trust_remote_code=trust_remote_code)
     if not keys:
         raise ModelError(
-            f"model {name!r} ({config.model_type}) has no attention dropout setting; "
-            "leave attention_dropout unset"
+            f"model {name!r} has no attention dropout setting; leave attention_dropout unset"
         )
     return dict.fromkeys(keys, value)
 

@@ -79,14 +79,23 @@ def varied_fields(specs: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+# Fine-tune fields whose default the run resolves (from its data or its model) and records in
+# metrics.training.
+RESOLVED_AT_RUN = ("learning_rate", "attention_dropout")
+
+
 def spec_as_run(job: Job) -> dict[str, Any]:
-    """``job``'s spec with the learning rate it trained at: one left to the default (None) is
-    the one the run chose from its data (``metrics.training.learning_rate``), "auto" until it
-    has run."""
+    """``job``'s spec with the learning rate and attention dropout it trained with: a field
+    left to its default (None) shows what the run chose (``metrics.training``), "auto" until it
+    has run (and for attention dropout, "model's" where the model had no such setting)."""
     spec = dict(job.spec)
-    if job.kind == "finetune" and spec.get("learning_rate") is None:
-        training = (job.metrics or {}).get("training") or {}
-        spec["learning_rate"] = training.get("learning_rate") or "auto"
+    if job.kind != "finetune":
+        return spec
+    training = (job.metrics or {}).get("training")
+    for name in RESOLVED_AT_RUN:
+        if spec.get(name) is None:
+            chosen = (training or {}).get(name)
+            spec[name] = chosen if chosen is not None else "model's" if training else "auto"
     return spec
 
 
