@@ -106,7 +106,8 @@ def test_texts_past_one_sort_window_keep_their_order(
     words = ["superb loved it", "awful dull worst", "brilliant moving film", "hated it", "fine"]
     texts = [" ".join(words[: 1 + i % 5]) + f" {words[i % 4]}" for i in range(23)]
     whole = classify(classifier, texts)
-    monkeypatch.setattr(predict, "SORT_WINDOW", 4)  # six windows, the last of three texts
+    monkeypatch.setattr(predict, "SORT_WINDOW", 4)
+    monkeypatch.setattr(predict, "TOKENIZE_CHUNK", 3)  # windows of 3, then 4, 4, 4, 4 and 4
     windowed = classify(classifier, texts)
     assert windowed.shape == (23, 2)
     assert np.allclose(windowed, whole, atol=1e-5)

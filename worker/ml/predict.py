@@ -224,29 +224,32 @@ def model_outputs(
 def tokenized_windows(
     tokenizer: Any, texts: list[str], max_length: int
 ) -> Iterator[tuple[int, list[list[int]]]]:
-    """``(offset, token ids)`` for each window of ``SORT_WINDOW`` texts in order; the next
-    window is tokenized on a thread (the tokenizer's Rust code runs without the GIL) while the
-    caller works on this one."""
-
+    """``(offset, token ids)`` for each window of texts in order; the next window is tokenized
+    on a thread (the tokenizer's Rust code runs without the GIL) while the caller works on this
+    one. The first window is one tokenizing chunk, so that the model starts after the first
+    ``TOKENIZE_CHUNK`` texts rather than a whole window (on a GPU, where tokenizing sets the
+    pace, that wait was a third of a 6,000-row call); the rest are ``SORT_WINDOW`` texts."""
     to_ids = token_ids(tokenizer, max_length)
 
-    def encode(start: int) -> list[list[int]]:
+    def encode(window: range) -> list[list[int]]:
         ids: list[list[int]] = []
-        for chunk in range(start, min(start + SORT_WINDOW, len(texts)), TOKENIZE_CHUNK):
-            ids += to_ids(texts[chunk : min(chunk + TOKENIZE_CHUNK, start + SORT_WINDOW)])
+        for chunk in range(window.start, window.stop, TOKENIZE_CHUNK):
+            ids += to_ids(texts[chunk : min(chunk + TOKENIZE_CHUNK, window.stop)])
         return ids
 
-    starts = range(0, len(texts), SORT_WINDOW)
-    if len(starts) <= 1:  # one window (or none): nothing to overlap
-        yield 0, encode(0)
+    first = min(TOKENIZE_CHUNK, SORT_WINDOW)
+    bounds = [0, *range(first, len(texts), SORT_WINDOW), len(texts)]
+    windows = [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    if len(windows) <= 1:  # one window (or none): nothing to overlap
+        yield 0, encode(windows[0]) if windows else []
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as ahead:
-        coming = ahead.submit(encode, starts[0])
-        for start in starts:
+        coming = ahead.submit(encode, windows[0])
+        for index, window in enumerate(windows):
             encoded = coming.result()
-            if start + SORT_WINDOW < len(texts):
-                coming = ahead.submit(encode, start + SORT_WINDOW)
-            yield start, encoded
+            if index + 1 < len(windows):
+                coming = ahead.submit(encode, windows[index + 1])
+            yield window.start, encoded
 
 
 def token_ids(tokenizer: Any, max_length: int) -> Callable[[list[str]], list[list[int]]]:
