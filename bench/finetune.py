@@ -186,6 +186,9 @@ def tuneq_run(work: Path, variant: str) -> dict[str, Any]:
         "overhead_s": overhead,
         "overhead_share": sum(overhead.values()) / wall,
         "accuracy": metrics["accuracy"],
+        # with accuracy alone, runs that agree on as many reviews look the same
+        "macro_f1": metrics.get("macro_f1"),
+        "eval_loss": metrics.get("eval_loss"),
         "train_samples_per_s": metrics["train_samples_per_second"],
         "train_steps": metrics["train_steps"],
         "dtype": metrics["precision"],

@@ -448,11 +448,12 @@ def merge(files: list[Path], into: Path = COMPARE_FILE) -> None:
 
 
 def compare_table(results: dict[str, Any]) -> str:
-    """Per change and set: the headline metric of the defaults and of the changed defaults
-    (means over the same seeds), the difference, and the training time of each."""
+    """Per change and set: the headline metric of the defaults (of the commit that ran them)
+    and of the changed defaults (means over the same seeds), the difference, and the training
+    time of each."""
     lines = [
-        "| change | set | defaults | changed | difference (points) | seeds | train s: defaults "
-        "→ changed | trained on |",
+        "| change | set | defaults then | changed | difference (points) | seeds | train s: "
+        "defaults → changed | trained on |",
         "|---|---|---:|---:|---:|---:|---|---|",
     ]
     by_set = {s.name: s for s in SETS}
