@@ -105,14 +105,16 @@ def test_attention_dropout_is_off_unless_asked(tiny_model: Path, reviews_csv: Pa
         result = finetune(spec, tmp_path / name)
         config = json.loads((tmp_path / name / "config.json").read_text())
         manifest = json.loads((tmp_path / name / MANIFEST).read_text())
+        card = (tmp_path / name / "README.md").read_text()
         runs[name] = (
             config["attention_probs_dropout_prob"],
             config["hidden_dropout_prob"],
             result.metrics["training"]["attention_dropout"],
             manifest["spec"]["attention_dropout"],
+            card.split("| Attention dropout | ")[1].split(" |")[0],
         )
-    assert runs["default"] == (0.0, 0.1, 0.0, 0.0)
-    assert runs["asked"] == (0.05, 0.1, 0.05, 0.05)
+    assert runs["default"] == (0.0, 0.1, 0.0, 0.0, "0")
+    assert runs["asked"] == (0.05, 0.1, 0.05, 0.05, "0.05")
 
 
 def test_a_model_without_attention_dropout_trains_as_it_is(
@@ -142,6 +144,7 @@ def test_a_model_without_attention_dropout_trains_as_it_is(
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["attn_pdrop"] == 0.1
     assert result.metrics["training"]["attention_dropout"] is None
+    assert "| Attention dropout | the model's own |" in (tmp_path / "out" / "README.md").read_text()
     with pytest.raises(ModelError, match="no attention dropout setting"):
         finetune(spec.model_copy(update={"attention_dropout": 0.0}), tmp_path / "refused")
     assert not (tmp_path / "refused" / "model.safetensors").exists()

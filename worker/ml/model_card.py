@@ -30,6 +30,7 @@ METRICS = (
 HYPER_PARAMETERS = (
     ("epochs", "Epochs"),
     ("learning_rate", "Learning rate"),
+    ("attention_dropout", "Attention dropout"),
     ("batch_size", "Batch size"),
     ("max_length", "Max length (tokens)"),
     ("seed", "Seed"),
@@ -185,6 +186,8 @@ def describe_training(manifest: dict[str, Any]) -> str:
     metrics = manifest.get("metrics") or {}
     # The effective max length (after a default was chosen) beats the requested one.
     values = {**spec, "max_length": training.get("max_length") or spec.get("max_length")}
+    if "attention_dropout" in spec and spec["attention_dropout"] is None:
+        values["attention_dropout"] = "the model's own"  # it has no such setting to change
     rows = [[title, format_setting(values.get(key))] for key, title in HYPER_PARAMETERS]
     if metrics.get("train_steps") is not None:
         rows.append(["Training steps", format_count(metrics["train_steps"])])
