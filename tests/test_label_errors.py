@@ -68,9 +68,12 @@ def test_flipped_synthetic_labels_are_every_row_found(tiny_model: Path, tmp_path
 
 @pytest.mark.slow
 def test_flipped_imdb_labels_rank_at_the_top(tmp_path: Path) -> None:
-    """800 IMDB reviews, 5 % of their labels (40) flipped on purpose: of the 20 rows ranked
-    most likely mislabelled, at least half are flipped ones (by chance: one). Measured: 12 (and
-    19 of the top 40), with out-of-fold accuracy 0.75 at 128 tokens (about 7 minutes)."""
+    """800 IMDB reviews, 5 % of their labels (40) flipped on purpose: of the 40 rows ranked
+    most likely mislabelled, at least 15 are flipped ones (by chance: two). Measured, at 128
+    tokens (4-10 minutes): 19 (12 of the top 20) with the model's attention dropout (0.1), out
+    of fold accuracy 0.75; in a second run, 19 (11); with attention dropout off, the default
+    since, 18 (9). The top 20 alone swung between 9 and 12 with that one setting, the top 40
+    between 18 and 19, so the top 40 is what is held to a bound."""
     from pyarrow import csv as pa_csv
 
     from tuneq.schemas.specs import FinetuneSpec
@@ -104,6 +107,6 @@ def test_flipped_imdb_labels_rank_at_the_top(tmp_path: Path) -> None:
         ranked = list(csv.DictReader(handle))
     assert len(ranked) == issues["found"] >= 20
     rows_of = {text: i for i, (text, _) in enumerate(train)}
-    hits = len({rows_of[row["text"]] for row in ranked[:20]} & flipped)
-    assert hits >= 10, f"{hits} of the top 20 are flipped rows"
+    hits = len({rows_of[row["text"]] for row in ranked[:40]} & flipped)
+    assert hits >= 15, f"{hits} of the top 40 are flipped rows"
     assert [row["rank"] for row in issues["top"]] == list(range(1, 21))
