@@ -618,7 +618,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.merge:
-        merge(args.merge)
+        merge(args.merge, args.out)
         return
     if args.table:
         results = load_results()
