@@ -146,6 +146,7 @@ def export_rows(archive: Path, files: dict[str, bytes]) -> None:
     import lzma
     import tarfile
 
+    files = dict(files)
     quality = [sys.executable, str(ROOT / "bench" / "quality.py"), "--export"]
     with tempfile.TemporaryDirectory() as work:
         rows = Path(work) / "quality"
@@ -157,20 +158,13 @@ def export_rows(archive: Path, files: dict[str, bytes]) -> None:
             ),
         ]:
             subprocess.run([*quality, str(rows), "--sets", sets, "--seeds", str(seeds)], check=True)
+        for path in sorted(rows.rglob("*")):
+            if path.is_file():
+                data = path.read_bytes()
+                name = str(path.relative_to(work)).removesuffix(".gz")
+                files[name] = gzip.decompress(data) if path.suffix == ".gz" else data
         with tarfile.open(archive, "w:xz", preset=9 | lzma.PRESET_EXTREME) as tar:
             for name, data in files.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-            for path in sorted(rows.rglob("*")):
-                if not path.is_file():
-                    continue
-                name = str(path.relative_to(work)).removesuffix(".gz")
-                data = (
-                    gzip.decompress(path.read_bytes())
-                    if path.suffix == ".gz"
-                    else path.read_bytes()
-                )
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))

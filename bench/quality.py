@@ -21,10 +21,12 @@ On a machine without ``../shared/data`` (a lent GPU), ``--export DIR`` writes ea
 rows per seed here, and ``--rows-from DIR`` runs on them there; ``--shard I/N`` and ``--out``
 split a comparison over N processes, and ``--merge FILE ...`` folds their files into this one:
 
-    .venv/bin/python bench/quality.py --export .gpucheck/quality --seeds 5
-    python3 bench/quality.py --compare attention_dropout=0 --rows-from .gpucheck/quality \
-        --seeds 5 --shard 0/6 --out quality_0.json                    # and 1/6 ... 5/6
-    .venv/bin/python bench/quality.py --merge quality_*.json
+    .venv/bin/python bench/quality.py --export rows --seeds 5          # here
+    python3 bench/quality.py --compare attention_dropout=0.1 --rows-from rows \
+        --model MODEL_FOLDER --shard 0/6 --out quality_0.json          # there; and 1/6 ... 5/6
+    .venv/bin/python bench/quality.py --merge quality_*.json           # here again
+
+(bench/gpu_bundle.py and bench/gpu_check.sh do the first two for a lent GPU.)
 """
 
 from __future__ import annotations
@@ -175,6 +177,8 @@ def fine_tune(
 ) -> dict[str, Any]:
     """One fine-tune; its headline figures, or why it was refused (a run that learned
     nothing)."""
+    import torch
+
     from tuneq.schemas.errors import TrainingDiverged
     from tuneq.schemas.specs import FinetuneSpec
     from tuneq.worker.ml.device import training_bf16
@@ -183,8 +187,6 @@ def fine_tune(
     spec = FinetuneSpec(model=model, seed=seed, checkpoint_steps=None, **data, **settings)
     # The defaults train under bf16 autocast where the CPU computes bf16 (AMX, AVX512-BF16) and
     # in fp32 elsewhere: each run says which, and on what.
-    import torch
-
     ran_on = {
         "cpu": cpu_name(),
         **({"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}),
@@ -278,7 +280,7 @@ def export_rows(sets: list[DataSet], seeds: int | None, folder: Path) -> None:
                     (target / f"{split}.jsonl.gz").write_bytes(
                         gzip.compress("\n".join(lines).encode() + b"\n", 9)
                     )
-                fields = {"data": str(target), "label_column": "label"}
+                fields: dict[str, Any] = {"label_column": "label"}  # "data": wherever it lands
                 if regression:
                     fields["task"] = "regression"
                 else:
@@ -288,7 +290,7 @@ def export_rows(sets: list[DataSet], seeds: int | None, folder: Path) -> None:
 
 
 def exported_fields(folder: Path, name: str, seed: int) -> dict[str, Any]:
-    """The spec fields of rows ``export_rows`` wrote, wherever ``folder`` now is."""
+    """The spec fields of rows ``export_rows`` wrote, read from wherever ``folder`` now is."""
     target = folder / name / str(seed)
     return {**json.loads((target / "fields.json").read_text()), "data": str(target)}
 
@@ -397,6 +399,7 @@ def compare(
     pairs = [(s, seed) for s in sets for seed in range(seeds_of(s))]
     pairs.sort(key=lambda pair: -COST.get(pair[0].name, 1))
     pairs = pairs[shard[0] :: shard[1]]
+    prepared: dict[str, dict[str, Any]] = {}  # each set's files, written once
     with tempfile.TemporaryDirectory() as work:
         for data_set, seed in pairs:
             key = run_key(data_set.name, seed, change)
@@ -405,7 +408,9 @@ def compare(
             if rows_from is not None:
                 data = exported_fields(rows_from, data_set.name, seed)
             else:
-                data = set_fields(data_set, Path(work))
+                if data_set.name not in prepared:
+                    prepared[data_set.name] = set_fields(data_set, Path(work))
+                data = prepared[data_set.name]
             print(f"{data_set.name} seed {seed}: defaults, then {label} ...", flush=True)
             pair = {
                 "defaults": fine_tune(data, {}, seed, model),
@@ -431,18 +436,16 @@ def compare(
 def merge(files: list[Path], into: Path = COMPARE_FILE) -> None:
     """Fold other comparison files' runs (and machines) into ``into``; a pair in both keeps
     the newer file's."""
+
+    def pair_key(run: dict[str, Any]) -> str:
+        return run_key(run["set"], run["seed"], run["change"]) + ran_on(run["defaults"])
+
     results = load_results(into)
     for path in files:
         other = load_results(path)
         results.setdefault("machines", {}).update(other.get("machines", {}))
-        keys = {
-            run_key(r["set"], r["seed"], r["change"]) + ran_on(r["defaults"]) for r in other["runs"]
-        }
-        results["runs"] = [
-            r
-            for r in results["runs"]
-            if run_key(r["set"], r["seed"], r["change"]) + ran_on(r["defaults"]) not in keys
-        ] + other["runs"]
+        keys = {pair_key(r) for r in other["runs"]}
+        results["runs"] = [r for r in results["runs"] if pair_key(r) not in keys] + other["runs"]
     save_results(results, into)
     print(f"{into}: {len(results['runs'])} pairs")
 
