@@ -96,6 +96,14 @@ def test_token_ids_are_the_tokenizers_own(side: str) -> None:
     before = tokenizer.backend_tokenizer.truncation
     token_ids(tokenizer, 32)(texts[:5])
     assert tokenizer.backend_tokenizer.truncation == before
+    # the copies are kept per tokenizer and setting: the other side, asked next, is its own
+    other = "left" if side == "right" else "right"
+    tokenizer.truncation_side = other
+    assert (
+        token_ids(tokenizer, 128)(texts[:20])
+        == tokenizer(texts[:20], truncation=True, max_length=128)["input_ids"]
+    )
+    assert token_ids(tokenizer, 128)(texts[:20]) != got[:20]
 
 
 def test_texts_past_one_sort_window_keep_their_order(
