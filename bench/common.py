@@ -177,10 +177,21 @@ def cpu_flags() -> list[str]:
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:
+    """Write ``bench/results/NAME.json`` with the commit the run ended at, so that a figure can
+    be traced to its code."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(json.dumps({**result, "commit": commit()}, indent=2) + "\n")
     return path
+
+
+def commit() -> str:
+    """This checkout's commit, with "+changes" where the package's files differ from it."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True)
+    package = ["worker", "schemas", "cli", "ui", "pyproject.toml"]
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *package], cwd=root)
+    return out.stdout.decode().strip() + ("+changes" if dirty.returncode else "")
 
 
 class PeakSampler(threading.Thread):

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SHARED_DATA, cpu_name, machine  # noqa: E402
+from common import RESULTS, SHARED_DATA, commit, cpu_name, machine  # noqa: E402
 
 RESULTS_FILE = RESULTS / "quality.json"
 COMPARE_FILE = RESULTS / "quality_compare.json"
@@ -236,12 +235,6 @@ def save_results(results: dict[str, Any], path: Path = RESULTS_FILE) -> None:
     staging = path.with_suffix(".json.tmp")
     staging.write_text(json.dumps(results, indent=1) + "\n")
     staging.replace(path)
-
-
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "worker", "schemas"]).returncode
-    return out.stdout.strip() + ("+changes" if dirty else "")
 
 
 def set_fields(data_set: DataSet, work: Path) -> dict[str, Any]:
