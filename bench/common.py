@@ -143,6 +143,14 @@ def machine() -> dict[str, Any]:
     }
 
 
+def timed_dtypes() -> tuple[str, ...]:
+    """The dtypes worth timing here: bf16 only where the CPU computes it natively (emulated, a
+    2048² bf16 matmul takes minutes and says nothing about tuneq)."""
+    from tuneq.worker.ml.device import native_bf16
+
+    return ("fp32", "bf16") if native_bf16() else ("fp32",)
+
+
 def cpu_info(key: str) -> str:
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()

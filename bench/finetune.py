@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     machine,
     matmul_flops_per_second,
     run_job,
+    timed_dtypes,
     tuneq_workers,
     write_result,
 )
@@ -272,9 +273,8 @@ def main() -> None:
         "eval": encoder_flops(model, eval_lengths),
     }
     size, device = (8192, "cuda") if GPU else (2048, "cpu")
-    ceiling = {
-        name: matmul_flops_per_second(name, size, device=device) for name in ("fp32", "bf16")
-    }
+    dtypes = ("fp32", "bf16") if GPU else timed_dtypes()
+    ceiling = {name: matmul_flops_per_second(name, size, device=device) for name in dtypes}
     print(f"matmul ceiling {ceiling}; train FLOPs {flops['train']:.3e}", flush=True)
     runs: dict[str, Any] = {}
     if not args.skip_recipe:

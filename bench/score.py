@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     matmul_flops_per_second,
     onednn_linear_flops_per_second,
     run_job,
+    timed_dtypes,
     tuneq_workers,
     tutorial_predict,
     write_result,
@@ -94,14 +95,6 @@ def ceilings() -> dict[str, dict[str, float]]:
         "matmul": {name: matmul_flops_per_second(name) for name in dtypes},
         "onednn_linear": {name: onednn_linear_flops_per_second(name) for name in dtypes},
     }
-
-
-def timed_dtypes() -> tuple[str, ...]:
-    """The dtypes worth timing here: bf16 only where the CPU computes it natively (emulated, a
-    2048² bf16 matmul takes minutes and says nothing about tuneq)."""
-    from tuneq.worker.ml.device import native_bf16
-
-    return ("fp32", "bf16") if native_bf16() else ("fp32",)
 
 
 def rates(flops: float, seconds: float, dtype: str, ceiling: dict[str, dict[str, float]]) -> dict:
