@@ -12,7 +12,7 @@ steps then run under torch's profiler, their operators' time summed by kind (the
 optimizer, zero-filling new gradients, ...). Then ``finetune`` itself (tuneq's Trainer,
 callbacks and all) runs the same rows for its steps per second, in fp32 and, where the CPU
 computes bf16, in its default precision (bf16 autocast) against the bf16 matmul rate. Writes
-bench/results/step_profile.json.
+bench/results/step_profile.json (or NAME.json).
 """
 
 from __future__ import annotations
