@@ -7,8 +7,8 @@ SST-2 sentences (about 25 tokens after MiniLM's tokenizer), batch 8, the package
 tuneq's default attention dropout, fp32, the optimizer tuneq's Trainer uses (fused AdamW, weight
 decay 0.01, gradients clipped at 1.0). A hand-written loop times each part of a step (collate,
 forward, backward, clip, optimizer, zero) with the word embeddings trained, as tuneq trains
-them, and frozen, to show what the 11.7M-parameter embedding matrix costs; the trained loop's
-steps then run under torch's profiler, their operators' time summed by kind (the products, the
+them, and frozen, to show what the 11.7M-parameter embedding matrix costs; each loop's last
+steps run under torch's profiler, their operators' time summed by kind (the products, the
 optimizer, zero-filling new gradients, ...). Then ``finetune`` itself (tuneq's Trainer,
 callbacks and all) runs the same rows for its steps per second, in fp32 and, where the CPU
 computes bf16, in its default precision (bf16 autocast) against the bf16 matmul rate. Writes
