@@ -318,3 +318,45 @@ def test_the_parity_gate_falls_back_to_fp32_on_a_model_that_disagrees_in_bf16(
     assert chosen_precision(spec, tmp_path / "work") == "fp32"
     scored = [r["label"] for r in read_back(tmp_path / "out.csv").to_pylist() if r["text"]]
     assert scored == fp32
+
+
+def test_the_shards_take_the_parity_samples_outputs_and_score_only_the_rest(
+    trained_tiny_model: Path, tmp_path: Path
+) -> None:
+    """The gate's rows are scored once: it saves their outputs in the chosen precision, and
+    each shard they came from (three here, in shards of 100) uses them for its first rows and
+    scores the rows after them."""
+    source = scoring_input(tmp_path / "in.csv", 400)
+    spec = ScoreSpec(
+        model="m",
+        model_path=str(trained_tiny_model),
+        input=str(source),
+        output=str(tmp_path / "out.parquet"),
+        shard_rows=100,
+        probabilities=True,
+    )
+    folder = tmp_path / "work"
+    staged = stage_input(spec, folder)
+    assert choose_precision(spec, folder, native=True).precision == "bf16"
+    per_shard = json.loads((folder / "precision.json").read_text())["sample_rows"]
+    texts = [r["text"] for r in read_back(source).to_pylist() if r["text"]]
+    classifier = load_for_inference(str(trained_tiny_model), "bf16")
+    assert len(per_shard) == 3 and sum(per_shard) == 256
+    np.testing.assert_allclose(np.load(folder / "sample.npy"), classify(classifier, texts[:256]))
+
+    # Mark the saved outputs (sample row j: j / 1024 and the rest, which the model does not
+    # give) to see where the shards used them, and in what order.
+    share = np.arange(256, dtype=np.float32) / 1024
+    mark = np.stack([share, 1 - share], axis=1)
+    np.save(folder / "sample.npy", mark)
+    for index in range(len(staged.shard_sizes)):
+        score_shard(spec, folder, index)
+    output = Path(spec.output)
+    assemble_output(folder, len(staged.shard_sizes), output, output.with_suffix(".partial"))
+
+    rows = [r for r in read_back(output).to_pylist() if r["text"]]
+    scored = np.array([[r[f"prob_{k}"] for k in classifier.labels] for r in rows])
+    assert (scored[:256] == mark).all()
+    assert {r["label"] for r in rows[:256]} == {classifier.labels[1]}
+    assert not np.isin(scored[256:, 0], share).any()
+    np.testing.assert_allclose(scored[256:], classify(classifier, texts[256:]), atol=0.02)

@@ -29,6 +29,7 @@ from tuneq.worker.io.files import TableWriter, iter_batches
 STAGED_INPUT = "input.parquet"
 PARTS = "parts"
 PRECISION = "precision.json"  # the precision a job's shards score in, chosen once per attempt
+SAMPLE_OUTPUTS = "sample.npy"  # the parity sample's outputs in that precision, for its shards
 PARITY_ROWS = (256, 2048)  # bounds of the parity gate's sample, 1 % of a job's rows
 PARITY_AGREEMENT = 0.995  # the share of them on which bf16 must give fp32's answer
 
@@ -146,20 +147,25 @@ def score_table(
     spec: ScoreSpec,
     classifier: object,
     on_batch: Callable[[], None] | None = None,
+    known: np.ndarray | None = None,
 ) -> tuple[pa.Table, int]:
     """``table`` with the scoring columns added; rows with empty text get nulls. Returns the
-    table and the number of empty rows."""
+    table and the number of empty rows. ``known`` holds the outputs of the table's first
+    non-empty rows, scored already (the parity sample's): only the rows after them are scored."""
     from tuneq.worker.ml.predict import Classifier, classify
 
     assert isinstance(classifier, Classifier)
     texts, present = texts_of(table, spec.text_column)
+    done = 0 if known is None else len(known)
     probabilities = classify(
         classifier,
-        [texts[i] for i in present],
+        [texts[i] for i in present[done:]],
         max_length=spec.max_length,
         batch_tokens=spec.batch_tokens,
         on_batch=on_batch,
     )
+    if known is not None:
+        probabilities = np.concatenate([known.astype(probabilities.dtype), probabilities])
     mask = np.ones(len(texts), dtype=bool)
     mask[present] = False
     if classifier.regression:
@@ -223,10 +229,13 @@ def choose_precision(
     """Resolve ``spec.precision`` for the job staged in ``folder`` and save it there for the
     shards. ``auto`` is bf16 where this machine computes bf16 natively (``native``, default:
     :func:`native_bf16`) and bf16 gives fp32's answers on at least 99.5 % of a sample of the
-    input's first rows (the parity gate, :func:`parity_sample_size`); otherwise fp32."""
+    input's first rows (the parity gate, :func:`parity_sample_size`); otherwise fp32. The
+    sample's outputs in the chosen precision are saved too, so that the shards they came from
+    do not score those rows again."""
     from tuneq.worker.ml.device import native_bf16
     from tuneq.worker.ml.predict import agreement, classify, load_for_inference
 
+    sample_rows: list[int] = []  # per shard, from the first: its rows in the parity sample
     if spec.precision != "auto":
         choice = PrecisionChoice(spec.precision, f"precision {spec.precision}, as asked")
     elif not (native_bf16() if native is None else native):
@@ -237,7 +246,7 @@ def choose_precision(
         )
     else:
         assert spec.model_path is not None
-        sample = parity_sample(join(folder, STAGED_INPUT), spec.text_column)
+        sample, sample_rows = parity_sample(join(folder, STAGED_INPUT), spec.text_column)
         outputs = {}
         for precision in ("fp32", "bf16"):
             classifier = load_for_inference(spec.model_path, precision, spec.trust_remote_code)
@@ -259,8 +268,11 @@ def choose_precision(
                 f"{len(sample)} rows sampled from the start of the input ({share:.1%}; at least "
                 f"{PARITY_AGREEMENT:.1%} needed)",
             )
-    with writing(join(folder, PRECISION)) as sink:
-        sink.write(json.dumps({"precision": choice.precision, "reason": choice.reason}).encode())
+        with writing(join(folder, SAMPLE_OUTPUTS)) as sink:
+            np.save(sink, outputs[choice.precision])
+    record = {"precision": choice.precision, "reason": choice.reason, "sample_rows": sample_rows}
+    with writing(join(folder, PRECISION)) as sink:  # last: the shards' outputs are in place
+        sink.write(json.dumps(record).encode())
     return choice
 
 
@@ -275,18 +287,22 @@ def parity_sample_size(rows: int) -> int:
     return min(high, max(low, rows // 100))
 
 
-def parity_sample(staged: Location, column: str) -> list[str]:
-    """The gate's rows: the first non-empty texts of the staged input, shard after shard."""
+def parity_sample(staged: Location, column: str) -> tuple[list[str], list[int]]:
+    """The gate's rows: the first non-empty texts of the staged input, shard after shard; and
+    how many come from each shard, from the first."""
     with open_artifact(staged) as handle:
         parquet = pq.ParquetFile(handle)
         wanted = parity_sample_size(parquet.metadata.num_rows)
         sample: list[str] = []
+        per_shard: list[int] = []
         for index in range(parquet.num_row_groups):
             texts, present = texts_of(parquet.read_row_group(index), column)
-            sample += [str(texts[i]) for i in present[: wanted - len(sample)]]
+            taken = present[: wanted - len(sample)]
+            sample += [str(texts[i]) for i in taken]
+            per_shard.append(len(taken))
             if len(sample) == wanted:
                 break
-    return sample
+    return sample, per_shard
 
 
 def chosen_precision(spec: ScoreSpec, folder: Location) -> str:
@@ -295,6 +311,20 @@ def chosen_precision(spec: ScoreSpec, folder: Location) -> str:
         return spec.precision
     with open_artifact(join(folder, PRECISION)) as handle:
         return str(json.load(handle)["precision"])
+
+
+def sample_outputs(spec: ScoreSpec, folder: Location, index: int) -> np.ndarray | None:
+    """The outputs the parity gate saved for shard ``index``'s first non-empty rows, in the
+    precision the shards score in; None where the gate took none of its rows."""
+    if spec.precision != "auto":
+        return None
+    with open_artifact(join(folder, PRECISION)) as handle:
+        per_shard = json.load(handle).get("sample_rows") or []
+    if index >= len(per_shard) or not per_shard[index]:
+        return None
+    start = sum(per_shard[:index])
+    with open_artifact(join(folder, SAMPLE_OUTPUTS)) as handle:
+        return np.load(handle)[start : start + per_shard[index]]
 
 
 def score_shard(
@@ -309,7 +339,8 @@ def score_shard(
     precision = chosen_precision(spec, folder)
     classifier = load_for_inference(spec.model_path, precision, spec.trust_remote_code)
     table = read_shard(join(folder, STAGED_INPUT), index)
-    scored, empty = score_table(table, spec, classifier, on_batch)
+    known = sample_outputs(spec, folder, index)
+    scored, empty = score_table(table, spec, classifier, on_batch, known)
     with writing(part_path(folder, index)) as sink:  # a part exists whole or not at all
         pq.write_table(scored, sink)
     return ShardResult(table.num_rows, empty, round(time.perf_counter() - started, 3))
