@@ -163,6 +163,16 @@ def fine_tune_minilm(folder: Path) -> str:
     return str(folder)
 
 
+def write_reviews(path: Path, reviews: list[dict[str, Any]]) -> Path:
+    """The file a scoring job reads: id, text and the true label as ``gold`` (not ``label``:
+    tuneq adds that column)."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "text", "gold"])
+        writer.writerows((r["id"], r["text"], r["label"]) for r in reviews)
+    return path
+
+
 def bigger_jobs(
     folder: str, rows: int, work: Path, dtypes: tuple[str, ...]
 ) -> dict[str, dict[str, Any]]:
@@ -171,11 +181,7 @@ def bigger_jobs(
     benchmark's 2,000)."""
     reviews = imdb_reviews("test", min(rows, 25_000), seed=2)
     reviews += imdb_reviews("train", rows - len(reviews), seed=2)
-    source = work / f"reviews-{rows}.csv"
-    with open(source, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "text", "gold"])
-        writer.writerows((r["id"], r["text"], r["label"]) for r in reviews)
+    source = write_reviews(work / f"reviews-{rows}.csv", reviews)
     runs = {}
     for precision in ("auto", *(["bf16"] if "bf16" in dtypes else [])):
         job = tuneq_job(
@@ -223,11 +229,7 @@ def main() -> None:
     folder = args.model or fine_tune_minilm(work / "model")
     reviews = imdb_reviews("test", args.rows, seed=1)
     texts = [r["text"] for r in reviews]
-    source = work / "reviews.csv"
-    with open(source, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "text", "gold"])  # not "label": tuneq adds that column
-        writer.writerows((r["id"], r["text"], r["label"]) for r in reviews)
+    source = write_reviews(work / "reviews.csv", reviews)
 
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     id2label = model.config.id2label

@@ -305,21 +305,25 @@ def parity_sample(staged: Location, column: str) -> tuple[list[str], list[int]]:
     return sample, per_shard
 
 
+def precision_record(spec: ScoreSpec, folder: Location) -> dict[str, Any]:
+    """What :func:`choose_precision` saved for the job staged in ``folder``: the precision its
+    shards score in and, for ``auto``, its parity sample's rows per shard."""
+    if spec.precision != "auto":
+        return {"precision": spec.precision}
+    with open_artifact(join(folder, PRECISION)) as handle:
+        return dict(json.load(handle))
+
+
 def chosen_precision(spec: ScoreSpec, folder: Location) -> str:
     """The precision the shards of the job staged in ``folder`` score in."""
-    if spec.precision != "auto":
-        return spec.precision
-    with open_artifact(join(folder, PRECISION)) as handle:
-        return str(json.load(handle)["precision"])
+    return str(precision_record(spec, folder)["precision"])
 
 
-def sample_outputs(spec: ScoreSpec, folder: Location, index: int) -> np.ndarray | None:
+def sample_outputs(record: dict[str, Any], folder: Location, index: int) -> np.ndarray | None:
     """The outputs the parity gate saved for shard ``index``'s first non-empty rows, in the
-    precision the shards score in; None where the gate took none of its rows."""
-    if spec.precision != "auto":
-        return None
-    with open_artifact(join(folder, PRECISION)) as handle:
-        per_shard = json.load(handle).get("sample_rows") or []
+    precision the shards score in (``record``: :func:`precision_record`); None where the gate
+    took none of its rows."""
+    per_shard = record.get("sample_rows") or []
     if index >= len(per_shard) or not per_shard[index]:
         return None
     start = sum(per_shard[:index])
@@ -336,10 +340,10 @@ def score_shard(
 
     started = time.perf_counter()
     assert spec.model_path is not None
-    precision = chosen_precision(spec, folder)
-    classifier = load_for_inference(spec.model_path, precision, spec.trust_remote_code)
+    record = precision_record(spec, folder)
+    classifier = load_for_inference(spec.model_path, record["precision"], spec.trust_remote_code)
     table = read_shard(join(folder, STAGED_INPUT), index)
-    known = sample_outputs(spec, folder, index)
+    known = sample_outputs(record, folder, index)
     scored, empty = score_table(table, spec, classifier, on_batch, known)
     with writing(part_path(folder, index)) as sink:  # a part exists whole or not at all
         pq.write_table(scored, sink)
