@@ -49,6 +49,16 @@ class Settings(BaseModel):
         description="torch threads per worker process; 0 means a share of the machine's cores "
         "among every tuneq worker process running on it.",
     )
+    attention_kernel: bool = Field(
+        True,
+        description="bf16 scoring on a CPU with AVX512-BF16 uses tuneq's own attention kernel "
+        "where, timed at start, it beats torch's; false keeps torch's everywhere.",
+    )
+    kernel_cache: Path = Field(
+        Path(),
+        description="Folder where the attention kernel is compiled once per machine; default: "
+        "data_dir/kernels.",
+    )
     heartbeat_s: float = Field(
         5.0, gt=0, description="How often a running job renews its lease (seconds)."
     )
@@ -119,6 +129,9 @@ class Settings(BaseModel):
         artifact_dir = self.artifact_dir if str(self.artifact_dir) not in ("", ".") else None
         resolved = (artifact_dir or data_dir / "artifacts").expanduser().resolve()
         object.__setattr__(self, "artifact_dir", resolved)
+        kernel_cache = self.kernel_cache if str(self.kernel_cache) not in ("", ".") else None
+        resolved = (kernel_cache or data_dir / "kernels").expanduser().resolve()
+        object.__setattr__(self, "kernel_cache", resolved)
         roots = self.allowed_roots or (data_dir, Path.cwd())
         real = tuple(dict.fromkeys(Path(os.path.realpath(p.expanduser())) for p in roots))
         object.__setattr__(self, "allowed_roots", real)
