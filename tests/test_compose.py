@@ -74,3 +74,20 @@ def test_the_dashboard_needs_a_token_and_listens_on_loopback_only(compose: dict[
     assert ui["environment"]["TUNEQ_DATABASE_URL"].startswith("postgresql://")  # the workers'
     assert ui["ports"] == ["127.0.0.1:8600:8600"]
     assert ui["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+
+
+def test_the_image_copies_every_package_and_sets_only_real_settings() -> None:
+    """The Dockerfile (which compose.yaml builds) copies each folder pyproject.toml packages,
+    and its ENV lines name only settings tuneq reads."""
+    import tomllib
+
+    from tuneq.schemas.settings import Settings
+
+    dockerfile = (REPO / "Dockerfile").read_text()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    folders = set(project["tool"]["setuptools"]["package-dir"].values())
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", dockerfile, flags=re.M))
+    assert folders <= copied, folders - copied
+    known = {"TUNEQ_" + name.upper() for name in Settings.model_fields}
+    assert set(re.findall(r"^ENV (TUNEQ_\w+)=", dockerfile, flags=re.M)) <= known
+    assert "python -m tuneq.worker.ml.cpu_attention" in dockerfile  # the kernel, built in
