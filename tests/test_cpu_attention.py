@@ -43,10 +43,13 @@ def bert_like(batch: int, length: int, heads: int, size: int) -> tuple[torch.Ten
     ids=str,
 )
 @pytest.mark.parametrize("padding", ["none", "right", "left", "scattered"])
+@pytest.mark.parametrize("variant", ["avx512", "amx"])
 def test_the_kernel_computes_what_sdpa_computes(
-    batch: int, length: int, heads: int, size: int, padding: str
+    batch: int, length: int, heads: int, size: int, padding: str, variant: str
 ) -> None:
     needs_kernel()
+    if variant not in cpu_attention.variants():
+        pytest.skip(f"this CPU has no {' and '.join(cpu_attention.AMX_FLAGS)}")
     q, k, v = bert_like(batch, length, heads, size)
     generator = torch.Generator().manual_seed(1)
     lengths = torch.randint(1, length + 1, (batch,), generator=generator)
@@ -66,7 +69,7 @@ def test_the_kernel_computes_what_sdpa_computes(
             q.float(), k.float(), v.float(), attn_mask=mask, scale=scale
         ).transpose(1, 2)
         torchs = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, scale=scale)
-        ours = attention(q, k, v, None if padding == "none" else keep, scale)
+        ours = attention(q, k, v, None if padding == "none" else keep, scale, variant)
     assert ours.shape == (batch, length, heads, size) and ours.dtype == torch.bfloat16
     # bf16 output: about 3 significant digits; no further from exact than torch's bf16 kernel
     torch_error = (torchs.transpose(1, 2).float() - exact).abs().max().item()
@@ -84,6 +87,8 @@ def test_the_kernel_runs_only_where_the_cpu_has_avx512_bf16(
     assert cpu_attention.unavailable(AVX512_BF16) is None
     monkeypatch.setenv("TUNEQ_ATTENTION_KERNEL", "off")
     assert "off" in str(cpu_attention.unavailable(AVX512_BF16))
+    assert cpu_attention.variants(AVX512_BF16) == ("avx512",)
+    assert cpu_attention.variants(AVX512_BF16 + " amx_tile amx_bf16") == ("amx", "avx512")
     monkeypatch.setattr("platform.machine", lambda: "aarch64")
     monkeypatch.delenv("TUNEQ_ATTENTION_KERNEL")
     assert "x86-64" in str(cpu_attention.unavailable(AVX512_BF16))

@@ -43,9 +43,18 @@ SOURCE = Path(__file__).with_name("cpu_attention_bf16.c")
 FLAGS = (
     "-O3",
     *("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"),
+    *("-mamx-tile", "-mamx-bf16"),  # only the AMX entry point runs AMX instructions
     *("-fopenmp", "-fPIC", "-shared"),
 )
 CPU_FLAGS = ("avx512f", "avx512_bf16")
+AMX_FLAGS = ("amx_tile", "amx_bf16")
+# the kernel's two entry points: both products by vdpbf16ps from registers, or in AMX tiles
+ENTRY_POINTS = {"avx512": "tuneq_attention_bf16", "amx": "tuneq_attention_bf16_amx"}
+FAILURES = {
+    1: "a head size other than 32 or 64",
+    2: "its buffers could not be allocated",
+    3: "the kernel refused this process the AMX tile registers",
+}
 HEAD_SIZES = (32, 64)
 X86 = ("x86_64", "amd64")
 
@@ -102,21 +111,37 @@ def build(folder: Path | None = None) -> Path:
     return target
 
 
+def variants(cpuinfo: str | None = None) -> tuple[str, ...]:
+    """The entry points this CPU runs, best first: AMX where it has AMX-BF16, then AVX-512."""
+    if cpuinfo is None:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = cpuinfo.split()
+    return ("amx", "avx512") if all(flag in flags for flag in AMX_FLAGS) else ("avx512",)
+
+
 @cache
-def kernel() -> Callable[..., int] | None:
-    """The loaded kernel, or None (logged once, with the reason) where it cannot run."""
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, loaded; None (logged once, with the reason) where it cannot run."""
     reason = unavailable()
     if reason is None:
         try:
-            library = ctypes.CDLL(str(build()))
+            return ctypes.CDLL(str(build()))
         except subprocess.CalledProcessError as error:
             reason = f"building it failed: {error.stderr.strip()[-500:]}"
         except (OSError, subprocess.SubprocessError) as error:
             reason = f"building or loading it failed: {error}"
-    if reason is not None:
-        log.info("bf16 attention on torch's kernel: tuneq's is off here (%s)", reason)
+    log.info("bf16 attention on torch's kernel: tuneq's is off here (%s)", reason)
+    return None
+
+
+@cache
+def kernel(variant: str | None = None) -> Callable[..., int] | None:
+    """The kernel's entry point ``variant`` (default: the best this CPU runs), or None where
+    the kernel cannot run here."""
+    loaded = library()
+    if loaded is None:
         return None
-    run = library.tuneq_attention_bf16
+    run = getattr(loaded, ENTRY_POINTS[variant or variants()[0]])
     pointer, size, strides = ctypes.c_void_p, ctypes.c_long, ctypes.POINTER(ctypes.c_long)
     run.argtypes = [*[pointer] * 5, *[size] * 5, strides, strides, strides, ctypes.c_float]
     run.restype = ctypes.c_int
@@ -129,11 +154,13 @@ def attention(
     value: torch.Tensor,
     keep: torch.Tensor | None,
     scale: float,
+    variant: str | None = None,
 ) -> torch.Tensor:
     """``softmax(q kᵀ · scale, keys where keep) v`` for bf16 ``[batch, head, row, dim]`` views
     (any strides but the last), as ``[batch, row, head, dim]``; ``keep``: ``[batch, keys]``,
-    nonzero where a key is attended, or None for all."""
-    run = kernel()
+    nonzero where a key is attended, or None for all. ``variant``: an entry point of
+    :data:`ENTRY_POINTS`; default, the best this CPU runs."""
+    run = kernel(variant)
     if run is None:
         raise RuntimeError("tuneq's attention kernel is not available here")
     batch, heads, rows, size = query.shape
@@ -162,7 +189,7 @@ def attention(
             scale,
         )
     if failed:
-        raise MemoryError("tuneq's attention kernel could not allocate its buffers")
+        raise RuntimeError(f"tuneq's attention kernel failed: {FAILURES.get(failed, failed)}")
     return out
 
 
