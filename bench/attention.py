@@ -7,7 +7,8 @@ bf16 and fp32 under torch's profiler, operator time summed by kind, each kind's 
 it has FLOPs: the dense products against the attention's own two products. Second, torch's
 scaled-dot-product attention alone at MiniLM's shapes (12 heads of 32) for the batches tuneq's
 4,096-token budget makes, against the same number of score elements in 6 heads of 64 (bert-base's
-head size), against fp32, and against the plain products-and-softmax it replaces. Writes
+head size), against fp32, against the plain products-and-softmax it replaces, and tuneq's own
+kernel (``worker/ml/cpu_attention.py``) where the CPU has AVX512-BF16. Writes
 bench/results/attention.json (or NAME.json).
 """
 
@@ -34,7 +35,7 @@ from common import (  # noqa: E402
 # Operators by kind; the rest is indexing, views and the operators' own overhead.
 KINDS = {
     "dense products": ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear"),
-    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "tuneq::attention_bf16"),
     "layer norm": ("aten::native_layer_norm",),
     "residual adds": ("aten::add",),
     "padding mask": ("aten::where", "aten::bitwise_and", "aten::all", "aten::index"),
@@ -84,6 +85,8 @@ def variants(rows: int, length: int) -> dict[str, tuple[int, int, Callable[[], A
     import torch
     import torch.nn.functional as F  # noqa: N812 - torch's own name
 
+    from tuneq.worker.ml import cpu_attention
+
     def qkv(heads: int, size: int, dtype: torch.dtype) -> list[torch.Tensor]:
         return [torch.randn(rows, heads, length, size, dtype=dtype) for _ in range(3)]
 
@@ -102,7 +105,7 @@ def variants(rows: int, length: int) -> dict[str, tuple[int, int, Callable[[], A
         return torch.matmul(scores.masked_fill(~keep, -1e4).softmax(-1), v)
 
     sdpa = F.scaled_dot_product_attention
-    return {
+    calls = {
         "sdpa bf16, 12 heads of 32 (MiniLM), padding mask": (
             12, 32, lambda: sdpa(*bf16, attn_mask=keep)
         ),
@@ -111,6 +114,17 @@ def variants(rows: int, length: int) -> dict[str, tuple[int, int, Callable[[], A
         "sdpa bf16, 6 heads of 64 (half the score elements), no mask": (6, 64, lambda: sdpa(*wide)),
         "products and softmax, bf16, 12 heads of 32, padding mask": (12, 32, explicit),
     }  # fmt: skip
+    if cpu_attention.kernel() is not None:
+        rows_kept = keep.view(rows, length)
+        calls["tuneq's kernel, bf16, 12 heads of 32, padding mask"] = (
+            12,
+            32,
+            lambda: cpu_attention.attention(*bf16, rows_kept, 32**-0.5),
+        )
+        calls["tuneq's kernel, bf16, 6 heads of 64, no mask"] = (
+            6, 64, lambda: cpu_attention.attention(*wide, None, 64**-0.5)
+        )  # fmt: skip
+    return calls
 
 
 def kernel_runs(matmul_bf16: float) -> list[dict[str, Any]]:
