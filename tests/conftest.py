@@ -86,18 +86,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), tokenizer, tokenizer.vocab_size)
 
 
-def save_tiny_bert(folder: Path, tokenizer: Any, vocab_size: int) -> Path:
-    """A 2-layer, 32-wide BERT with ``vocab_size`` token embeddings (more than the largest id
-    ``tokenizer`` gives) and seeded random weights, saved with the tokenizer into ``folder``."""
+def save_tiny_bert(folder: Path, tokenizer: Any, vocab_size: int, hidden: int = 32) -> Path:
+    """A 2-layer BERT, ``hidden`` wide in two heads, with ``vocab_size`` token embeddings (more
+    than the largest id ``tokenizer`` gives) and seeded random weights, saved with the tokenizer
+    into ``folder``."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
+        hidden_size=hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=2 * hidden,
         max_position_embeddings=512,
     )
     torch.manual_seed(0)

