@@ -59,18 +59,25 @@ HEAD_SIZES = (32, 64)
 X86 = ("x86_64", "amd64")
 
 
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The words of ``cpuinfo`` (default: /proc/cpuinfo's), which include the CPU's flags."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    return set(cpuinfo.split())
+
+
 def unavailable(cpuinfo: str | None = None) -> str | None:
     """Why the kernel cannot run in this process, or None where it can."""
     if not load_settings().attention_kernel:
         return "TUNEQ_ATTENTION_KERNEL is off"
     if platform.machine().lower() not in X86:
         return f"the CPU is {platform.machine()}, not x86-64"
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return "no /proc/cpuinfo to read the CPU's flags from"
-    flags = cpuinfo.split()
+    flags = cpu_flags(cpuinfo)
+    if not flags:
+        return "no /proc/cpuinfo to read the CPU's flags from"
     missing = [flag for flag in CPU_FLAGS if flag not in flags]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
@@ -113,9 +120,7 @@ def build(folder: Path | None = None) -> Path:
 
 def variants(cpuinfo: str | None = None) -> tuple[str, ...]:
     """The entry points this CPU runs, best first: AMX where it has AMX-BF16, then AVX-512."""
-    if cpuinfo is None:
-        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    flags = cpuinfo.split()
+    flags = cpu_flags(cpuinfo)
     return ("amx", "avx512") if all(flag in flags for flag in AMX_FLAGS) else ("avx512",)
 
 

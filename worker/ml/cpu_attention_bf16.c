@@ -35,22 +35,32 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* A head's keys and values in the pair-interleaved layouts vdpbf16ps and AMX read, zero past
+   lk up to width keys: keys as block b of 16, dim pair t, key j -> kp[(b * D/2 + t) * 16 + j];
+   values as key pair p, dim d -> vp[p * D + d] = (v[2p][d], v[2p+1][d]). */
+static inline __attribute__((always_inline)) void pack_keys_values(
+    const uint16_t *k, const uint16_t *v, long lk, long width, long ks, long vs, const int D,
+    uint32_t *kp, uint32_t *vp) {
+    const int half = D / 2;
+    for (long j = 0; j < width; j++)
+        for (int t = 0; t < half; t++)
+            kp[((j / 16) * half + t) * 16 + j % 16] =
+                j < lk ? ((const uint32_t *)(k + j * ks))[t] : 0;
+    for (long p = 0; p < width / 2; p++) {
+        const uint16_t *a = 2 * p < lk ? v + 2 * p * vs : NULL;
+        const uint16_t *b = 2 * p + 1 < lk ? v + (2 * p + 1) * vs : NULL;
+        for (int d = 0; d < D; d++)
+            vp[p * D + d] = (a ? a[d] : 0) | (uint32_t)(b ? b[d] : 0) << 16;
+    }
+}
+
 static inline __attribute__((always_inline)) void head_block(
     const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, const uint8_t *keep,
     long lk, long row0, long row1, long qs, long ks, long vs, long os, float scale,
     const int D, uint32_t *kp, uint32_t *vp, float *scores, uint32_t *probs) {
     const long blocks = (lk + 15) / 16, pairs = (lk + 1) / 2, width = blocks * 16;
     const int half = D / 2, chunks = D / 16;
-    /* keys: block b, dim pair t, key j -> kp[(b * half + t) * 16 + j] */
-    for (long j = 0; j < width; j++)
-        for (int t = 0; t < half; t++)
-            kp[((j / 16) * half + t) * 16 + j % 16] =
-                j < lk ? ((const uint32_t *)(k + j * ks))[t] : 0;
-    /* values: key pair p, dim d -> vp[p * D + d] = (v[2p][d], v[2p+1][d]) */
-    for (long p = 0; p < pairs; p++) {
-        const uint16_t *a = v + 2 * p * vs, *b = 2 * p + 1 < lk ? v + (2 * p + 1) * vs : NULL;
-        for (int d = 0; d < D; d++) vp[p * D + d] = a[d] | (uint32_t)(b ? b[d] : 0) << 16;
-    }
+    pack_keys_values(k, v, lk, width, ks, vs, D, kp, vp);
     for (long i0 = row0; i0 < row1; i0 += ROWS) {
         const int rows = i0 + ROWS <= row1 ? ROWS : (int)(row1 - i0);
         const uint32_t *qr[ROWS];
@@ -174,16 +184,7 @@ static inline __attribute__((always_inline)) void head_block_amx(
     uint32_t *kp, uint32_t *vp, float *scores, uint32_t *probs, uint16_t *qt, float *ot) {
     const long width = (lk + 31) / 32 * 32, blocks = width / 16, pairs = width / 2;
     const int half = D / 2, chunks = D / 16;
-    for (long j = 0; j < width; j++)
-        for (int t = 0; t < half; t++)
-            kp[((j / 16) * half + t) * 16 + j % 16] =
-                j < lk ? ((const uint32_t *)(k + j * ks))[t] : 0;
-    for (long p = 0; p < pairs; p++) {
-        const uint16_t *a = 2 * p < lk ? v + 2 * p * vs : NULL;
-        const uint16_t *b = 2 * p + 1 < lk ? v + (2 * p + 1) * vs : NULL;
-        for (int d = 0; d < D; d++)
-            vp[p * D + d] = (a ? a[d] : 0) | (uint32_t)(b ? b[d] : 0) << 16;
-    }
+    pack_keys_values(k, v, lk, width, ks, vs, D, kp, vp);
     __mmask16 live[blocks];
     for (long b = 0; b < blocks; b++) {
         live[b] = 0;
