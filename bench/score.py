@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import tempfile
 import time
@@ -75,12 +76,33 @@ def tuneq_job(
     return {"metrics": job.metrics, "wall_from_submit_s": round(wall, 2), "labels": labels}
 
 
-def in_process_classify(folder: str, texts: list[str], precision: str) -> float:
+# The environment that keeps torch's attention where tuneq's bf16 kernel would run.
+TORCH_ATTENTION = {"TUNEQ_ATTENTION_KERNEL": "false"}
+
+
+def in_process_classify(
+    folder: str, texts: list[str], precision: str, env: dict[str, str] | None = None
+) -> float:
     """Seconds for tuneq's own batching and forward pass (``classify``) on ``texts`` in this
-    process, model loaded: the job's compute without its staging, queueing and file writing."""
+    process, model loaded (under ``env``, set while it loads): the job's compute without its
+    staging, queueing and file writing."""
+    from tuneq.worker.ml import cpu_attention
     from tuneq.worker.ml.predict import classify, load_for_inference
 
-    classifier = load_for_inference(folder, precision)
+    saved = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
+    try:
+        # What an earlier call loaded under another environment: the model, and whether the
+        # attention kernel runs in this process.
+        for cached in (load_for_inference, cpu_attention.library, cpu_attention.kernel):
+            cached.cache_clear()
+        classifier = load_for_inference(folder, precision)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     classify(classifier, texts[:8])  # warm up
     started = time.perf_counter()
     classify(classifier, texts)
@@ -288,6 +310,27 @@ def main() -> None:
             flush=True,
         )
     fp32_labels = runs["tuneq_fp32"]["labels"]
+    if "bf16" in timed_dtypes():
+        # The bf16 job again with torch's attention instead of tuneq's kernel: what the kernel
+        # gives, measured in the same run.
+        job = tuneq_job(
+            folder,
+            source,
+            work / "out-bf16-torch-attention.csv",
+            "bf16",
+            work / "run-bf16-torch-attention",
+            ([], TORCH_ATTENTION),
+        )
+        seconds = job["metrics"]["seconds"]
+        runs["tuneq_bf16_torch_attention"] = {
+            "rows_per_s": job["metrics"]["rows_per_second"],
+            "seconds": seconds,
+            "worker": "TUNEQ_ATTENTION_KERNEL=false",
+            "labels_agree_with_tuneq_fp32": agreement(job["labels"], fp32_labels),
+            "accuracy": agreement(job["labels"], [id2label[r["label"]] for r in reviews]),
+            **rates(flops, seconds, "bf16", ceiling),
+        }
+        print("bf16, torch's attention", runs["tuneq_bf16_torch_attention"], flush=True)
     # The same fp32 job on one worker with two single-threaded processes (shards side by side):
     # the layout the scaling benchmark found fastest for scoring on this machine.
     two = tuneq_job(
@@ -315,6 +358,18 @@ def main() -> None:
             **rates(flops, seconds, precision, ceiling),
         }
         print(precision, "in process", runs[f"classify_in_process_{precision}"], flush=True)
+    if "bf16" in timed_dtypes():
+        seconds = in_process_classify(folder, texts, "bf16", TORCH_ATTENTION)
+        runs["classify_in_process_bf16_torch_attention"] = {
+            "rows_per_s": len(texts) / seconds,
+            "seconds": seconds,
+            **rates(flops, seconds, "bf16", ceiling),
+        }
+        print(
+            "bf16 in process, torch's attention",
+            runs["classify_in_process_bf16_torch_attention"],
+            flush=True,
+        )
     truth = [id2label[r["label"]] for r in reviews]
     for name, run in engine_runs(folder, texts, work / "onnx", id2label).items():
         if "error" in run:
@@ -358,6 +413,7 @@ def main() -> None:
                 "tuneq_auto",
                 "tuneq_fp32_2_processes",
                 "tuneq_bf16",
+                "tuneq_bf16_torch_attention",
                 "tuneq_int8",
                 "onnxruntime_fp32",
                 "onnxruntime_int8",
