@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from tuneq.schemas.tables import FINISHED, Job, JobStatus
+from tuneq.schemas.statuses import FINISHED, JobStatus
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+
+    from tuneq.schemas.tables import Job
 
 POLL_S = 0.5
 BAR_WIDTH = 24

@@ -9,7 +9,7 @@ import click
 from tuneq.cli.context import engine, settings
 from tuneq.cli.queue import describe_estimate
 from tuneq.cli.render import JOB_HEADERS, describe_job, job_row, table
-from tuneq.schemas.tables import JobStatus
+from tuneq.schemas.statuses import JobStatus
 
 
 @click.command()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tuneq.schemas.tables import ACTIVE, Job, JobEvent, JobStatus, Model
+from tuneq.schemas.statuses import ACTIVE, JobStatus
+
+if TYPE_CHECKING:
+    from tuneq.schemas.tables import Job, JobEvent, Model
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

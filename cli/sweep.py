@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -13,7 +13,10 @@ from tuneq.cli.context import engine, settings
 from tuneq.cli.render import table
 from tuneq.cli.spec_options import absolute_paths, build_spec, read_job_file
 from tuneq.schemas.specs import FinetuneSpec
-from tuneq.schemas.tables import FINISHED, Job, JobStatus
+from tuneq.schemas.statuses import FINISHED, JobStatus
+
+if TYPE_CHECKING:
+    from tuneq.schemas.tables import Job
 
 
 @click.command()

@@ -6,7 +6,6 @@ made by one transition of ``tuneq.worker.jobs.lifecycle``; nothing else changes 
 
 from __future__ import annotations
 
-import enum
 from datetime import datetime, timezone
 from typing import Any
 
@@ -24,6 +23,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from tuneq.schemas.statuses import JobStatus, ShardStatus, _Status
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -32,16 +33,6 @@ def utcnow() -> datetime:
 def aware(moment: datetime) -> datetime:
     """SQLite hands back timestamps without a zone; they are UTC."""
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
-class _Status(str, enum.Enum):
-    """A status is its column value everywhere: in SQL, in JSON and in f-strings."""
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
 
 
 def status_column(statuses: type[_Status]) -> Enum:
@@ -55,39 +46,6 @@ def status_column(statuses: type[_Status]) -> Enum:
         validate_strings=True,
         values_callable=lambda members: [member.value for member in members],
     )
-
-
-class JobStatus(_Status):
-    """Where a job is in its life (the transitions: ``tuneq.worker.jobs.lifecycle``)::
-
-    queued ───claim──▶ running ──succeed──▶ succeeded
-    retrying ─claim──▶ running ──fail─────▶ failed
-                       running ──requeue──▶ retrying      (its worker was lost)
-    queued, retrying, running ──cancel───▶ cancelled
-    failed, cancelled ──retry──▶ queued (from the start) or retrying (--resume)
-    """
-
-    queued = "queued"
-    running = "running"
-    retrying = "retrying"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        return self in FINISHED
-
-
-WAITING = frozenset({JobStatus.queued, JobStatus.retrying})  # a worker may claim it
-ACTIVE = WAITING | {JobStatus.running}  # it can still be cancelled
-FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
-RETRYABLE = frozenset({JobStatus.failed, JobStatus.cancelled})
-
-
-def values(statuses: frozenset[JobStatus]) -> list[str]:
-    """The column values of ``statuses``, in a stable order, for SQL ``IN``."""
-    return sorted(status.value for status in statuses)
 
 
 class Base(DeclarativeBase):
@@ -131,15 +89,6 @@ class Job(Base):
     output_path: Mapped[str | None] = mapped_column(Text)
     published_at: Mapped[datetime | None]
     group_id: Mapped[str | None] = mapped_column(String(64), index=True)
-
-
-class ShardStatus(_Status):
-    """A shard of a scoring job: queued → running → done (or failed)."""
-
-    queued = "queued"
-    running = "running"
-    done = "done"
-    failed = "failed"
 
 
 class Shard(Base):

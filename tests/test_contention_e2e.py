@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import queue_name, score_args, scoring_input
-from tuneq.schemas.tables import FINISHED, JobStatus
+from tuneq.schemas.statuses import FINISHED, JobStatus
 from tuneq.worker.io.files import iter_batches
 from tuneq.worker.store import get_job, list_events, list_jobs, list_shards
 from tuneq.worker.store.db import get_engine

@@ -9,7 +9,8 @@ import pytest
 from sqlalchemy import Engine, update
 
 from tuneq.schemas.specs import FinetuneSpec, ScoreSpec
-from tuneq.schemas.tables import Job, JobStatus, utcnow
+from tuneq.schemas.statuses import JobStatus
+from tuneq.schemas.tables import Job, utcnow
 from tuneq.worker import store
 from tuneq.worker.store import workers
 from tuneq.worker.store.db import get_engine

@@ -16,7 +16,8 @@ from tests.conftest import Hook
 from tuneq.schemas.errors import DataError
 from tuneq.schemas.settings import Settings, load_settings
 from tuneq.schemas.specs import FinetuneSpec, ScoreSpec
-from tuneq.schemas.tables import Job, JobStatus
+from tuneq.schemas.statuses import JobStatus
+from tuneq.schemas.tables import Job
 from tuneq.worker import store
 from tuneq.worker.jobs import lifecycle, runner, submit
 from tuneq.worker.jobs.app import send_job

@@ -28,7 +28,7 @@ from tests.conftest import (
 )
 from tuneq.schemas.settings import load_settings
 from tuneq.schemas.specs import ScoreSpec
-from tuneq.schemas.tables import JobStatus
+from tuneq.schemas.statuses import JobStatus
 from tuneq.worker import store
 from tuneq.worker.jobs.app import RUN_JOB, create_app, send_job
 from tuneq.worker.store.db import get_engine

@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 
 from tuneq.schemas.errors import JobNotFound, ModelNotFound
 from tuneq.schemas.specs import FinetuneSpec
-from tuneq.schemas.tables import JobStatus
+from tuneq.schemas.statuses import JobStatus
 from tuneq.worker import store
 from tuneq.worker.store.db import current_revision, get_engine, head_revision
 

@@ -19,7 +19,8 @@ from starlette.testclient import TestClient
 from tests.conftest import invoke_cli
 from tuneq.schemas.settings import load_settings
 from tuneq.schemas.specs import FinetuneSpec, ScoreSpec
-from tuneq.schemas.tables import Job, JobEvent, JobStatus
+from tuneq.schemas.statuses import JobStatus
+from tuneq.schemas.tables import Job, JobEvent
 from tuneq.ui.app import create_app
 from tuneq.worker import store
 from tuneq.worker.store.db import get_engine

@@ -23,7 +23,7 @@ from starlette.templating import Jinja2Templates
 from tuneq.schemas.errors import JobNotFound, JobStateError, ModelNotFound, TuneqError
 from tuneq.schemas.settings import Settings
 from tuneq.schemas.specs import parse_spec
-from tuneq.schemas.tables import JobStatus
+from tuneq.schemas.statuses import JobStatus
 from tuneq.ui.guard import Refused, allowed_hosts, check_action
 from tuneq.ui.metrics import metrics_text, queue_registry
 from tuneq.worker import store

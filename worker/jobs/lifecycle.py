@@ -32,7 +32,8 @@ from sqlalchemy import Engine
 from tuneq.schemas.errors import JobStateError, SpecUnreadable
 from tuneq.schemas.settings import Settings
 from tuneq.schemas.specs import JobSpec, ScoreSpec, parse_spec
-from tuneq.schemas.tables import FINISHED, RETRYABLE, Job, JobStatus, Model, Shard, values
+from tuneq.schemas.statuses import FINISHED, RETRYABLE, JobStatus, values
+from tuneq.schemas.tables import Job, Model, Shard
 from tuneq.worker import store
 from tuneq.worker.io import artifacts
 from tuneq.worker.jobs.notify import notify_end

@@ -16,7 +16,8 @@ from typing import Any
 from sqlalchemy import Engine
 
 from tuneq.schemas.specs import parse_spec
-from tuneq.schemas.tables import FINISHED, Job, JobGroup, values
+from tuneq.schemas.statuses import FINISHED, values
+from tuneq.schemas.tables import Job, JobGroup
 from tuneq.worker import store
 
 log = logging.getLogger(__name__)

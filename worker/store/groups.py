@@ -5,13 +5,8 @@ from __future__ import annotations
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
-from tuneq.schemas.tables import (
-    FINISHED,
-    Job,
-    JobGroup,
-    utcnow,
-    values,
-)
+from tuneq.schemas.statuses import FINISHED, values
+from tuneq.schemas.tables import Job, JobGroup, utcnow
 
 
 def new_group(*, group_id: str, size: int, notify: str | None) -> JobGroup:

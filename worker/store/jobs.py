@@ -14,18 +14,8 @@ from sqlalchemy.orm import Session
 
 from tuneq.schemas.errors import JobNotFound
 from tuneq.schemas.specs import JobSpec
-from tuneq.schemas.tables import (
-    ACTIVE,
-    WAITING,
-    Job,
-    JobEvent,
-    JobGroup,
-    JobStatus,
-    Shard,
-    ShardStatus,
-    utcnow,
-    values,
-)
+from tuneq.schemas.statuses import ACTIVE, WAITING, JobStatus, ShardStatus, values
+from tuneq.schemas.tables import Job, JobEvent, JobGroup, Shard, utcnow
 
 
 def new_job_id() -> str:

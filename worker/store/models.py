@@ -14,14 +14,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tuneq.schemas.errors import ModelError, ModelNotFound
-from tuneq.schemas.tables import (
-    Job,
-    JobEvent,
-    JobStatus,
-    Model,
-    ModelTag,
-    utcnow,
-)
+from tuneq.schemas.statuses import JobStatus
+from tuneq.schemas.tables import Job, JobEvent, Model, ModelTag, utcnow
 from tuneq.worker.io.artifacts import exists, fetch_folder, is_uri, join
 from tuneq.worker.store.jobs import _running
 

@@ -7,15 +7,8 @@ from datetime import datetime
 from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from tuneq.schemas.tables import (
-    Job,
-    JobEvent,
-    JobStatus,
-    Shard,
-    ShardStatus,
-    aware,
-    utcnow,
-)
+from tuneq.schemas.statuses import JobStatus, ShardStatus
+from tuneq.schemas.tables import Job, JobEvent, Shard, aware, utcnow
 from tuneq.worker.store.jobs import _running
 
 

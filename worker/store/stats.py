@@ -12,7 +12,8 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, case, func, select
 
-from tuneq.schemas.tables import FINISHED, WAITING, Job, JobEvent, JobStatus, aware, values
+from tuneq.schemas.statuses import FINISHED, WAITING, JobStatus, values
+from tuneq.schemas.tables import Job, JobEvent, aware
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.orm import Session
 
-from tuneq.schemas.tables import Job, JobStatus, Shard, ShardStatus, Worker, utcnow
+from tuneq.schemas.statuses import JobStatus, ShardStatus
+from tuneq.schemas.tables import Job, Shard, Worker, utcnow
 
 # A worker is live while its heartbeat is younger than this many reaper intervals.
 MISSED_BEATS = 3

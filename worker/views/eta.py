@@ -18,7 +18,8 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from tuneq.schemas.specs import PRIORITY_LEVELS
-from tuneq.schemas.tables import ACTIVE, WAITING, Job, JobStatus, aware, utcnow, values
+from tuneq.schemas.statuses import ACTIVE, WAITING, JobStatus, values
+from tuneq.schemas.tables import Job, aware, utcnow
 from tuneq.worker import store
 from tuneq.worker.store import workers
 
