@@ -310,67 +310,55 @@ def main() -> None:
             flush=True,
         )
     fp32_labels = runs["tuneq_fp32"]["labels"]
+    truth = [id2label[r["label"]] for r in reviews]
+
+    def worker_variant(
+        name: str, precision: str, options: tuple[list[str], dict[str, str]], worker: str
+    ) -> None:
+        """A job on a worker started with other ``options``, its labels against fp32's."""
+        job = tuneq_job(
+            folder, source, work / f"out-{name}.csv", precision, work / f"run-{name}", options
+        )
+        seconds = job["metrics"]["seconds"]
+        runs[name] = {
+            "rows_per_s": job["metrics"]["rows_per_second"],
+            "seconds": seconds,
+            "worker": worker,
+            "labels_agree_with_tuneq_fp32": agreement(job["labels"], fp32_labels),
+            "accuracy": agreement(job["labels"], truth),
+            **rates(flops, seconds, precision, ceiling),
+        }
+        print(name, runs[name], flush=True)
+
     if "bf16" in timed_dtypes():
         # The bf16 job again with torch's attention instead of tuneq's kernel: what the kernel
         # gives, measured in the same run.
-        job = tuneq_job(
-            folder,
-            source,
-            work / "out-bf16-torch-attention.csv",
+        worker_variant(
+            "tuneq_bf16_torch_attention",
             "bf16",
-            work / "run-bf16-torch-attention",
             ([], TORCH_ATTENTION),
+            "TUNEQ_ATTENTION_KERNEL=false",
         )
-        seconds = job["metrics"]["seconds"]
-        runs["tuneq_bf16_torch_attention"] = {
-            "rows_per_s": job["metrics"]["rows_per_second"],
-            "seconds": seconds,
-            "worker": "TUNEQ_ATTENTION_KERNEL=false",
-            "labels_agree_with_tuneq_fp32": agreement(job["labels"], fp32_labels),
-            "accuracy": agreement(job["labels"], [id2label[r["label"]] for r in reviews]),
-            **rates(flops, seconds, "bf16", ceiling),
-        }
-        print("bf16, torch's attention", runs["tuneq_bf16_torch_attention"], flush=True)
     # The same fp32 job on one worker with two single-threaded processes (shards side by side):
     # the layout the scaling benchmark found fastest for scoring on this machine.
-    two = tuneq_job(
-        folder,
-        source,
-        work / "out-fp32-2x1.csv",
+    worker_variant(
+        "tuneq_fp32_2_processes",
         "fp32",
-        work / "run-fp32-2x1",
         (["--concurrency", "2"], {}),
+        "--concurrency 2 (each process takes its share of the cores)",
     )
-    seconds = two["metrics"]["seconds"]
-    runs["tuneq_fp32_2_processes"] = {
-        "rows_per_s": two["metrics"]["rows_per_second"],
-        "seconds": seconds,
-        "worker": "--concurrency 2 (each process takes its share of the cores)",
-        "labels_agree_with_tuneq_fp32": agreement(two["labels"], fp32_labels),
-        **rates(flops, seconds, "fp32", ceiling),
-    }
-    print("fp32, 2 processes", runs["tuneq_fp32_2_processes"], flush=True)
-    for precision in timed_dtypes():
-        seconds = in_process_classify(folder, texts, precision)
-        runs[f"classify_in_process_{precision}"] = {
+    # tuneq's own classify() in this process; bf16 also with torch's attention.
+    in_process = [(precision, precision, None) for precision in timed_dtypes()]
+    if "bf16" in timed_dtypes():
+        in_process.append(("bf16_torch_attention", "bf16", TORCH_ATTENTION))
+    for name, precision, env in in_process:
+        seconds = in_process_classify(folder, texts, precision, env)
+        runs[f"classify_in_process_{name}"] = {
             "rows_per_s": len(texts) / seconds,
             "seconds": seconds,
             **rates(flops, seconds, precision, ceiling),
         }
-        print(precision, "in process", runs[f"classify_in_process_{precision}"], flush=True)
-    if "bf16" in timed_dtypes():
-        seconds = in_process_classify(folder, texts, "bf16", TORCH_ATTENTION)
-        runs["classify_in_process_bf16_torch_attention"] = {
-            "rows_per_s": len(texts) / seconds,
-            "seconds": seconds,
-            **rates(flops, seconds, "bf16", ceiling),
-        }
-        print(
-            "bf16 in process, torch's attention",
-            runs["classify_in_process_bf16_torch_attention"],
-            flush=True,
-        )
-    truth = [id2label[r["label"]] for r in reviews]
+        print(name, "in process", runs[f"classify_in_process_{name}"], flush=True)
     for name, run in engine_runs(folder, texts, work / "onnx", id2label).items():
         if "error" in run:
             runs[name] = run
