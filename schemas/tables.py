@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from tuneq.schemas.statuses import JobStatus, ShardStatus, _Status
+from tuneq.schemas.statuses import JobStatus, ShardStatus, Status
 
 
 def utcnow() -> datetime:
@@ -35,7 +35,7 @@ def aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def status_column(statuses: type[_Status]) -> Enum:
+def status_column(statuses: type[Status]) -> Enum:
     """The column type of a status: the enum's values, validated on write, stored as
     VARCHAR(16) (no database enum type, so adding a status needs no migration)."""
     return Enum(
