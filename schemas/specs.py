@@ -367,8 +367,9 @@ class ScoreSpec(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
         "auto",
         description="Numeric mode: auto (bf16 where the CPU or GPU computes it natively and it "
-        "gives fp32's labels on 99.5 % of a sample of the first shard, else fp32); fp32; bf16 "
-        "autocast; int8 dynamic quantisation (CPU).",
+        "gives fp32's labels on 99.5 % of a sample of the input's first rows, pooled with what "
+        "earlier jobs sampled for the same weights on the same kind of hardware; else fp32); "
+        "fp32; bf16; int8 dynamic quantisation (CPU).",
     )
     max_length: int = Field(512, ge=8, le=8192, description="Truncate texts to this many tokens.")
     batch_tokens: int | None = Field(

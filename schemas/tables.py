@@ -1,4 +1,5 @@
-"""The database tables: jobs, their events, shards, registered models, and live workers.
+"""The database tables: jobs, their events, shards, registered models, live workers, and the
+bf16 parity evidence scoring jobs gather.
 
 A job is a row: the broker carries only its id. Status changes are compare-and-set updates, each
 made by one transition of ``tuneq.worker.jobs.lifecycle``; nothing else changes a job's state.
@@ -181,3 +182,18 @@ class Worker(Base):
     threads: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ParityCheck(Base):
+    """What scoring jobs' parity gates found for one model on one kind of bf16 hardware: of
+    ``sampled`` rows scored in both fp32 and bf16, ``agreed`` got the same answer. Pooled over
+    jobs, so that the gate's verdict rests on more rows with every job and later jobs can take
+    it without sampling again (``tuneq.worker.ml.score.choose_precision``)."""
+
+    __tablename__ = "parity_checks"
+
+    model_digest: Mapped[str] = mapped_column(String(64), primary_key=True)  # its weights' SHA-256
+    hardware: Mapped[str] = mapped_column(String(128), primary_key=True)  # cpu amx, cuda <name>
+    agreed: Mapped[int] = mapped_column(Integer)
+    sampled: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -14,9 +15,12 @@ import pytest
 from tests.conftest import SHARED_DATA, scoring_input, unavailable
 from tuneq.schemas.errors import DataError
 from tuneq.schemas.specs import ScoreSpec
+from tuneq.worker import store
 from tuneq.worker.io.files import iter_batches
+from tuneq.worker.jobs.runner import gated_precision
 from tuneq.worker.ml import predict
-from tuneq.worker.ml.device import cpu_computes_bf16
+from tuneq.worker.ml.device import bf16_hardware, cpu_computes_bf16
+from tuneq.worker.ml.models import weights_digest
 from tuneq.worker.ml.predict import (
     classify,
     length_batches,
@@ -33,6 +37,7 @@ from tuneq.worker.ml.score import (
     score_shard,
     stage_input,
 )
+from tuneq.worker.store.db import get_engine
 
 
 def run_locally(spec: ScoreSpec, folder: Path, native: bool | None = None) -> None:
@@ -360,3 +365,87 @@ def test_the_shards_take_the_parity_samples_outputs_and_score_only_the_rest(
     assert {r["label"] for r in rows[:256]} == {classifier.labels[1]}
     assert not np.isin(scored[256:, 0], share).any()
     np.testing.assert_allclose(scored[256:], classify(classifier, texts[256:]), atol=0.02)
+
+
+def staged_auto(model: Path, source: Path, folder: Path) -> ScoreSpec:
+    spec = auto_spec(model, source, folder.with_suffix(".csv"))
+    stage_input(spec, folder)
+    return spec
+
+
+def test_the_gate_decides_on_earlier_jobs_evidence_and_its_own(
+    trained_tiny_model: Path, tmp_path: Path
+) -> None:
+    """``earlier``: what earlier jobs' gates found for the model on this hardware. Enough of it
+    decides without sampling; too little is pooled with this job's sample."""
+    source = scoring_input(tmp_path / "in.csv", 400)
+
+    def choose(name: str, earlier: tuple[int, int]) -> tuple[Any, dict[str, Any]]:
+        folder = tmp_path / name
+        choice = choose_precision(
+            staged_auto(trained_tiny_model, source, folder), folder, True, earlier
+        )
+        return choice, json.loads((folder / "precision.json").read_text())
+
+    enough, record = choose("passed", (256, 256))
+    assert (enough.precision, enough.sampled, record["sample_rows"]) == ("bf16", 0, [])
+    assert enough.reason.endswith(
+        "on 256 of 256 rows that earlier jobs sampled with this model on this hardware"
+    )
+    failed, record = choose("failed", (2000, 2048))
+    assert (failed.precision, failed.sampled, record["sample_rows"]) == ("fp32", 0, [])
+    assert "only 2000 of 2048 rows that earlier jobs sampled" in failed.reason
+    # Fewer failing rows than a job ever samples: this job's 256 (all agreeing) are added.
+    pooled, record = choose("pooled", (250, 256))
+    assert (pooled.precision, pooled.agreed, pooled.sampled) == ("fp32", 256, 256)
+    assert "(506 of 512 with earlier jobs' samples)" in pooled.reason
+    assert sum(record["sample_rows"]) == 256
+    # A failure on few rows (two disagreements in 256, bad luck for a model this close) is
+    # outweighed by this job's rows.
+    recovered, _ = choose("recovered", (254, 256))
+    assert recovered.precision == "bf16" and "(510 of 512 with earlier" in recovered.reason
+
+
+def test_later_jobs_take_the_parity_evidence_of_the_same_weights(
+    trained_tiny_model: Path, tmp_path: Path, database_url: str
+) -> None:
+    """A job's gate adds its sample to the database under the model's weights and this kind of
+    hardware; the next job on the same weights takes bf16 without sampling and scores every
+    row in bf16, a job that wants a bigger sample samples again, and other weights in a folder
+    of the same files are gated afresh."""
+    engine = get_engine(database_url)
+    source = scoring_input(tmp_path / "in.csv", 400)
+    key = {"model_digest": weights_digest(str(trained_tiny_model)), "hardware": bf16_hardware()}
+
+    first = gated_precision(
+        engine, staged_auto(trained_tiny_model, source, tmp_path / "a"), str(tmp_path / "a"), True
+    )
+    assert (first.precision, first.sampled) == ("bf16", 256)
+    assert store.parity_evidence(engine, **key) == (first.agreed, 256)
+
+    spec = staged_auto(trained_tiny_model, source, tmp_path / "b")
+    second = gated_precision(engine, spec, str(tmp_path / "b"), True)
+    assert (second.precision, second.sampled) == ("bf16", 0)
+    assert "rows that earlier jobs sampled with this model on this hardware" in second.reason
+    assert not (tmp_path / "b" / "sample.npy").exists()
+    for index in range(2):  # shards of 300: every row scored by its shard, in bf16
+        score_shard(spec, tmp_path / "b", index)
+    texts = [r["text"] for r in read_back(source).to_pylist() if r["text"]]
+    scored = pq.read_table(tmp_path / "b" / "parts").column("label").to_pylist()
+    bf16 = [p.label for p in predict_texts(trained_tiny_model, texts, precision="bf16")]
+    assert [label for label in scored if label is not None] == bf16
+    assert store.parity_evidence(engine, **key) == (first.agreed, 256)
+
+    bigger = scoring_input(tmp_path / "big.csv", 60_000)
+    third = gated_precision(
+        engine, staged_auto(trained_tiny_model, bigger, tmp_path / "c"), str(tmp_path / "c"), True
+    )
+    assert (third.precision, third.sampled) == ("bf16", 600)
+    assert store.parity_evidence(engine, **key) == (first.agreed + third.agreed, 856)
+
+    other = disagreeing_in_bf16(trained_tiny_model, tmp_path / "other")
+    fourth = gated_precision(
+        engine, staged_auto(other, source, tmp_path / "d"), str(tmp_path / "d"), True
+    )
+    assert (fourth.precision, fourth.sampled) == ("fp32", 256)
+    assert "rows sampled from the start of the input" in fourth.reason

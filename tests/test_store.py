@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ MODEL = {
 
 
 def test_the_database_is_migrated_on_first_use(engine: Engine) -> None:
-    assert current_revision(engine) == head_revision() == "0007"
+    assert current_revision(engine) == head_revision() == "0008"
 
 
 def test_a_job_can_be_claimed_once(engine: Engine) -> None:
@@ -113,3 +114,35 @@ def test_lookups_explain_what_to_do(engine: Engine) -> None:
         store.find_model(engine, "reviews")
     with pytest.raises(ModelNotFound, match="a version is a number"):
         store.find_model(engine, "reviews:latest")
+
+
+def test_parity_evidence_adds_up_per_model_and_hardware(engine: Engine) -> None:
+    """Each job's sample adds to its model's evidence on its kind of hardware, jobs adding at
+    the same moment included; another kind of hardware starts from nothing."""
+    key = {"model_digest": "d" * 64, "hardware": "cpu amx"}
+    assert store.parity_evidence(engine, **key) == (0, 0)
+    assert store.add_parity_evidence(engine, **key, agreed=255, sampled=256) == (255, 256)
+
+    errors: list[BaseException] = []
+
+    def add(key: dict[str, str], agreed: int, sampled: int, times: int) -> None:
+        try:
+            for _ in range(times):
+                store.add_parity_evidence(engine, **key, agreed=agreed, sampled=sampled)
+        except BaseException as exc:  # reaches the test below
+            errors.append(exc)
+
+    fresh = {"model_digest": "e" * 64, "hardware": "cpu amx"}
+    adders = [threading.Thread(target=add, args=(key, 1, 2, 5)) for _ in range(4)]
+    adders += [threading.Thread(target=add, args=(fresh, 3, 3, 1)) for _ in range(4)]
+    for thread in adders:
+        thread.start()
+    for thread in adders:
+        thread.join()
+    assert errors == []
+    assert store.parity_evidence(engine, **key) == (255 + 20, 256 + 40)
+    assert store.parity_evidence(engine, **fresh) == (12, 12)  # four first rows, one kept
+    assert store.parity_evidence(engine, model_digest="d" * 64, hardware="cpu avx512_bf16") == (
+        0,
+        0,
+    )

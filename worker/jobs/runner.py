@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
@@ -30,6 +30,9 @@ from tuneq.worker.jobs.paths import confine_spec
 from tuneq.worker.ml.device import release_gpu_memory
 from tuneq.worker.ml.threads import REFIT_INTERVAL_S, fit_threads_to_host
 from tuneq.worker.store.db import get_engine
+
+if TYPE_CHECKING:
+    from tuneq.worker.ml.score import PrecisionChoice
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +220,7 @@ def start_scoring(
     lease: Lease,
 ) -> str:
     """Stage the input as shards, record them, and queue one message per shard."""
-    from tuneq.worker.ml.score import check_vocabulary, choose_precision, stage_input
+    from tuneq.worker.ml.score import check_vocabulary, stage_input
 
     store.record_progress(engine, job_id=job_id, attempt=attempt, progress={"phase": "staging"})
     artifacts.remove_path(folder)
@@ -226,7 +229,7 @@ def start_scoring(
     warning = check_vocabulary(spec, folder)
     if warning:
         store.add_event(engine, job_id=job_id, attempt=attempt, kind="warning", message=warning)
-    choice = choose_precision(spec, folder)
+    choice = gated_precision(engine, spec, folder)
     log.info("job %s: %s", job_id, choice.reason)
     store.add_event(engine, job_id=job_id, attempt=attempt, kind="precision", message=choice.reason)
     lease.check()
@@ -237,6 +240,27 @@ def start_scoring(
     for index in range(len(staged.shard_sizes)):
         publish_shard(index, queue, spec.priority)
     return "running"
+
+
+def gated_precision(
+    engine: Engine, spec: ScoreSpec, folder: str, native: bool | None = None
+) -> PrecisionChoice:
+    """The precision of a scoring job (:func:`choose_precision`), its parity gate given what
+    earlier jobs' gates found for the same weights on this kind of hardware, and what this
+    job's found added to that."""
+    from tuneq.worker.ml.device import bf16_hardware, native_bf16
+    from tuneq.worker.ml.models import weights_digest
+    from tuneq.worker.ml.score import choose_precision
+
+    native = native_bf16() if native is None else native
+    model = spec.model_path
+    if spec.precision != "auto" or not native or model is None or not Path(model).is_dir():
+        return choose_precision(spec, folder, native)
+    key = {"model_digest": weights_digest(model), "hardware": bf16_hardware()}
+    choice = choose_precision(spec, folder, native, store.parity_evidence(engine, **key))
+    if choice.sampled:
+        store.add_parity_evidence(engine, **key, agreed=choice.agreed, sampled=choice.sampled)
+    return choice
 
 
 def run_shard(settings: Settings, job_id: str, index: int, *, worker: str) -> str | None:

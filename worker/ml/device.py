@@ -30,6 +30,21 @@ def native_bf16() -> bool:
         return False
 
 
+def bf16_hardware() -> str:
+    """The kind of hardware bf16 runs on here, as the parity gate keeps its evidence: ``cuda``
+    and the GPU's name, ``cpu amx`` or ``cpu avx512_bf16``. Each rounds its own way (tensor
+    cores, AMX tiles, AVX-512 dot products), so what one found does not vouch for another."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda {torch.cuda.get_device_name()}"
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        flags = []
+    return "cpu amx" if "amx_bf16" in flags else "cpu avx512_bf16"
+
+
 def avoid_cudnn_attention() -> None:
     """On CUDA, attention by any backend but cuDNN's, for this whole process. cuDNN builds a
     graph for every new shape (on an H200, 5 ms of CPU time for 42 µs of GPU work), and

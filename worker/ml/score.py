@@ -217,25 +217,45 @@ def add_label_sets(
 
 @dataclass(frozen=True)
 class PrecisionChoice:
-    """The precision a scoring job's shards use, and why (recorded on the job)."""
+    """The precision a scoring job's shards use, and why (recorded on the job); ``agreed`` of
+    ``sampled`` rows: what this job's parity gate found, to add to the model's evidence."""
 
     precision: str
     reason: str
+    agreed: int = 0
+    sampled: int = 0
+
+
+def passes(agreed: int, sampled: int) -> bool:
+    """Whether bf16 gave fp32's answer often enough: on at least 99.5 % of the rows sampled
+    (an input without text has none to disagree on)."""
+    return sampled == 0 or agreed / sampled >= PARITY_AGREEMENT
 
 
 def choose_precision(
-    spec: ScoreSpec, folder: Location, native: bool | None = None
+    spec: ScoreSpec,
+    folder: Location,
+    native: bool | None = None,
+    earlier: tuple[int, int] = (0, 0),
 ) -> PrecisionChoice:
     """Resolve ``spec.precision`` for the job staged in ``folder`` and save it there for the
     shards. ``auto`` is bf16 where this machine computes bf16 natively (``native``, default:
-    :func:`native_bf16`) and bf16 gives fp32's answers on at least 99.5 % of a sample of the
-    input's first rows (the parity gate, :func:`parity_sample_size`); otherwise fp32. The
-    sample's outputs in the chosen precision are saved too, so that the shards they came from
-    do not score those rows again."""
+    :func:`native_bf16`) and bf16 gives fp32's answers on at least 99.5 % of the rows sampled
+    (the parity gate); otherwise fp32.
+
+    ``earlier``: ``(agreed, sampled)``, what earlier jobs' gates found for this model on this
+    kind of hardware. Where they sampled at least as many rows as this job would
+    (:func:`parity_sample_size`) and passed, the job takes bf16 without sampling; where they
+    sampled the most a job ever does and failed, fp32. Otherwise the job samples the input's
+    first rows, scores them in both precisions and decides on its rows and the earlier ones
+    together. The sample's outputs in the chosen precision are saved, so that the shards they
+    came from do not score those rows again."""
     from tuneq.worker.ml.device import native_bf16
     from tuneq.worker.ml.predict import agreement, classify, load_for_inference
 
     sample_rows: list[int] = []  # per shard, from the first: its rows in the parity sample
+    staged = join(folder, STAGED_INPUT)
+    known_agreed, known_sampled = earlier
     if spec.precision != "auto":
         choice = PrecisionChoice(spec.precision, f"precision {spec.precision}, as asked")
     elif not (native_bf16() if native is None else native):
@@ -244,36 +264,55 @@ def choose_precision(
             "precision auto: fp32, this machine has no native bf16 (AVX512-BF16, AMX, "
             "or a GPU from Ampere on)",
         )
+    elif known_sampled >= parity_sample_size(staged_rows(staged)) and passes(*earlier):
+        choice = PrecisionChoice(
+            "bf16",
+            f"precision auto: bf16, which gave fp32's answer on {known_agreed} of "
+            f"{known_sampled} rows that earlier jobs sampled with this model on this hardware",
+        )
+    elif known_sampled >= PARITY_ROWS[1] and not passes(*earlier):
+        choice = PrecisionChoice(
+            "fp32",
+            f"precision auto: fp32, as bf16 gave fp32's answer on only {known_agreed} of "
+            f"{known_sampled} rows that earlier jobs sampled with this model on this hardware "
+            f"({known_agreed / known_sampled:.1%}; at least {PARITY_AGREEMENT:.1%} needed)",
+        )
     else:
         assert spec.model_path is not None
-        sample, sample_rows = parity_sample(join(folder, STAGED_INPUT), spec.text_column)
+        sample, sample_rows = parity_sample(staged, spec.text_column)
         outputs = {}
         for precision in ("fp32", "bf16"):
             classifier = load_for_inference(spec.model_path, precision, spec.trust_remote_code)
             outputs[precision] = classify(
                 classifier, sample, max_length=spec.max_length, batch_tokens=spec.batch_tokens
             )
-        share = agreement(classifier, outputs["fp32"], outputs["bf16"])
-        agreed = round(share * len(sample))
-        if share >= PARITY_AGREEMENT:
-            choice = PrecisionChoice(
-                "bf16",
-                f"precision auto: bf16, which gave fp32's answer on {agreed} of "
-                f"{len(sample)} rows sampled from the start of the input",
-            )
+        agreed = round(agreement(classifier, outputs["fp32"], outputs["bf16"]) * len(sample))
+        total_agreed, total = agreed + known_agreed, len(sample) + known_sampled
+        found = f"{agreed} of {len(sample)} rows sampled from the start of the input"
+        if known_sampled:
+            found += f" ({total_agreed} of {total} with earlier jobs' samples)"
+        if passes(total_agreed, total):
+            reason = f"precision auto: bf16, which gave fp32's answer on {found}"
         else:
-            choice = PrecisionChoice(
-                "fp32",
-                f"precision auto: fp32, as bf16 gave fp32's answer on only {agreed} of "
-                f"{len(sample)} rows sampled from the start of the input ({share:.1%}; at least "
-                f"{PARITY_AGREEMENT:.1%} needed)",
+            reason = (
+                f"precision auto: fp32, as bf16 gave fp32's answer on only {found} "
+                f"({total_agreed / total:.1%}; at least {PARITY_AGREEMENT:.1%} needed)"
             )
+        choice = PrecisionChoice(
+            "bf16" if passes(total_agreed, total) else "fp32", reason, agreed, len(sample)
+        )
         with writing(join(folder, SAMPLE_OUTPUTS)) as sink:
             np.save(sink, outputs[choice.precision])
     record = {"precision": choice.precision, "reason": choice.reason, "sample_rows": sample_rows}
     with writing(join(folder, PRECISION)) as sink:  # last: the shards' outputs are in place
         sink.write(json.dumps(record).encode())
     return choice
+
+
+def staged_rows(staged: Location) -> int:
+    """Rows of the staged input (empty ones included)."""
+    with open_artifact(staged) as handle:
+        return int(pq.ParquetFile(handle).metadata.num_rows)
 
 
 def parity_sample_size(rows: int) -> int:

@@ -1,5 +1,5 @@
 """The database: its engine and migrations, and one module per aggregate (jobs and their events,
-shards, models, groups).
+shards, models, groups, the parity gate's evidence).
 
 Each function is one short transaction; ``from tuneq.worker import store`` gives all of them.
 """
@@ -43,6 +43,7 @@ from tuneq.worker.store.models import (
     stored_model,
     tag_model,
 )
+from tuneq.worker.store.parity import add_parity_evidence, parity_evidence
 from tuneq.worker.store.shards import (
     claim_shard,
     create_shards,
@@ -56,6 +57,7 @@ from tuneq.worker.store.shards import (
 
 __all__ = [
     "add_event",
+    "add_parity_evidence",
     "add_event_in",
     "cancel_job",
     "claim_group_notification",
@@ -83,6 +85,7 @@ __all__ = [
     "model_tags",
     "new_group",
     "new_job_id",
+    "parity_evidence",
     "priority_of",
     "record_progress",
     "register_model",
