@@ -398,12 +398,16 @@ def test_the_gate_decides_on_earlier_jobs_evidence_and_its_own(
     # Fewer failing rows than a job ever samples: this job's 256 (all agreeing) are added.
     pooled, record = choose("pooled", (250, 256))
     assert (pooled.precision, pooled.agreed, pooled.sampled) == ("fp32", 256, 256)
-    assert "(506 of 512 with earlier jobs' samples)" in pooled.reason
+    assert pooled.reason.endswith(
+        "on only 256 of 256 rows sampled from the start of the input (506 of 512 with earlier "
+        "jobs' samples, 98.8%; at least 99.5% needed)"
+    )
     assert sum(record["sample_rows"]) == 256
     # A failure on few rows (two disagreements in 256, bad luck for a model this close) is
     # outweighed by this job's rows.
     recovered, _ = choose("recovered", (254, 256))
-    assert recovered.precision == "bf16" and "(510 of 512 with earlier" in recovered.reason
+    assert recovered.precision == "bf16"
+    assert recovered.reason.endswith("(510 of 512 with earlier jobs' samples)")
 
 
 def test_later_jobs_take_the_parity_evidence_of_the_same_weights(

@@ -289,14 +289,15 @@ def choose_precision(
         agreed = round(agreement(classifier, outputs["fp32"], outputs["bf16"]) * len(sample))
         total_agreed, total = agreed + known_agreed, len(sample) + known_sampled
         found = f"{agreed} of {len(sample)} rows sampled from the start of the input"
-        if known_sampled:
-            found += f" ({total_agreed} of {total} with earlier jobs' samples)"
+        pooled = f"{total_agreed} of {total} with earlier jobs' samples" if known_sampled else ""
         if passes(total_agreed, total):
             reason = f"precision auto: bf16, which gave fp32's answer on {found}"
+            reason += f" ({pooled})" if pooled else ""
         else:
             reason = (
                 f"precision auto: fp32, as bf16 gave fp32's answer on only {found} "
-                f"({total_agreed / total:.1%}; at least {PARITY_AGREEMENT:.1%} needed)"
+                f"({pooled + ', ' if pooled else ''}{total_agreed / total:.1%}; at least "
+                f"{PARITY_AGREEMENT:.1%} needed)"
             )
         choice = PrecisionChoice(
             "bf16" if passes(total_agreed, total) else "fp32", reason, agreed, len(sample)
