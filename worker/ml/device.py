@@ -30,6 +30,7 @@ def native_bf16() -> bool:
         return False
 
 
+@cache
 def bf16_hardware() -> str:
     """The kind of hardware bf16 runs on here, as the parity gate keeps its evidence: ``cuda``
     and the GPU's name, ``cpu amx`` or ``cpu avx512_bf16``. Each rounds its own way (tensor

@@ -290,7 +290,8 @@ def choose_precision(
         total_agreed, total = agreed + known_agreed, len(sample) + known_sampled
         found = f"{agreed} of {len(sample)} rows sampled from the start of the input"
         pooled = f"{total_agreed} of {total} with earlier jobs' samples" if known_sampled else ""
-        if passes(total_agreed, total):
+        passed = passes(total_agreed, total)
+        if passed:
             reason = f"precision auto: bf16, which gave fp32's answer on {found}"
             reason += f" ({pooled})" if pooled else ""
         else:
@@ -299,9 +300,7 @@ def choose_precision(
                 f"({pooled + ', ' if pooled else ''}{total_agreed / total:.1%}; at least "
                 f"{PARITY_AGREEMENT:.1%} needed)"
             )
-        choice = PrecisionChoice(
-            "bf16" if passes(total_agreed, total) else "fp32", reason, agreed, len(sample)
-        )
+        choice = PrecisionChoice("bf16" if passed else "fp32", reason, agreed, len(sample))
         with writing(join(folder, SAMPLE_OUTPUTS)) as sink:
             np.save(sink, outputs[choice.precision])
     record = {"precision": choice.precision, "reason": choice.reason, "sample_rows": sample_rows}
