@@ -54,6 +54,12 @@ class Settings(BaseModel):
         description="bf16 scoring on a CPU with AVX512-BF16 uses tuneq's own attention kernel "
         "where, timed at start, it beats torch's; false keeps torch's everywhere.",
     )
+    keep_freed_memory: bool = Field(
+        True,
+        description="worker processes keep the memory a fine-tune step frees for the next step "
+        "instead of returning it to the kernel (glibc only), and give it back after each job; "
+        "false keeps glibc's defaults.",
+    )
     kernel_cache: Path = Field(
         Path(),
         description="Folder where the attention kernel is compiled once per machine; default: "

@@ -17,6 +17,7 @@ from tuneq.schemas.tables import Worker, utcnow
 from tuneq.worker import store
 from tuneq.worker.jobs.serve import visible_devices
 from tuneq.worker.jobs.submit import route
+from tuneq.worker.ml.allocator import glibc
 from tuneq.worker.store import workers
 from tuneq.worker.store.db import get_engine
 
@@ -132,6 +133,10 @@ def test_a_gpu_worker_sees_one_gpu_and_lists_itself(env, start_worker) -> None:
 
 def test_a_cpu_worker_hides_the_gpus(env, start_worker) -> None:
     worker = start_worker({**env, "CUDA_VISIBLE_DEVICES": "0"}, queue_name())
-    assert "CUDA_VISIBLE_DEVICES=)" in wait_for_pool(worker)
+    log = wait_for_pool(worker)
+    assert "CUDA_VISIBLE_DEVICES=)" in log
+    # the pool process keeps freed memory for the next training step (tuneq.worker.ml.allocator)
+    kept = "yes" if glibc() is not None else "no"
+    assert f"freed memory kept between steps: {kept}," in log
     [listed] = json.loads(invoke_cli(env, "workers", "--json").stdout)
     assert listed["device"] == "cpu"

@@ -14,6 +14,7 @@ def test_defaults_keep_everything_under_one_data_dir(tmp_path: Path) -> None:
     assert settings.artifact_dir == tmp_path / "artifacts"
     assert settings.kernel_cache == tmp_path / "kernels"
     assert settings.attention_kernel
+    assert settings.keep_freed_memory
     assert settings.uses_embedded_broker
 
 
@@ -31,10 +32,12 @@ def test_urls_and_artifact_dir_come_from_the_environment(tmp_path: Path) -> None
             "TUNEQ_ARTIFACT_DIR": str(tmp_path / "shared"),
             "TUNEQ_KERNEL_CACHE": str(tmp_path / "compiled"),
             "TUNEQ_ATTENTION_KERNEL": "off",
+            "TUNEQ_KEEP_FREED_MEMORY": "false",
         }
     )
     assert settings.kernel_cache == tmp_path / "compiled"
     assert not settings.attention_kernel
+    assert not settings.keep_freed_memory
     assert settings.database_url == "postgresql://tuneq@db/tuneq"
     assert settings.broker_url == "redis://:secret@redis:6379/0"
     assert settings.artifact_dir == tmp_path / "shared"

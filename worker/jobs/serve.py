@@ -15,6 +15,7 @@ from tuneq.schemas.errors import TuneqError
 from tuneq.schemas.settings import Settings
 from tuneq.worker.jobs.app import create_app, send_job, send_shard, waiting_messages
 from tuneq.worker.jobs.reaper import start_reaper
+from tuneq.worker.ml.allocator import keep_freed_memory, return_freed_memory
 from tuneq.worker.ml.device import nvidia_gpus
 from tuneq.worker.ml.threads import configure_torch, current_share, leave_host, share_of_cores
 from tuneq.worker.store import workers
@@ -81,20 +82,27 @@ def run_worker(
     def init_child(**_kwargs: Any) -> None:
         # Database engines are dropped in the child by tuneq.worker.store.db's at-fork hook.
         configure_torch(settings.worker_threads or None)
+        kept = keep_freed_memory()
         import torch
 
         log.info(
-            "pool process %d ready for jobs (torch threads: %d, CUDA_VISIBLE_DEVICES=%s)",
+            "pool process %d ready for jobs (torch threads: %d, freed memory kept between "
+            "steps: %s, CUDA_VISIBLE_DEVICES=%s)",
             os.getpid(),
             torch.get_num_threads(),
+            "yes" if kept else "no",
             os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
         )
+
+    def after_task(**_kwargs: Any) -> None:
+        return_freed_memory()  # an idle pool process does not hold the last job's peak
 
     def exit_child(**_kwargs: Any) -> None:
         leave_host()
 
     signals.worker_process_init.connect(init_child, weak=False)
     signals.worker_process_shutdown.connect(exit_child, weak=False)
+    signals.task_postrun.connect(after_task, weak=False)
     app = create_app(settings)
     name = worker_name()
 

@@ -1,0 +1,115 @@
+"""What keeping freed memory in worker processes changes in a fine-tune, in one run.
+
+    .venv/bin/python bench/allocator.py [--texts sst2|imdb] [--rows N] [--pairs N] [--name NAME]
+
+tuneq's ``finetune`` (one epoch, batch 8, fp32, the packaged MiniLM; no evaluation) on 2,000
+SST-2 sentences (``--texts imdb``: 200 IMDB training reviews truncated to 512 tokens), each run
+in a fresh process, as a worker's pool process would run it: with the allocator setting
+worker processes take (``tuneq.worker.ml.allocator``) and with glibc's defaults
+(``TUNEQ_KEEP_FREED_MEMORY=false``), alternating, ``--pairs`` times. Per run: seconds a step,
+the process's system and user CPU seconds, minor page faults, and its peak resident memory.
+Writes bench/results/allocator.json (or NAME.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common import machine, write_result
+
+HERE = Path(__file__).resolve().parent
+
+
+def one_run(texts: str, rows: int) -> None:
+    """The child: fine-tune once, print what it measured as one JSON line."""
+    import resource
+
+    from step_profile import TEXTS, tuneq_finetune
+
+    from tuneq.worker.ml.allocator import keep_freed_memory
+    from tuneq.worker.ml.models import quiet_transformers
+
+    kept = keep_freed_memory()  # as a worker's pool process does when it starts
+    quiet_transformers()
+    kind = TEXTS[texts]
+    data = kind.load(rows)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    run = tuneq_finetune(data, Path(tempfile.mkdtemp()), "fp32", kind.tuneq_max_length)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    print(
+        json.dumps(
+            {
+                "kept": kept,
+                "seconds_per_step": run["seconds_per_step"],
+                "steps": run["steps"],
+                "system_s": round(after.ru_stime - before.ru_stime, 2),
+                "user_s": round(after.ru_utime - before.ru_utime, 2),
+                "minor_faults": after.ru_minflt - before.ru_minflt,
+                "peak_rss_mb": round(after.ru_maxrss / 1024, 1),
+            }
+        )
+    )
+
+
+def child(texts: str, rows: int, keep: bool) -> dict[str, Any]:
+    env = {**os.environ, "TUNEQ_KEEP_FREED_MEMORY": "true" if keep else "false"}
+    command = [sys.executable, __file__, "--child", "--texts", texts, "--rows", str(rows)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=HERE)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", choices=("sst2", "imdb"), default="sst2")
+    parser.add_argument("--rows", type=int, help="default: 2,000 sentences or 200 reviews")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--name", default="allocator", help="results file, bench/results/NAME.json")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    rows = args.rows or (2000 if args.texts == "sst2" else 200)
+    if args.child:
+        one_run(args.texts, rows)
+        return
+    runs: dict[str, list[dict[str, Any]]] = {"kept": [], "glibc_defaults": []}
+    for pair in range(args.pairs):
+        # alternate which goes first, so that a drift of the machine's speed hits both
+        order = (True, False) if pair % 2 == 0 else (False, True)
+        for keep in order:
+            run = child(args.texts, rows, keep)
+            runs["kept" if keep else "glibc_defaults"].append(run)
+            print("kept" if keep else "glibc defaults", run, flush=True)
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(run[key] for run in runs[name])
+
+    summary = {
+        key: {name: median(name, key) for name in runs}
+        for key in ("seconds_per_step", "system_s", "user_s", "minor_faults", "peak_rss_mb")
+    }
+    summary["step_time_kept_over_defaults"] = (
+        summary["seconds_per_step"]["kept"] / summary["seconds_per_step"]["glibc_defaults"]
+    )
+    result = {
+        "machine": machine(),
+        "texts": args.texts,
+        "rows": rows,
+        "pairs": args.pairs,
+        "medians": summary,
+        "runs": runs,
+    }
+    print(json.dumps(summary, indent=1))
+    print(write_result(args.name, result))
+
+
+if __name__ == "__main__":
+    main()
