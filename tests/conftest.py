@@ -312,6 +312,16 @@ class Hook(BaseHTTPRequestHandler):
     def log_message(self, *_args: Any) -> None:
         pass
 
+    @classmethod
+    def wait_for(cls, count: int, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+        """What was posted, once at least ``count`` posts came: a worker posts after it records
+        the job's end, so a submitter's ``--wait`` can return first."""
+        deadline = time.monotonic() + timeout_s
+        while len(cls.received) < count:
+            assert time.monotonic() < deadline, f"{len(cls.received)} of {count} posts came"
+            time.sleep(0.05)
+        return list(cls.received)
+
 
 @pytest.fixture
 def hook_url() -> Iterator[str]:

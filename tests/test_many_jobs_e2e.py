@@ -79,7 +79,7 @@ def test_a_sweep_runs_every_combination_and_compare_ranks_them(
     compared = invoke_cli(env, "compare", group)
     assert compared.stdout == expected + "\n"
     assert result.stderr.endswith(expected + "\n"), "--wait ends with the comparison"
-    [summary] = Hook.received  # once, for the whole group, when its last job ended
+    [summary] = Hook.wait_for(1)  # once, for the whole group, when its last job ended
     runs = json.loads(invoke_cli(env, "compare", group, "--json").stdout)
     assert {k: summary[k] for k in ("group", "jobs", "succeeded", "failed", "cancelled")} == {
         "group": group, "jobs": 4, "succeeded": 4, "failed": 0, "cancelled": 0
@@ -195,7 +195,7 @@ def test_a_notification_is_posted_when_a_job_ends(
     missing = tmp_path / "missing.csv"
     failed = invoke_cli(env, "finetune", "--data", str(missing), *args)
     assert failed.exit_code == 1
-    ok, bad = Hook.received
+    ok, bad = Hook.wait_for(2)
     assert (ok["job"], ok["status"], ok["model"]) == (done.stdout.strip(), "succeeded", "hooked:1")
     assert set(ok["metrics"]) == {"accuracy", "macro_f1", "eval_loss"}
     assert (bad["job"], bad["status"]) == (failed.stdout.strip(), "failed")
