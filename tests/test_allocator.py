@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(glibc() is None, reason="the setting is glibc's;
 # (32 MiB), made and freed again and again; then many 1 MiB tensors (under any threshold)
 # freed together, as a job's model and activations are at its end.
 CHILD = """
-import json, resource, sys
+import json, resource, statistics, sys
 import torch
 from tuneq.worker.ml.allocator import keep_freed_memory, return_freed_memory
 
@@ -33,15 +33,16 @@ def step():
 
 kept = keep_freed_memory()
 step()  # the first step faults its pages in (and starts torch's threads) either way
-before = faults()
-for _ in range(20):
+step_faults = []
+for _ in range(21):
+    before = faults()
     step()
-step_faults = faults() - before
+    step_faults.append(faults() - before)
 blocks = [torch.ones(1 << 18) for _ in range(300)]  # 300 MiB of 1 MiB tensors
 del blocks
 held = resident_mb()
 return_freed_memory()
-print(json.dumps({"kept": kept, "step_faults": step_faults, "held_mb": held,
+print(json.dumps({"kept": kept, "step_faults": statistics.median(step_faults), "held_mb": held,
                   "after_trim_mb": resident_mb()}))
 """
 
@@ -58,10 +59,13 @@ def run_child(keep: str) -> dict:
 def test_freed_memory_is_reused_by_the_next_step_and_given_back_after_the_job() -> None:
     kept, default = run_child("true"), run_child("false")
     assert kept["kept"] and not default["kept"]
-    # glibc's default maps each 48 MiB tensor afresh: 12,288 pages faulted in per tensor
-    assert default["step_faults"] > 10 * 12_288
-    # kept, the steps reuse the pages of the ones before (36,864 faults against 245,780 on
-    # the AVX2 EPYC)
-    assert kept["step_faults"] * 5 < default["step_faults"]
+    # the median step's page faults: glibc's default maps each 48 MiB tensor afresh, 12,288
+    # pages faulted in every step
+    assert default["step_faults"] >= 12_288
+    # kept, a step reuses the pages of the one before. Not every step: a small allocation
+    # between steps can split the freed block, and the next tensor then extends the heap (2 to
+    # 6 steps of 21 did on these VMs, 24,576-73,728 faults in all against 245,780), so the
+    # median step is the measure, not the total
+    assert kept["step_faults"] < 1_000
     # the 300 MiB freed stay in the process until the job ends, then go back
     assert kept["held_mb"] - kept["after_trim_mb"] > 250
