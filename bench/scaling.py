@@ -7,7 +7,7 @@ Each layout scores the same IMDB test reviews as one job split into shards, on t
 broker: one worker process; one worker with two pool processes; two workers with the default
 threads (the machine's cores split among every worker process on it); and two workers that
 each take every core, as before threads were shared per host. Writes
-bench/results/scaling.json.
+bench/results/NAME.json (``--name``, default ``scaling``; one per processor kept side by side).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--shard-rows", type=int, default=50)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"])
+    parser.add_argument("--name", default="scaling", help="results file bench/results/NAME.json")
     args = parser.parse_args()
 
     from tuneq.schemas.specs import ScoreSpec
@@ -94,7 +95,7 @@ def main() -> None:
         "model": folder,
         "runs": runs,
     }
-    print(write_result("scaling", result))
+    print(write_result(args.name, result))
 
 
 if __name__ == "__main__":
