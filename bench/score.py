@@ -128,16 +128,10 @@ def ceilings() -> dict[str, dict[str, float]]:
     }
 
 
-def rates(flops: float, seconds: float, dtype: str, ceiling: dict[str, dict[str, float]]) -> dict:
-    """The model's FLOP/s in a run and their share of each ceiling in the run's dtype (against
-    the start's ceilings while the run goes on; :func:`against_the_best` settles them)."""
-    per_s = flops / seconds
-    return {
-        "model_flops_per_s": per_s,
-        "flops_dtype": dtype,
-        "utilisation_of_matmul": per_s / ceiling["matmul"][dtype],
-        "utilisation_of_onednn_linear": per_s / ceiling["onednn_linear"][dtype],
-    }
+def rates(flops: float, seconds: float, dtype: str) -> dict:
+    """The model's FLOP/s in a run and the dtype whose ceilings they are compared with (once
+    both ceilings are measured, by :func:`against_the_best`)."""
+    return {"model_flops_per_s": flops / seconds, "flops_dtype": dtype}
 
 
 def against_the_best(
@@ -338,7 +332,7 @@ def main() -> None:
             "labels_agree_with_tuneq_fp32": agreement(
                 job["labels"], runs.get("tuneq_fp32", {}).get("labels", job["labels"])
             ),
-            **rates(flops, seconds, "bf16" if chosen == "bf16" else "fp32", ceiling),
+            **rates(flops, seconds, "bf16" if chosen == "bf16" else "fp32"),
             "labels": job["labels"],
         }
         print(name, {k: v for k, v in runs[f"tuneq_{name}"].items() if k != "labels"}, flush=True)
@@ -359,7 +353,7 @@ def main() -> None:
             "worker": worker,
             "labels_agree_with_tuneq_fp32": agreement(job["labels"], fp32_labels),
             "accuracy": agreement(job["labels"], truth),
-            **rates(flops, seconds, precision, ceiling),
+            **rates(flops, seconds, precision),
         }
         print(name, runs[name], flush=True)
 
@@ -389,7 +383,7 @@ def main() -> None:
         runs[f"classify_in_process_{name}"] = {
             "rows_per_s": len(texts) / seconds,
             "seconds": seconds,
-            **rates(flops, seconds, precision, ceiling),
+            **rates(flops, seconds, precision),
         }
         print(name, "in process", runs[f"classify_in_process_{name}"], flush=True)
     for name, run in engine_runs(folder, texts, work / "onnx", id2label).items():
@@ -402,7 +396,7 @@ def main() -> None:
             **run,
             "labels_agree_with_tuneq_fp32": agreement(labels, fp32_labels),
             "accuracy": agreement(labels, truth),
-            **rates(flops, run["seconds"], "bf16" if name.endswith("bf16") else "fp32", ceiling),
+            **rates(flops, run["seconds"], "bf16" if name.endswith("bf16") else "fp32"),
         }
         print(name, runs[name], flush=True)
     if args.job_rows:
