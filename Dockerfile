@@ -10,10 +10,10 @@ COPY worker ./worker
 COPY schemas ./schemas
 COPY ui ./ui
 RUN pip install --no-cache-dir .
-# tuneq's bf16 attention kernel is C, compiled once per machine; build it into the image so the
-# slim image needs no compiler at run time (a worker on a CPU without AVX512-BF16 ignores it).
+# tuneq's kernels (bf16 attention, dropout) are C, compiled once per machine; build them into the
+# image so the slim image needs no compiler at run time (a worker ignores those its CPU cannot run).
 ENV TUNEQ_KERNEL_CACHE=/opt/tuneq/kernels
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && python -m tuneq.worker.ml.cpu_attention \
+    && python -m tuneq.worker.ml.kernels \
     && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 CMD ["tuneq", "worker"]

@@ -46,9 +46,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tuneq": {},  # the defaults: precision auto (bf16 where the CPU has it), attention dropout 0
     "tuneq_fp32": {"precision": "fp32"},
     "tuneq_model_attention_dropout": {"attention_dropout": 0.1},  # MiniLM's own, the old default
+    "tuneq_torch_dropout": {},  # the defaults, with torch's dropout instead of tuneq's kernel
     # A job of about a minute, to show what the queue, database and registration cost.
     "tuneq_one_minute": {"train_size": 150, "eval_size": 100},
 }
+# tuneq runs: the worker's environment, where a variant changes a setting rather than the spec.
+WORKER_ENV: dict[str, dict[str, str]] = {"tuneq_torch_dropout": {"TUNEQ_DROPOUT_KERNEL": "false"}}
 
 
 def minilm_path() -> str:
@@ -165,7 +168,8 @@ def tuneq_run(work: Path, variant: str) -> dict[str, Any]:
     mark = time.perf_counter()
     allowed = [str(IMDB), *([MODEL] if MODEL else [])]
     options = ["--gpu", "0"] if GPU else []
-    with tuneq_workers(work, allowed, "bench", [(options, {})]) as (settings, samplers):
+    env = WORKER_ENV.get(variant, {})
+    with tuneq_workers(work, allowed, "bench", [(options, env)]) as (settings, samplers):
         worker_start = time.perf_counter() - mark
         job, wall = run_job(settings, spec)
         rss = samplers[0].result()
@@ -195,6 +199,8 @@ def tuneq_run(work: Path, variant: str) -> dict[str, Any]:
         "dtype": metrics["precision"],
         "train_size": spec.train_size,
         "spec_changes": VARIANTS[variant],
+        "worker_env": env,
+        "dropout_kernel": metrics["training"].get("dropout_kernel"),
         "peak_rss_mb": rss["peak_rss_worker_tree_mb"],
     }
 

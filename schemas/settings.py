@@ -54,6 +54,11 @@ class Settings(BaseModel):
         description="bf16 scoring on a CPU with AVX512-BF16 uses tuneq's own attention kernel "
         "where, timed at start, it beats torch's; false keeps torch's everywhere.",
     )
+    dropout_kernel: bool = Field(
+        True,
+        description="fine-tunes on a CPU with AVX2 draw dropout with tuneq's own kernel (the "
+        "same distribution, from a faster generator); false keeps torch's.",
+    )
     keep_freed_memory: bool = Field(
         True,
         description="worker processes keep the memory a fine-tune step frees for the next step "
@@ -62,7 +67,7 @@ class Settings(BaseModel):
     )
     kernel_cache: Path = Field(
         Path(),
-        description="Folder where the attention kernel is compiled once per machine; default: "
+        description="Folder where tuneq's C kernels are compiled once per machine; default: "
         "data_dir/kernels.",
     )
     heartbeat_s: float = Field(

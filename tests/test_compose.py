@@ -90,4 +90,4 @@ def test_the_image_copies_every_package_and_sets_only_real_settings() -> None:
     assert folders <= copied, folders - copied
     known = {"TUNEQ_" + name.upper() for name in Settings.model_fields}
     assert set(re.findall(r"^ENV (TUNEQ_\w+)=", dockerfile, flags=re.M)) <= known
-    assert "python -m tuneq.worker.ml.cpu_attention" in dockerfile  # the kernel, built in
+    assert "python -m tuneq.worker.ml.kernels" in dockerfile  # the kernels, built in

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import SHARED_DATA, save_tiny_bert, unavailable
-from tuneq.worker.ml import cpu_attention
+from tuneq.worker.ml import cpu_attention, kernels
 from tuneq.worker.ml.cpu_attention import NAME, attention, beats_torch, kernel
 
 AVX2_ONLY = "flags : fpu sse2 avx avx2 fma bmi2"
@@ -97,14 +97,14 @@ def test_the_kernel_runs_only_where_the_cpu_has_avx512_bf16(
 def test_the_kernel_is_built_once_per_source(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if cpu_attention.compiler() is None:
+    if kernels.compiler() is None:
         unavailable("no C compiler (cc or gcc) here")
     first = cpu_attention.build(tmp_path)
     stamp = first.stat().st_mtime_ns
     assert cpu_attention.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial file left
     # built in advance (as the image does), it loads where no compiler is
-    monkeypatch.setattr(cpu_attention, "compiler", lambda: None)
+    monkeypatch.setattr(kernels, "compiler", lambda: None)
     assert cpu_attention.build(tmp_path) == first
     with pytest.raises(OSError, match="no C compiler"):
         cpu_attention.build(tmp_path / "elsewhere")

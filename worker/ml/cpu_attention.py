@@ -20,11 +20,8 @@ goes to torch's SDPA as before. ``TUNEQ_ATTENTION_KERNEL=off`` turns it off.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
 import platform
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -35,6 +32,8 @@ from typing import Any
 import torch
 
 from tuneq.schemas.settings import load_settings
+from tuneq.worker.ml import kernels
+from tuneq.worker.ml.kernels import X86, cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +55,6 @@ FAILURES = {
     3: "the kernel refused this process the AMX tile registers",
 }
 HEAD_SIZES = (32, 64)
-X86 = ("x86_64", "amd64")
-
-
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The words of ``cpuinfo`` (default: /proc/cpuinfo's), which include the CPU's flags."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return set()
-    return set(cpuinfo.split())
 
 
 def unavailable(cpuinfo: str | None = None) -> str | None:
@@ -86,36 +74,9 @@ def unavailable(cpuinfo: str | None = None) -> str | None:
     return None
 
 
-def compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
 def build(folder: Path | None = None) -> Path:
-    """The compiled kernel, built on first use; named by a digest of the source and the flags,
-    so a changed source is rebuilt, a folder built in advance (an image's) needs no compiler,
-    and concurrent workers share one file (each writes its own and renames it into place)."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()
-    folder = folder or load_settings().kernel_cache
-    target = folder / f"attention_bf16-{digest[:16]}.so"
-    if target.is_file():
-        return target
-    cc = compiler()
-    if cc is None:
-        raise OSError(f"no C compiler (CC, cc or gcc) to build it into {folder}")
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    try:
-        subprocess.run(
-            [cc, *FLAGS, "-o", str(partial), str(SOURCE)],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-    return target
+    """The compiled kernel (see :func:`tuneq.worker.ml.kernels.build`)."""
+    return kernels.build(SOURCE, FLAGS, folder)
 
 
 def variants(cpuinfo: str | None = None) -> tuple[str, ...]:
@@ -359,7 +320,3 @@ def use_for(model: Any) -> bool:
     if faster:
         model.set_attn_implementation(registered())
     return faster
-
-
-if __name__ == "__main__":  # the image's build step: compile the kernel into TUNEQ_KERNEL_CACHE
-    print(build())

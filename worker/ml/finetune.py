@@ -20,6 +20,7 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from tuneq.schemas.errors import ConfigError
 from tuneq.schemas.specs import DEFAULT_ATTENTION_DROPOUT, FinetuneSpec, default_learning_rate
+from tuneq.worker.ml import cpu_dropout
 from tuneq.worker.ml.best_model import (
     BestModel,
     Evaluation,
@@ -189,6 +190,7 @@ def finetune(
             "max_length": max_length,
             "learning_rate": spec.learning_rate,
             "attention_dropout": spec.attention_dropout,  # None: the model has no such setting
+            "dropout_kernel": cpu_dropout.in_use(trainer.model),
         },
         loss_curve=curves.train,
         eval_curve=curves.eval,
@@ -241,7 +243,7 @@ def new_model(spec: FinetuneSpec, source: str, label_names: list[str]) -> Any:
     # The new head is drawn from the global RNG while loading, before the Trainer seeds it:
     # unseeded, the same spec gave another model (and other predictions) in each process.
     set_seed(spec.seed)
-    return load_classifier(
+    model = load_classifier(
         spec.model,
         source,
         trust_remote_code=spec.trust_remote_code,
@@ -257,6 +259,8 @@ def new_model(spec: FinetuneSpec, source: str, label_names: list[str]) -> Any:
             trust_remote_code=spec.trust_remote_code,
         ),
     )
+    cpu_dropout.use_for(model)
+    return model
 
 
 def choose_best(trainer: Any, keeper: BestModel, final_step: int, report: Progress) -> Evaluation:

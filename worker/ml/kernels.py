@@ -1,0 +1,70 @@
+"""tuneq's C kernels: compiled once per machine by the system's C compiler into a cache folder
+(``TUNEQ_KERNEL_CACHE``, else ``$TUNEQ_DATA_DIR/kernels``) and loaded with ctypes.
+
+Each kernel's module (``cpu_attention``, ``cpu_dropout``) says what it computes and where it
+runs; this one owns what they share: reading the CPU's flags and building a source file into a
+shared library. ``python -m tuneq.worker.ml.kernels`` builds every kernel, whichever this CPU
+runs (the image's build step, so that a slim image needs no compiler at run time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from tuneq.schemas.settings import load_settings
+
+X86 = ("x86_64", "amd64")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The words of ``cpuinfo`` (default: /proc/cpuinfo's), which include the CPU's flags."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    return set(cpuinfo.split())
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build(source: Path, flags: tuple[str, ...], folder: Path | None = None) -> Path:
+    """``source`` compiled with ``flags`` into a shared library, built on first use; named by a
+    digest of the source and the flags, so a changed source is rebuilt, a folder built in
+    advance (an image's) needs no compiler, and concurrent workers share one file (each writes
+    its own and renames it into place)."""
+    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()
+    folder = folder or load_settings().kernel_cache
+    target = folder / f"{source.stem}-{digest[:16]}.so"
+    if target.is_file():
+        return target
+    cc = compiler()
+    if cc is None:
+        raise OSError(f"no C compiler (CC, cc or gcc) to build it into {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        subprocess.run(
+            [cc, *flags, "-o", str(partial), str(source)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+if __name__ == "__main__":  # the image's build step: every kernel, into TUNEQ_KERNEL_CACHE
+    from tuneq.worker.ml import cpu_attention, cpu_dropout
+
+    print(cpu_attention.build())
+    print(cpu_dropout.build())
