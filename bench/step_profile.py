@@ -236,6 +236,7 @@ def tuneq_finetune(
         "seconds_per_step": (train_s or wall) / steps,
         "train_samples_per_second": metrics.get("train_samples_per_second"),
         "max_length": metrics["training"]["max_length"],
+        "dropout_kernel": metrics["training"]["dropout_kernel"],
     }
 
 

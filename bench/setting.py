@@ -1,14 +1,22 @@
-"""What keeping freed memory in worker processes changes in a fine-tune, in one run.
+"""What one tuneq setting changes in a fine-tune, in one run: each way, in fresh processes.
 
-    .venv/bin/python bench/allocator.py [--texts sst2|imdb] [--rows N] [--pairs N] [--name NAME]
+    .venv/bin/python bench/setting.py [--setting keep_freed_memory|dropout_kernel]
+        [--texts sst2|imdb] [--rows N] [--pairs N] [--name NAME]
 
 tuneq's ``finetune`` (one epoch, batch 8, fp32, the packaged MiniLM; no evaluation) on 2,000
 SST-2 sentences (``--texts imdb``: 200 IMDB training reviews truncated to 512 tokens), each run
-in a fresh process, as a worker's pool process would run it: with the allocator setting
-worker processes take (``tuneq.worker.ml.allocator``) and with glibc's defaults
-(``TUNEQ_KEEP_FREED_MEMORY=false``), alternating, ``--pairs`` times. Per run: seconds a step,
-the process's system and user CPU seconds, minor page faults, and its peak resident memory.
-Writes bench/results/allocator.json (or NAME.json).
+in a fresh process that starts as a worker's pool process does (``keep_freed_memory()``), with
+the setting on (tuneq's default) and off, alternating, ``--pairs`` times:
+
+- ``keep_freed_memory``: the allocator setting of worker processes
+  (``tuneq.worker.ml.allocator``), off meaning glibc's defaults;
+- ``dropout_kernel``: tuneq's dropout kernel (``tuneq.worker.ml.cpu_dropout``), off meaning
+  torch's dropout.
+
+Per run: seconds a step, the process's system and user CPU seconds, minor page faults, and its
+peak resident memory. Writes bench/results/setting.json (or NAME.json). Files written before
+this script had its name (``bench/allocator.py``) call the two arms ``kept`` and
+``glibc_defaults``.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any
 from common import machine, write_result
 
 HERE = Path(__file__).resolve().parent
+SETTINGS = ("keep_freed_memory", "dropout_kernel")
 
 
 def one_run(texts: str, rows: int) -> None:
@@ -34,6 +43,7 @@ def one_run(texts: str, rows: int) -> None:
 
     from step_profile import TEXTS, tuneq_finetune
 
+    from tuneq.schemas.settings import load_settings
     from tuneq.worker.ml.allocator import keep_freed_memory
     from tuneq.worker.ml.models import quiet_transformers
 
@@ -47,7 +57,9 @@ def one_run(texts: str, rows: int) -> None:
     print(
         json.dumps(
             {
-                "kept": kept,
+                "freed_memory_kept": kept,
+                "dropout_kernel_setting": load_settings().dropout_kernel,
+                "dropout_kernel": run["dropout_kernel"],
                 "seconds_per_step": run["seconds_per_step"],
                 "steps": run["steps"],
                 "system_s": round(after.ru_stime - before.ru_stime, 2),
@@ -59,8 +71,8 @@ def one_run(texts: str, rows: int) -> None:
     )
 
 
-def child(texts: str, rows: int, keep: bool) -> dict[str, Any]:
-    env = {**os.environ, "TUNEQ_KEEP_FREED_MEMORY": "true" if keep else "false"}
+def child(setting: str, texts: str, rows: int, on: bool) -> dict[str, Any]:
+    env = {**os.environ, f"TUNEQ_{setting.upper()}": "true" if on else "false"}
     command = [sys.executable, __file__, "--child", "--texts", texts, "--rows", str(rows)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=HERE)
     if done.returncode:
@@ -70,37 +82,38 @@ def child(texts: str, rows: int, keep: bool) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=SETTINGS, default="keep_freed_memory")
     parser.add_argument("--texts", choices=("sst2", "imdb"), default="sst2")
     parser.add_argument("--rows", type=int, help="default: 2,000 sentences or 200 reviews")
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--name", default="allocator", help="results file, bench/results/NAME.json")
+    parser.add_argument("--name", default="setting", help="results file, bench/results/NAME.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     rows = args.rows or (2000 if args.texts == "sst2" else 200)
     if args.child:
         one_run(args.texts, rows)
         return
-    runs: dict[str, list[dict[str, Any]]] = {"kept": [], "glibc_defaults": []}
+    runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
     for pair in range(args.pairs):
         # alternate which goes first, so that a drift of the machine's speed hits both
-        order = (True, False) if pair % 2 == 0 else (False, True)
-        for keep in order:
-            run = child(args.texts, rows, keep)
-            runs["kept" if keep else "glibc_defaults"].append(run)
-            print("kept" if keep else "glibc defaults", run, flush=True)
+        for on in (True, False) if pair % 2 == 0 else (False, True):
+            run = child(args.setting, args.texts, rows, on)
+            runs["on" if on else "off"].append(run)
+            print(args.setting, "on" if on else "off", run, flush=True)
 
     def median(name: str, key: str) -> float:
         return statistics.median(run[key] for run in runs[name])
 
-    summary = {
+    summary: dict[str, Any] = {
         key: {name: median(name, key) for name in runs}
         for key in ("seconds_per_step", "system_s", "user_s", "minor_faults", "peak_rss_mb")
     }
-    summary["step_time_kept_over_defaults"] = (
-        summary["seconds_per_step"]["kept"] / summary["seconds_per_step"]["glibc_defaults"]
+    summary["step_time_on_over_off"] = (
+        summary["seconds_per_step"]["on"] / summary["seconds_per_step"]["off"]
     )
     result = {
         "machine": machine(),
+        "setting": args.setting,
         "texts": args.texts,
         "rows": rows,
         "pairs": args.pairs,
