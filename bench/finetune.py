@@ -201,6 +201,11 @@ def tuneq_run(work: Path, variant: str) -> dict[str, Any]:
         "spec_changes": VARIANTS[variant],
         "worker_env": env,
         "dropout_kernel": metrics["training"].get("dropout_kernel"),
+        "eval_size": spec.eval_size,
+        # the Trainer evaluates at the end of each epoch inside the train phase; an evaluation
+        # in the eval phase (of final weights not evaluated in training) is counted apart
+        "evaluations_in_train": len(metrics.get("eval_curve") or [])
+        - (1 if phases.get("eval", 0) > 0 else 0),
         "peak_rss_mb": rss["peak_rss_worker_tree_mb"],
     }
 
@@ -239,8 +244,13 @@ def token_lengths() -> tuple[list[int], list[int]]:
 
 
 def utilisation(run: dict[str, Any], flops: dict[str, float], ceiling: dict[str, float]) -> None:
+    """Model FLOPs a second of the train phase, and their share of ``matmul``'s rate: the
+    training FLOPs, and for tuneq's runs those of the evaluations made inside that phase (files
+    written before this counted the training FLOPs alone, which understated tuneq's rate)."""
     rate = ceiling[run["dtype"]]
     train_flops = flops["train"] * run.get("train_size", TRAIN) / TRAIN
+    evaluations = run.get("evaluations_in_train", 0)
+    train_flops += evaluations * flops["eval"] * run.get("eval_size", EVAL) / EVAL
     run["model_flops_per_s_train"] = train_flops / run["phases_s"]["train"]
     run["utilisation_of_matmul_train"] = run["model_flops_per_s_train"] / rate
 
