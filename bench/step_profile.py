@@ -14,7 +14,8 @@ them, and frozen, to show what the 11.7M-parameter embedding matrix costs; each 
 steps run under torch's profiler, their operators' time summed by kind (the products, the
 optimizer, zero-filling new gradients, ...). Then ``finetune`` itself (tuneq's Trainer,
 callbacks and all) runs the same rows for its steps per second, in fp32 and, where the CPU
-computes bf16, in its default precision (bf16 autocast) against the bf16 matmul rate. The
+computes bf16, in its default precision (bf16 autocast) against the bf16 matmul rate; a second
+fp32 run of it profiles 20 of its steps by the same kinds. The
 process keeps freed memory as a worker's pool process does (``worker/ml/allocator.py``; since
 ``TUNEQ_KEEP_FREED_MEMORY=false`` keeps glibc's defaults, the file records which). Writes
 bench/results/step_profile.json (or NAME.json).
@@ -53,7 +54,8 @@ KINDS = {
     "optimizer (fused AdamW)": ("aten::_fused_adamw_",),
     "gradient norm (clipping)": ("aten::linalg_vector_norm", "aten::_foreach_norm"),
     "zero-filling new tensors (the embedding gradient's mostly)": ("aten::fill_", "aten::zero_"),
-    "dropout masks": ("aten::bernoulli_",),
+    "dropout masks": ("aten::bernoulli_", "_Dropout", "_DropoutBackward"),  # torch's, tuneq's
+    "clipping's rescale": ("aten::_foreach_mul_",),
     "GELU": ("aten::gelu", "aten::gelu_backward"),
     "freeing gradients (zero_grad)": ("Optimizer.zero_grad#AdamW.zero_grad",),
 }  # fmt: skip
@@ -201,10 +203,18 @@ def operator_kinds(profiler: Any, steps: int) -> dict[str, float]:
 
 
 def tuneq_finetune(
-    data: list[tuple[str, int]], work: Path, precision: str, max_length: int | None = None
+    data: list[tuple[str, int]],
+    work: Path,
+    precision: str,
+    max_length: int | None = None,
+    profiled_steps: int = 0,
 ) -> dict[str, Any]:
-    """tuneq's own ``finetune`` on the same rows, one epoch, batch 8, 1e-4, no evaluation."""
+    """tuneq's own ``finetune`` on the same rows, one epoch, batch 8, 1e-4, no evaluation; with
+    ``profiled_steps``, a second run of the same job profiles that many of its steps, from the
+    end of step 10 (what the job does between steps, its progress reports included, counts)."""
     import csv
+
+    import torch
 
     from tuneq.schemas.specs import FinetuneSpec
     from tuneq.worker.ml.finetune import finetune
@@ -229,7 +239,21 @@ def tuneq_finetune(
     metrics = result.metrics
     steps = metrics["train_steps"]
     train_s = result.phases.get("train")
+    operators = None
+    if profiled_steps:
+        profiler, first = torch.profiler.profile(), 10
+
+        def window(progress: dict[str, Any]) -> None:
+            step = progress.get("step") if progress.get("phase") == "training" else None
+            if step == first:
+                profiler.start()
+            elif step == first + profiled_steps:
+                profiler.stop()
+
+        finetune(spec, work / f"model-{precision}-profiled", on_progress=window)
+        operators = operator_kinds(profiler, profiled_steps)
     return {
+        "operators_s_per_step": operators,
         "steps": steps,
         "wall_s": round(wall, 2),
         "train_phase_s": train_s,
@@ -276,7 +300,7 @@ def main() -> None:
         )
         print(name, loop, flush=True)
     work = Path(tempfile.mkdtemp(prefix="tuneq-bench-step-"))
-    trainer = tuneq_finetune(data, work, "fp32", texts.tuneq_max_length)
+    trainer = tuneq_finetune(data, work, "fp32", texts.tuneq_max_length, profiled_steps=20)
     # tuneq's steps see every row once, at the length its run truncated them to: their mean
     # arithmetic, not the hand loop's median batch.
     shape = loops["embeddings_trained"]["model_shape"]
