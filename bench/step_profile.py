@@ -55,8 +55,8 @@ KINDS = {
     "gradient norm (clipping)": ("aten::linalg_vector_norm", "aten::_foreach_norm"),
     "zero-filling new tensors (the embedding gradient's mostly)": ("aten::fill_", "aten::zero_"),
     "dropout masks": ("aten::bernoulli_", "_Dropout", "_DropoutBackward"),  # torch's, tuneq's
-    # clip_grad_norm_'s rescale: _foreach_mul_ runs a mul_ per gradient on the CPU (in the
-    # hand loop, the scaling of torch's dropout is a mul_ too)
+    # clip_grad_norm_'s rescale: _foreach_mul_ runs a mul_ per gradient on the CPU (torch's
+    # dropout scales with div_ and mul, not mul_)
     "clipping's rescale": ("aten::_foreach_mul_", "aten::mul_"),
     "GELU": ("aten::gelu", "aten::gelu_backward"),
     "freeing gradients (zero_grad)": ("Optimizer.zero_grad#AdamW.zero_grad",),
