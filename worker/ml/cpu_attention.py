@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import platform
 import subprocess
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ import torch
 
 from tuneq.schemas.settings import load_settings
 from tuneq.worker.ml import kernels
-from tuneq.worker.ml.kernels import X86, cpu_flags
+from tuneq.worker.ml.kernels import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +58,8 @@ HEAD_SIZES = (32, 64)
 
 def unavailable(cpuinfo: str | None = None) -> str | None:
     """Why the kernel cannot run in this process, or None where it can."""
-    if not load_settings().attention_kernel:
-        return "TUNEQ_ATTENTION_KERNEL is off"
-    if platform.machine().lower() not in X86:
-        return f"the CPU is {platform.machine()}, not x86-64"
-    flags = cpu_flags(cpuinfo)
-    if not flags:
-        return "no /proc/cpuinfo to read the CPU's flags from"
-    missing = [flag for flag in CPU_FLAGS if flag not in flags]
-    if missing:
-        return f"the CPU lacks {', '.join(missing)}"
-    if "OpenMP" not in torch.__config__.parallel_info():
-        return "torch is not built with OpenMP, whose threads the kernel shares"
-    return None
+    enabled = load_settings().attention_kernel
+    return kernels.cannot_run("attention_kernel", enabled, CPU_FLAGS, cpuinfo)
 
 
 def build(folder: Path | None = None) -> Path:

@@ -47,24 +47,27 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even; NaN stays Na
     return (uint16_t)(bits >> 16);
 }
 
+/* One loop for both dtypes: element i of x, read by LOAD and written by STORE, kept or zeroed
+   (x * 0, so that a NaN stays NaN, as in torch's). */
+#define DROPOUT_LOOP(LOAD, STORE)                                                            \
+    const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);                         \
+    _Pragma("omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_MIN)") \
+    for (long start = 0; start < n; start += BLOCK) {                                        \
+        const long end = start + BLOCK < n ? start + BLOCK : n;                              \
+        for (long i = start; i < end; i++)                                                   \
+            STORE(LOAD(x[i]) * (draw((uint32_t)i, k0, k1) >= threshold ? scale : 0.0f));    \
+    }
+
+#define AS_F32(v) (v)
+#define STORE_F32(v) y[i] = (v)
+#define STORE_BF16(v) y[i] = to_bf16(v)
+
 void tuneq_dropout_f32(const float *x, float *y, long n, uint32_t threshold, float scale,
                        uint64_t seed, int threads) {
-    const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_MIN)
-    for (long start = 0; start < n; start += BLOCK) {
-        const long end = start + BLOCK < n ? start + BLOCK : n;
-        for (long i = start; i < end; i++)
-            y[i] = x[i] * (draw((uint32_t)i, k0, k1) >= threshold ? scale : 0.0f);
-    }
+    DROPOUT_LOOP(AS_F32, STORE_F32)
 }
 
 void tuneq_dropout_bf16(const uint16_t *x, uint16_t *y, long n, uint32_t threshold, float scale,
                         uint64_t seed, int threads) {
-    const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_MIN)
-    for (long start = 0; start < n; start += BLOCK) {
-        const long end = start + BLOCK < n ? start + BLOCK : n;
-        for (long i = start; i < end; i++)
-            y[i] = to_bf16(from_bf16(x[i]) * (draw((uint32_t)i, k0, k1) >= threshold ? scale : 0.0f));
-    }
+    DROPOUT_LOOP(from_bf16, STORE_BF16)
 }

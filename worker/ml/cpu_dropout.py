@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import platform
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -28,7 +27,6 @@ import torch
 
 from tuneq.schemas.settings import load_settings
 from tuneq.worker.ml import kernels
-from tuneq.worker.ml.kernels import X86, cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +39,8 @@ MAX_ELEMENTS = 2**32  # the hash counts elements in 32 bits
 
 def unavailable(cpuinfo: str | None = None) -> str | None:
     """Why the kernel cannot run in this process, or None where it can."""
-    if not load_settings().dropout_kernel:
-        return "TUNEQ_DROPOUT_KERNEL is off"
-    if platform.machine().lower() not in X86:
-        return f"the CPU is {platform.machine()}, not x86-64"
-    flags = cpu_flags(cpuinfo)
-    if not flags:
-        return "no /proc/cpuinfo to read the CPU's flags from"
-    missing = [flag for flag in CPU_FLAGS if flag not in flags]
-    if missing:
-        return f"the CPU lacks {', '.join(missing)}"
-    return None
+    enabled = load_settings().dropout_kernel
+    return kernels.cannot_run("dropout_kernel", enabled, CPU_FLAGS, cpuinfo)
 
 
 def build(folder: Path | None = None) -> Path:

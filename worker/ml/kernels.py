@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 from pathlib import Path
+
+import torch
 
 from tuneq.schemas.settings import load_settings
 
@@ -28,6 +31,26 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
         except OSError:
             return set()
     return set(cpuinfo.split())
+
+
+def cannot_run(
+    setting: str, enabled: bool, required: tuple[str, ...], cpuinfo: str | None = None
+) -> str | None:
+    """Why a kernel behind the setting ``setting`` (on where ``enabled``), which needs the CPU
+    flags ``required``, cannot run in this process; None where it can."""
+    if not enabled:
+        return f"TUNEQ_{setting.upper()} is off"
+    if platform.machine().lower() not in X86:
+        return f"the CPU is {platform.machine()}, not x86-64"
+    flags = cpu_flags(cpuinfo)
+    if not flags:
+        return "no /proc/cpuinfo to read the CPU's flags from"
+    missing = [flag for flag in required if flag not in flags]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return "torch is not built with OpenMP, whose threads the kernels share"
+    return None
 
 
 def compiler() -> str | None:
