@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import subprocess
 import time
 from collections.abc import Callable
 from functools import cache
@@ -76,16 +75,11 @@ def variants(cpuinfo: str | None = None) -> tuple[str, ...]:
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, loaded; None (logged once, with the reason) where it cannot run."""
-    reason = unavailable()
-    if reason is None:
-        try:
-            return ctypes.CDLL(str(build()))
-        except subprocess.CalledProcessError as error:
-            reason = f"building it failed: {error.stderr.strip()[-500:]}"
-        except (OSError, subprocess.SubprocessError) as error:
-            reason = f"building or loading it failed: {error}"
-    log.info("bf16 attention on torch's kernel: tuneq's is off here (%s)", reason)
-    return None
+    loaded = kernels.load(SOURCE, FLAGS, unavailable())
+    if isinstance(loaded, str):
+        log.info("bf16 attention on torch's kernel: tuneq's is off here (%s)", loaded)
+        return None
+    return loaded
 
 
 @cache

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import subprocess
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -51,23 +50,16 @@ def build(folder: Path | None = None) -> Path:
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, loaded; None (logged once, with the reason) where it cannot run."""
-    reason = unavailable()
-    if reason is None:
-        try:
-            loaded = ctypes.CDLL(str(build()))
-        except subprocess.CalledProcessError as error:
-            reason = f"building it failed: {error.stderr.strip()[-500:]}"
-        except (OSError, subprocess.SubprocessError) as error:
-            reason = f"building or loading it failed: {error}"
-        else:
-            for name in ENTRY_POINTS.values():
-                run = getattr(loaded, name)
-                run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_uint32]
-                run.argtypes += [ctypes.c_float, ctypes.c_uint64, ctypes.c_int]
-                run.restype = None
-            return loaded
-    log.info("dropout on torch's kernel: tuneq's is off here (%s)", reason)
-    return None
+    loaded = kernels.load(SOURCE, FLAGS, unavailable())
+    if isinstance(loaded, str):
+        log.info("dropout on torch's kernel: tuneq's is off here (%s)", loaded)
+        return None
+    for name in ENTRY_POINTS.values():
+        run = getattr(loaded, name)
+        run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_uint32]
+        run.argtypes += [ctypes.c_float, ctypes.c_uint64, ctypes.c_int]
+        run.restype = None
+    return loaded
 
 
 def handles(x: torch.Tensor, p: float) -> bool:
@@ -84,7 +76,7 @@ def apply(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """``x`` with each element kept with probability ``1 - p`` (and scaled by ``1 / (1 - p)``)
     or zeroed, as drawn from ``seed``: the same seed and shape give the same mask."""
     loaded = library()
-    assert loaded is not None and handles(x, p)
+    assert loaded is not None, "apply() is for what handles() accepts"
     x = x.contiguous()
     y = torch.empty_like(x)
     threshold = min(round(p * 2.0**32), 2**32 - 1)

@@ -9,6 +9,7 @@ runs (the image's build step, so that a slim image needs no compiler at run time
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -84,6 +85,19 @@ def build(source: Path, flags: tuple[str, ...], folder: Path | None = None) -> P
     finally:
         partial.unlink(missing_ok=True)
     return target
+
+
+def load(source: Path, flags: tuple[str, ...], reason: str | None) -> ctypes.CDLL | str:
+    """``source`` built (:func:`build`) and loaded where ``reason`` (why it cannot run here) is
+    None; otherwise, or where building or loading fails, why it is not loaded."""
+    if reason is not None:
+        return reason
+    try:
+        return ctypes.CDLL(str(build(source, flags)))
+    except subprocess.CalledProcessError as error:
+        return f"building it failed: {error.stderr.strip()[-500:]}"
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"building or loading it failed: {error}"
 
 
 if __name__ == "__main__":  # the image's build step: every kernel, into TUNEQ_KERNEL_CACHE
