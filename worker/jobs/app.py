@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import time
+from queue import Empty
+from typing import Any
 
 import kombu.transport
 from celery import Celery
@@ -33,6 +36,34 @@ class EmbeddedTransport(SQLAlchemyTransport):  # type: ignore[misc]
     """
 
     polling_interval = 0.1
+
+    def drain_events(self, connection: Any, timeout: float | None = None, **_: Any) -> None:
+        """kombu's polling loop, which also returns (as a timeout) once the worker is asked to
+        stop: celery's blocking loop drains for 2 s at a time and looks for a warm shutdown only
+        between drains. An idle worker on this broker took 4.8 s to stop on SIGTERM, 1.7 s with
+        this (2.0 s on Redis, whose loop is not this one)."""
+        cycle: Any = self.cycle  # the channels' round robin, set once a channel is open
+        started = time.monotonic()
+        while True:
+            try:
+                cycle.get(self._deliver, timeout=timeout)
+                return
+            except Empty:
+                if stopping() or (timeout is not None and time.monotonic() - started >= timeout):
+                    raise TimeoutError() from None  # socket.timeout, what celery catches
+                time.sleep(self.polling_interval)
+
+
+def stopping() -> bool:
+    """Whether this worker process has been asked to stop (warm or cold), by celery's state."""
+    from celery.worker import state
+
+    # An exit code, 0 included, once asked; None (or False) until then: compared by identity,
+    # as celery's own check does, since 0 == False.
+    return any(
+        flag is not None and flag is not False
+        for flag in (state.should_stop, state.should_terminate)
+    )
 
 
 kombu.transport.TRANSPORT_ALIASES["sqla"] = f"{__name__}:EmbeddedTransport"
