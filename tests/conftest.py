@@ -215,6 +215,7 @@ class WorkerProcess:
         self.env, self.queue, self.log = env, queue, log
         command = [*prefix, sys.executable, "-m", "tuneq.cli", "worker", "--queues", queue, *args]
         self.handle = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.asked_to_stop = False
         self.process = subprocess.Popen(
             command,
             env={**os.environ, **env},
@@ -236,9 +237,15 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def ask_to_stop(self) -> None:
+        """SIGTERM, once: a warm shutdown, which :meth:`stop` then waits for."""
+        if self.alive and not self.asked_to_stop:
+            self.process.terminate()
+            self.asked_to_stop = True
+
     def stop(self) -> None:
         if self.alive:
-            self.process.terminate()
+            self.ask_to_stop()
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -260,6 +267,8 @@ def start_worker(tmp_path: Path) -> Iterator[object]:
         return worker
 
     yield start
+    for worker in workers:  # all at once: each takes seconds to shut down
+        worker.ask_to_stop()
     for worker in workers:
         worker.stop()
 

@@ -276,6 +276,8 @@ def hosts(
 
 
 def stop_workers(workers: list[WorkerProcess]) -> None:
+    for worker in workers:  # all at once: each takes seconds to shut down
+        worker.ask_to_stop()
     for worker in workers:
         worker.stop()
 
