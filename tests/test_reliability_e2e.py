@@ -472,3 +472,38 @@ def test_shards_whose_messages_the_broker_lost_mid_job_are_published_again(
     assert [s.attempt for s in list_shards(engine, job_id)] == [1] * 20, "none ran twice"
     scored = [r["id"] for b in iter_batches(output) for r in b.to_pylist()]
     assert scored == [r["id"] for b in iter_batches(source) for r in b.to_pylist()]
+
+
+@pytest.mark.parametrize("broker", ["embedded", "redis"])
+def test_a_worker_asked_to_stop_finishes_its_running_job_first(
+    fast_env, start_worker, tiny_model, trained_tiny_model, reviews_csv, broker
+):
+    """SIGTERM (a warm shutdown) while a fine-tune runs: the worker stops taking work, finishes
+    the job, registers its model and exits 0; the job's message is gone, so a worker started
+    later does not run it again."""
+    env = fast_env
+    if broker == "redis":
+        if not redis_available(REDIS_URL):
+            unavailable(f"Redis is not reachable at {REDIS_URL}")
+        env = {**fast_env, "TUNEQ_BROKER_URL": REDIS_URL}
+    queue = queue_name()
+    worker = start_worker(env, queue)
+    job_id = submit(env, *finetune_args(queue, reviews_csv, tiny_model, epochs="8"))
+    wait_for(env, job_id, lambda j: (j["progress"] or {}).get("step", 0) >= 2)
+    worker.ask_to_stop()
+    assert worker.process.wait(timeout=120) == 0, worker.log.read_text()
+    job = json.loads(invoke_cli(env, "show", job_id, "--json").stdout)
+    assert (job["status"], job["attempt"]) == ("succeeded", 1), job
+    assert job["metrics"]["train_steps"] == 8 * 10, "every step of 8 epochs of 160 rows in 16s"
+    engine = get_engine(env["TUNEQ_DATABASE_URL"])
+    assert [m.job_id for m in list_models(engine)] == [job_id]
+
+    later = start_worker(env, queue)
+    # One epoch, from the model already trained on these reviews, so that it learns in that time
+    quick_args = finetune_args(queue, reviews_csv, trained_tiny_model, epochs="1")
+    quick = submit(env, *quick_args, "--wait")
+    assert later.alive
+    assert json.loads(invoke_cli(env, "show", quick, "--json").stdout)["attempt"] == 1
+    again = json.loads(invoke_cli(env, "show", job_id, "--json").stdout)
+    assert (again["status"], again["attempt"]) == ("succeeded", 1), "not run a second time"
+    assert [e.kind for e in list_events(engine, job_id)].count("running") == 1
