@@ -81,6 +81,15 @@ def finished(job: dict) -> bool:
     return job["status"] in ("succeeded", "failed", "cancelled")
 
 
+def broker_env(env: dict[str, str], broker: str) -> dict[str, str]:
+    """``env`` on the embedded broker, or on Redis (required in CI)."""
+    if broker == "embedded":
+        return env
+    if not redis_available(REDIS_URL):
+        unavailable(f"Redis is not reachable at {REDIS_URL}")
+    return {**env, "TUNEQ_BROKER_URL": REDIS_URL}
+
+
 def kill_hard(worker) -> None:
     """kill -9 of the worker and its pool processes."""
     parent = psutil.Process(worker.process.pid)
@@ -363,11 +372,7 @@ def test_kept_checkpoints_are_resumed_only_when_asked(
 def test_kill_9_during_scoring_scores_only_the_lost_shard_again(
     fast_env, start_worker, trained_tiny_model, tmp_path, broker
 ):
-    env = fast_env
-    if broker == "redis":
-        if not redis_available(REDIS_URL):
-            unavailable(f"Redis is not reachable at {REDIS_URL}")
-        env = {**fast_env, "TUNEQ_BROKER_URL": REDIS_URL}
+    env = broker_env(fast_env, broker)
     queue = queue_name()
     doomed, source, output, job_id, engine = scoring_under_way(
         env, start_worker, queue, trained_tiny_model, tmp_path, 9000, "out.parquet", "300"
@@ -481,11 +486,7 @@ def test_a_worker_asked_to_stop_finishes_its_running_job_first(
     """SIGTERM (a warm shutdown) while a fine-tune runs: the worker stops taking work, finishes
     the job, registers its model and exits 0; the job's message is gone, so a worker started
     later does not run it again."""
-    env = fast_env
-    if broker == "redis":
-        if not redis_available(REDIS_URL):
-            unavailable(f"Redis is not reachable at {REDIS_URL}")
-        env = {**fast_env, "TUNEQ_BROKER_URL": REDIS_URL}
+    env = broker_env(fast_env, broker)
     queue = queue_name()
     worker = start_worker(env, queue)
     job_id = submit(env, *finetune_args(queue, reviews_csv, tiny_model, epochs="8"))
