@@ -267,7 +267,12 @@ def start_worker(tmp_path: Path) -> Iterator[object]:
         return worker
 
     yield start
-    for worker in workers:  # all at once: each takes seconds to shut down
+    stop_workers(workers)
+
+
+def stop_workers(workers: Sequence[WorkerProcess]) -> None:
+    """Stop ``workers`` all at once, then wait for each: each takes seconds to shut down."""
+    for worker in workers:
         worker.ask_to_stop()
     for worker in workers:
         worker.stop()

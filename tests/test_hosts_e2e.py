@@ -30,7 +30,14 @@ from urllib.parse import urlsplit
 import pytest
 from sqlalchemy import make_url, select
 
-from tests.conftest import POSTGRES_URL, REDIS_URL, WorkerProcess, postgres_database, unavailable
+from tests.conftest import (
+    POSTGRES_URL,
+    REDIS_URL,
+    WorkerProcess,
+    postgres_database,
+    stop_workers,
+    unavailable,
+)
 from tests.test_score_e2e import score_together
 from tuneq.schemas.tables import Shard
 from tuneq.worker.store.db import get_engine
@@ -273,13 +280,6 @@ def hosts(
         setup = Hosts(namespaces, envs, client, redis_port, postgres, tmp_path)
         stack.callback(stop_workers, setup.workers)
         yield setup
-
-
-def stop_workers(workers: list[WorkerProcess]) -> None:
-    for worker in workers:  # all at once: each takes seconds to shut down
-        worker.ask_to_stop()
-    for worker in workers:
-        worker.stop()
 
 
 def test_workers_in_network_namespaces_score_one_file(
