@@ -489,14 +489,19 @@ def test_a_worker_asked_to_stop_finishes_its_running_job_first(
     env = broker_env(fast_env, broker)
     queue = queue_name()
     worker = start_worker(env, queue)
-    job_id = submit(env, *finetune_args(queue, reviews_csv, tiny_model, epochs="8"))
-    wait_for(env, job_id, lambda j: (j["progress"] or {}).get("step", 0) >= 2)
+    # 320 steps: about 4 s of training where a step is quickest (bf16 on AVX512-BF16), so that
+    # the signal lands in it; 80 steps took 1 s there, between two polls of `tuneq show`
+    job_id = submit(env, *finetune_args(queue, reviews_csv, tiny_model, epochs="32"))
+    engine = get_engine(env["TUNEQ_DATABASE_URL"])
+    deadline = time.monotonic() + 120
+    while (get_job(engine, job_id).progress or {}).get("phase") != "training":
+        assert time.monotonic() < deadline, f"never trained: {get_job(engine, job_id).status}"
+        time.sleep(0.05)  # the row itself, not the CLI: a second's training fits between two
     worker.ask_to_stop()
     assert worker.process.wait(timeout=120) == 0, worker.log.read_text()
     job = json.loads(invoke_cli(env, "show", job_id, "--json").stdout)
     assert (job["status"], job["attempt"]) == ("succeeded", 1), job
-    assert job["metrics"]["train_steps"] == 8 * 10, "every step of 8 epochs of 160 rows in 16s"
-    engine = get_engine(env["TUNEQ_DATABASE_URL"])
+    assert job["metrics"]["train_steps"] == 32 * 10, "every step of 32 epochs of 160 rows in 16s"
     assert [m.job_id for m in list_models(engine)] == [job_id]
 
     later = start_worker(env, queue)
