@@ -496,7 +496,7 @@ def test_a_worker_asked_to_stop_finishes_its_running_job_first(
     deadline = time.monotonic() + 120
     while (get_job(engine, job_id).progress or {}).get("phase") != "training":
         assert time.monotonic() < deadline, f"never trained: {get_job(engine, job_id).status}"
-        time.sleep(0.05)  # the row itself, not the CLI: a second's training fits between two
+        time.sleep(0.05)  # the row, not `tuneq show`: a CLI process per poll is too slow
     worker.ask_to_stop()
     assert worker.process.wait(timeout=120) == 0, worker.log.read_text()
     job = json.loads(invoke_cli(env, "show", job_id, "--json").stdout)
