@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from tests.conftest import (
     REDIS_URL,
@@ -23,6 +26,7 @@ from tests.conftest import (
     unavailable,
 )
 from tuneq.schemas.settings import load_settings
+from tuneq.schemas.tables import Worker
 from tuneq.worker.io.files import iter_batches
 from tuneq.worker.jobs.app import create_app, send_job, send_shard
 from tuneq.worker.store import get_job, list_events, list_models, list_shards
@@ -274,6 +278,14 @@ def test_a_duplicate_shard_delivery_scores_nothing_twice(
     assert scored == [r["id"] for b in iter_batches(source) for r in b.to_pylist()]
 
 
+def wait_until_training(engine, job_id: str) -> None:
+    """Until the job's row says it is training (which it says until training ends)."""
+    deadline = time.monotonic() + 120
+    while (get_job(engine, job_id).progress or {}).get("phase") != "training":
+        assert time.monotonic() < deadline, f"never trained: {get_job(engine, job_id).status}"
+        time.sleep(0.05)  # the row, not `tuneq show`: a CLI process per poll is too slow
+
+
 def kill_after_a_checkpoint(env, worker, job_id: str) -> tuple[Path, int]:
     """kill -9 of ``worker``, running ``job_id``, once it saved a complete checkpoint; the
     checkpoints' folder and the newest step saved."""
@@ -493,10 +505,7 @@ def test_a_worker_asked_to_stop_finishes_its_running_job_first(
     # the signal lands in it; 80 steps took 1 s there, between two polls of `tuneq show`
     job_id = submit(env, *finetune_args(queue, reviews_csv, tiny_model, epochs="32"))
     engine = get_engine(env["TUNEQ_DATABASE_URL"])
-    deadline = time.monotonic() + 120
-    while (get_job(engine, job_id).progress or {}).get("phase") != "training":
-        assert time.monotonic() < deadline, f"never trained: {get_job(engine, job_id).status}"
-        time.sleep(0.05)  # the row, not `tuneq show`: a CLI process per poll is too slow
+    wait_until_training(engine, job_id)
     worker.ask_to_stop()
     assert worker.process.wait(timeout=120) == 0, worker.log.read_text()
     job = json.loads(invoke_cli(env, "show", job_id, "--json").stdout)
@@ -513,3 +522,32 @@ def test_a_worker_asked_to_stop_finishes_its_running_job_first(
     again = json.loads(invoke_cli(env, "show", job_id, "--json").stdout)
     assert (again["status"], again["attempt"]) == ("succeeded", 1), "not run a second time"
     assert [e.kind for e in list_events(engine, job_id)].count("running") == 1
+
+
+def test_a_cold_shutdown_exits_at_once_and_the_job_runs_again_later(
+    fast_env, start_worker, tiny_model, reviews_csv
+):
+    """SIGQUIT (Ctrl-C twice) while a fine-tune runs, four times: each worker kills its job's
+    pool process and exits within seconds (billiard's exit-time clean-up hung on 2 of 5 such
+    stops before ``serve.leave_now``); each job is requeued once its lease expires, and a later
+    worker trains it to the planned end."""
+    engine = get_engine(fast_env["TUNEQ_DATABASE_URL"])
+    jobs = {}
+    for _ in range(4):  # the hang was intermittent
+        queue = queue_name()  # one each, so that no worker takes an earlier worker's job
+        worker = start_worker(fast_env, queue)
+        args = finetune_args(queue, reviews_csv, tiny_model, epochs="32")
+        jobs[queue] = submit(fast_env, *args, "--checkpoint-steps", "20")
+        wait_until_training(engine, jobs[queue])
+        worker.process.send_signal(signal.SIGQUIT)
+        worker.process.wait(timeout=30)  # raises TimeoutExpired if it hangs
+        assert get_job(engine, jobs[queue]).status == "running", "left to its lease"
+        with Session(engine) as session:
+            assert session.scalars(select(Worker.name)).all() == [], "it unregistered first"
+
+    start_worker(fast_env, ",".join(jobs))
+    for job_id in jobs.values():
+        job = wait_for(fast_env, job_id, finished, timeout_s=240)
+        assert (job["status"], job["attempt"]) == ("succeeded", 2), job
+        assert job["metrics"]["train_steps"] == 32 * 10
+    assert sorted(m.job_id for m in list_models(engine)) == sorted(jobs.values())

@@ -58,12 +58,20 @@ def stopping() -> bool:
     """Whether this worker process has been asked to stop (warm or cold), by celery's state."""
     from celery.worker import state
 
-    # An exit code, 0 included, once asked; None (or False) until then: compared by identity,
-    # as celery's own check does, since 0 == False.
-    return any(
-        flag is not None and flag is not False
-        for flag in (state.should_stop, state.should_terminate)
-    )
+    return asked(state.should_stop) or asked(state.should_terminate)
+
+
+def stopped_cold() -> bool:
+    """Whether celery's state records a cold shutdown (SIGQUIT, or Ctrl-C twice)."""
+    from celery.worker import state
+
+    return asked(state.should_terminate)
+
+
+def asked(flag: object) -> bool:
+    """A celery shutdown flag holds an exit code, 0 included, once asked, and None (or False)
+    until then: compared by identity, as celery's own check does, since 0 == False."""
+    return flag is not None and flag is not False
 
 
 kombu.transport.TRANSPORT_ALIASES["sqla"] = f"{__name__}:EmbeddedTransport"
