@@ -1,6 +1,6 @@
 """What one tuneq setting changes in a fine-tune, in one run: each way, in fresh processes.
 
-    .venv/bin/python bench/setting.py [--setting keep_freed_memory|dropout_kernel]
+    .venv/bin/python bench/setting.py [--setting keep_freed_memory|dropout_kernel|clip_in_optimizer]
         [--texts sst2|imdb] [--rows N] [--pairs N] [--name NAME]
 
 tuneq's ``finetune`` (one epoch, batch 8, fp32, the packaged MiniLM; no evaluation) on 2,000
@@ -11,7 +11,9 @@ the setting on (tuneq's default) and off, alternating, ``--pairs`` times:
 - ``keep_freed_memory``: the allocator setting of worker processes
   (``tuneq.worker.ml.allocator``), off meaning glibc's defaults;
 - ``dropout_kernel``: tuneq's dropout kernel (``tuneq.worker.ml.cpu_dropout``), off meaning
-  torch's dropout.
+  torch's dropout;
+- ``clip_in_optimizer``: gradient clipping inside fused AdamW's pass
+  (``tuneq.worker.ml.clipped_step``), off meaning the Trainer's own clipping.
 
 Per run: seconds a step, the process's system and user CPU seconds, minor page faults, and its
 peak resident memory. Writes bench/results/setting.json (or NAME.json). Files written before
@@ -34,7 +36,7 @@ from typing import Any
 from common import machine, write_result
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = ("keep_freed_memory", "dropout_kernel")
+SETTINGS = ("keep_freed_memory", "dropout_kernel", "clip_in_optimizer")
 
 
 def one_run(texts: str, rows: int) -> None:
@@ -60,6 +62,7 @@ def one_run(texts: str, rows: int) -> None:
                 "freed_memory_kept": kept,
                 "dropout_kernel_setting": load_settings().dropout_kernel,
                 "dropout_kernel": run["dropout_kernel"],
+                "clip_in_optimizer_setting": load_settings().clip_in_optimizer,
                 "seconds_per_step": run["seconds_per_step"],
                 "steps": run["steps"],
                 "system_s": round(after.ru_stime - before.ru_stime, 2),

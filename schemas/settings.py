@@ -59,6 +59,12 @@ class Settings(BaseModel):
         description="fine-tunes on a CPU with AVX2 draw dropout with tuneq's own kernel (the "
         "same distribution, from a faster generator); false keeps torch's.",
     )
+    clip_in_optimizer: bool = Field(
+        True,
+        description="fine-tunes on the CPU with fused AdamW rescale clipped gradients in the "
+        "optimizer's own pass over them instead of a pass before it; false clips as the "
+        "Trainer does.",
+    )
     keep_freed_memory: bool = Field(
         True,
         description="worker processes keep the memory a fine-tune step frees for the next step "

@@ -28,6 +28,7 @@ from tuneq.worker.ml.best_model import (
     check_learned_unevaluated,
 )
 from tuneq.worker.ml.calibration import softmax
+from tuneq.worker.ml.clipped_step import ClipInOptimizerTrainer
 from tuneq.worker.ml.data import Examples, TrainingData, load_training_data
 from tuneq.worker.ml.device import avoid_cudnn_attention, training_bf16
 from tuneq.worker.ml.label_errors import find_label_issues
@@ -377,7 +378,7 @@ def build_trainer(
     nothing by itself but checkpoints into ``checkpoint_dir``, when given. With ``trackers``
     it also reports to the experiment trackers ``spec.report_to`` names."""
     import torch
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding, TrainingArguments
 
     steps_per_epoch = -(-len(train_set) // spec.batch_size)
     checkpoints = checkpoint_dir is not None and spec.checkpoint_steps is not None
@@ -407,7 +408,7 @@ def build_trainer(
         dataloader_num_workers=0,
     )
     curves = LossCurves()
-    trainer = Trainer(
+    trainer = ClipInOptimizerTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
