@@ -1,6 +1,6 @@
 """What one tuneq setting changes in a fine-tune, in one run: each way, in fresh processes.
 
-    .venv/bin/python bench/setting.py [--setting keep_freed_memory|dropout_kernel|clip_in_optimizer]
+    .venv/bin/python bench/setting.py [--setting SETTING]
         [--texts sst2|imdb] [--rows N] [--pairs N] [--name NAME]
 
 tuneq's ``finetune`` (one epoch, batch 8, fp32, the packaged MiniLM; no evaluation) on 2,000
@@ -13,7 +13,9 @@ the setting on (tuneq's default) and off, alternating, ``--pairs`` times:
 - ``dropout_kernel``: tuneq's dropout kernel (``tuneq.worker.ml.cpu_dropout``), off meaning
   torch's dropout;
 - ``clip_in_optimizer``: gradient clipping inside fused AdamW's pass
-  (``tuneq.worker.ml.clipped_step``), off meaning the Trainer's own clipping.
+  (``tuneq.worker.ml.cpu_step``), off meaning the Trainer's own clipping;
+- ``sparse_embedding_grad``: the word embeddings' gradient made from the rows a batch touched
+  (``tuneq.worker.ml.cpu_step``), off meaning the embedding's dense backward.
 
 Per run: seconds a step, the process's system and user CPU seconds, minor page faults, and its
 peak resident memory. Writes bench/results/setting.json (or NAME.json). Files written before
@@ -36,7 +38,7 @@ from typing import Any
 from common import machine, write_result
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = ("keep_freed_memory", "dropout_kernel", "clip_in_optimizer")
+SETTINGS = ("keep_freed_memory", "dropout_kernel", "clip_in_optimizer", "sparse_embedding_grad")
 
 
 def one_run(texts: str, rows: int) -> None:
@@ -63,6 +65,7 @@ def one_run(texts: str, rows: int) -> None:
                 "dropout_kernel_setting": load_settings().dropout_kernel,
                 "dropout_kernel": run["dropout_kernel"],
                 "clip_in_optimizer_setting": load_settings().clip_in_optimizer,
+                "sparse_embedding_grad_setting": load_settings().sparse_embedding_grad,
                 "seconds_per_step": run["seconds_per_step"],
                 "steps": run["steps"],
                 "system_s": round(after.ru_stime - before.ru_stime, 2),

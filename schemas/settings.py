@@ -65,6 +65,12 @@ class Settings(BaseModel):
         "optimizer's own pass over them instead of a pass before it; false clips as the "
         "Trainer does.",
     )
+    sparse_embedding_grad: bool = Field(
+        True,
+        description="fine-tunes on the CPU with fused AdamW make the word embeddings' gradient "
+        "from the rows a batch touched, not the whole vocabulary's; false keeps the dense "
+        "backward.",
+    )
     keep_freed_memory: bool = Field(
         True,
         description="worker processes keep the memory a fine-tune step frees for the next step "

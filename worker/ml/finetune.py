@@ -28,7 +28,7 @@ from tuneq.worker.ml.best_model import (
     check_learned_unevaluated,
 )
 from tuneq.worker.ml.calibration import softmax
-from tuneq.worker.ml.clipped_step import ClipInOptimizerTrainer
+from tuneq.worker.ml.cpu_step import CpuStepTrainer
 from tuneq.worker.ml.data import Examples, TrainingData, load_training_data
 from tuneq.worker.ml.device import avoid_cudnn_attention, training_bf16
 from tuneq.worker.ml.label_errors import find_label_issues
@@ -408,7 +408,7 @@ def build_trainer(
         dataloader_num_workers=0,
     )
     curves = LossCurves()
-    trainer = ClipInOptimizerTrainer(
+    trainer = CpuStepTrainer(
         model=model,
         args=args,
         train_dataset=train_set,

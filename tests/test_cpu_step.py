@@ -1,6 +1,7 @@
-"""On the CPU with fused AdamW, the Trainer's gradient clipping rides on the optimizer's pass
-(``grad_scale``) instead of rescaling every gradient first: the model trains as the Trainer's
-own clipping trains it, and the clip still bites."""
+"""On the CPU with fused AdamW, a fine-tune step passes over the gradients fewer times: the
+Trainer's clip rides on the optimizer's pass (``grad_scale``), and the word embeddings' gradient
+is made from the rows a batch touched. The model trains as the Trainer's own step trains it,
+and the clip still bites."""
 
 from __future__ import annotations
 
@@ -11,36 +12,43 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
-from tuneq.worker.ml.clipped_step import ClipInOptimizerTrainer, clip_coefficient, folds_into
+from tuneq.worker.ml import cpu_step
+from tuneq.worker.ml.cpu_step import CpuStepTrainer, clip_coefficient, folds_into
 
 STEPS = 6
 
 
 class Rows(torch.utils.data.Dataset):  # type: ignore[type-arg]
-    """Fixed random token rows with labels: the same batches for every run."""
+    """Fixed random token rows with labels, some padded (token 0, the embedding's padding
+    row): the same batches for every run."""
 
     def __init__(self, rows: int = 48, length: int = 12) -> None:
         generator = torch.Generator().manual_seed(3)
-        self.ids = torch.randint(1000, 2000, (rows, length), generator=generator)
+        self.ids = torch.randint(1000, 1400, (rows, length), generator=generator)
+        self.mask = torch.ones(rows, length, dtype=torch.long)
+        for i in range(0, rows, 3):  # every third row ends in padding
+            self.ids[i, -4:] = 0
+            self.mask[i, -4:] = 0
         self.labels = torch.randint(0, 2, (rows,), generator=generator)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
 
 
 def train(
     trainer_class: type, model_dir: Path, out: Path, max_grad_norm: float
 ) -> tuple[dict[str, torch.Tensor], list[float], Any]:
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    assert model.get_input_embeddings().padding_idx == 0
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=8,
         max_steps=STEPS,
         learning_rate=5e-3,
-        weight_decay=0.01,
+        weight_decay=0.01,  # decays every embedding row, touched or not
         max_grad_norm=max_grad_norm,
         optim="adamw_torch_fused",
         use_cpu=True,
@@ -61,11 +69,27 @@ def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     return max((a[name] - b[name]).abs().max().item() for name in a)
 
 
-def test_clipping_in_the_optimizer_trains_as_the_trainers_clipping(
-    tiny_model: Path, tmp_path: Path
+@pytest.fixture
+def sparse_steps(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, list[int]]]:
+    """Each densified step's embedding gradient: whether it came sparse, and its rows."""
+    seen: list[tuple[bool, list[int]]] = []
+    densify = cpu_step.SparseEmbeddingGrad.densify
+
+    def spy(self: cpu_step.SparseEmbeddingGrad) -> None:
+        grad = self.embedding.weight.grad
+        rows = grad.coalesce().indices()[0].tolist() if grad.is_sparse else []
+        seen.append((grad.is_sparse, rows))
+        densify(self)
+
+    monkeypatch.setattr(cpu_step.SparseEmbeddingGrad, "densify", spy)
+    return seen
+
+
+def test_the_lean_step_trains_as_the_trainers_step(
+    tiny_model: Path, tmp_path: Path, sparse_steps: list[tuple[bool, list[int]]]
 ) -> None:
     clip = 0.05  # below every step's gradient norm here: each step is clipped
-    ours, our_norms, trainer = train(ClipInOptimizerTrainer, tiny_model, tmp_path / "a", clip)
+    ours, our_norms, trainer = train(CpuStepTrainer, tiny_model, tmp_path / "a", clip)
     theirs, their_norms, _ = train(Trainer, tiny_model, tmp_path / "b", clip)
     unclipped, _, _ = train(Trainer, tiny_model, tmp_path / "c", 1e9)
 
@@ -78,6 +102,30 @@ def test_clipping_in_the_optimizer_trains_as_the_trainers_clipping(
     optimizer = trainer.optimizer.optimizer  # and the clip did ride on the optimizer
     assert folds_into(optimizer, trainer.accelerator, trainer.args.device)
     assert isinstance(optimizer.grad_scale, torch.Tensor)
+    # every step's embedding gradient came as the rows its batch touched, padding not among them
+    assert len(sparse_steps) == STEPS
+    assert all(sparse and 0 < len(rows) <= 8 * 12 for sparse, rows in sparse_steps)
+    assert all(0 not in rows and min(rows) >= 1000 for _, rows in sparse_steps)
+    assert not trainer.model.get_input_embeddings().sparse  # put back after training
+
+
+def test_the_sparse_embedding_gradient_changes_no_update(
+    tiny_model: Path,
+    tmp_path: Path,
+    sparse_steps: list[tuple[bool, list[int]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Against the same Trainer with the dense embedding backward: the same parameters, every
+    embedding row (the decayed untouched ones too), and the same norms."""
+    sparse, sparse_norms, _ = train(CpuStepTrainer, tiny_model, tmp_path / "a", 0.05)
+    assert len(sparse_steps) == STEPS
+    monkeypatch.setenv("TUNEQ_SPARSE_EMBEDDING_GRAD", "false")
+    dense, dense_norms, _ = train(CpuStepTrainer, tiny_model, tmp_path / "b", 0.05)
+    assert len(sparse_steps) == STEPS  # the dense run never densified
+    name = "bert.embeddings.word_embeddings.weight"
+    torch.testing.assert_close(sparse[name], dense[name], rtol=0, atol=1e-6)
+    assert largest_difference(sparse, dense) < 1e-6
+    assert max(abs(a - b) / b for a, b in zip(sparse_norms, dense_norms, strict=True)) < 1e-5
 
 
 def test_the_clip_coefficient_is_clip_grad_norms() -> None:

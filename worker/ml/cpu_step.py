@@ -1,0 +1,152 @@
+"""A fine-tune step's passes over the gradients on the CPU, fewer of them: the Trainer's clip
+inside fused AdamW's pass, and the word embeddings' gradient made as the rows a batch touched.
+
+**Clipping inside the optimizer.** The Trainer clips every step in two passes over all the
+gradients before the optimizer's own: their norm, then a rescale in place (``clip_grad_norm_``'s
+``_foreach_mul_``, a ``mul_`` per gradient on the CPU, whether the norm is over the limit or
+not: 3.5 ms of a 115 ms step on SST-2 sentences on the AVX2 EPYC, ``bench/step_profile.py``).
+torch's fused AdamW already divides each gradient by the optimizer's ``grad_scale`` as it reads
+it (the hook ``GradScaler`` uses), so the rescale rides on that pass: ``grad_scale = 1 /
+clip_coef``. The update is clipping's to within a rounding (dividing by the reciprocal rather
+than multiplying), and the gradients are left clipped, as ``clip_grad_norm_`` leaves them.
+
+**The word embeddings' gradient.** A batch of 8 short sentences touches about a hundred of the
+vocabulary's 30,522 rows, but the embedding's dense backward makes a fresh gradient of every
+row (47 MB for MiniLM, zero-filled, then added into), and the clip's norm reads it all: 5.9 ms
+a step by hand. The embedding's backward here is the sparse one (the touched rows, duplicates
+summed); the norm is taken over those rows, and the rows are written into a dense gradient
+kept from step to step, whose rows of the step before are zeroed first. Fused AdamW then sees
+the same dense gradient as before (every other row zero), so the update is unchanged (its
+decay of every row's moments included).
+
+Only where nothing else owns ``grad_scale`` or the gradients: the CPU (measured there), torch's
+fused AdamW, no loss scaler, one process, clipping on. Elsewhere, or with
+``TUNEQ_CLIP_IN_OPTIMIZER=false`` and ``TUNEQ_SPARSE_EMBEDDING_GRAD=false``, the Trainer clips
+and the embedding makes its gradient as they always have.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from tuneq.schemas.settings import load_settings
+
+FUSED_ADAMW = "adamw_torch_fused"
+
+
+def folds_into(optimizer: Any, accelerator: Any, device: torch.device) -> bool:
+    """Whether the clip can ride on ``optimizer``'s step: torch's AdamW, fused, on the CPU,
+    with no loss scaler and no other process to reduce gradients with, the setting on."""
+    return (
+        load_settings().clip_in_optimizer
+        and device.type == "cpu"
+        and isinstance(optimizer, torch.optim.AdamW)
+        and all(group.get("fused") for group in optimizer.param_groups)
+        and getattr(accelerator, "scaler", None) is None
+        and accelerator.num_processes == 1
+    )
+
+
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """``clip_grad_norm_``'s factor for gradients of ``norm``: at most 1."""
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
+class SparseEmbeddingGrad:
+    """The word embeddings' gradient as the rows a step touched, written into a dense gradient
+    kept across steps for the optimizer."""
+
+    def __init__(self, embedding: torch.nn.Embedding) -> None:
+        self.embedding = embedding
+        self.dense: torch.Tensor | None = None
+        self.rows = torch.zeros(0, dtype=torch.long)  # the rows the last step wrote
+
+    def values(self) -> torch.Tensor | None:
+        """This step's touched rows' gradients (duplicates summed), or None before a backward."""
+        grad = self.embedding.weight.grad
+        if grad is None:
+            return None
+        if not grad.is_sparse:  # the weight is shared with a layer that made a dense gradient
+            return grad
+        grad = grad.coalesce()
+        self.embedding.weight.grad = grad
+        return grad.values()
+
+    def densify(self) -> None:
+        """Turn the sparse gradient into the kept dense one: last step's rows zeroed, this
+        step's written."""
+        weight = self.embedding.weight
+        grad = weight.grad
+        if grad is None or not grad.is_sparse:
+            return
+        grad = grad.coalesce()
+        if self.dense is None:
+            self.dense = torch.zeros_like(weight)
+        rows = grad.indices()[0]
+        self.dense.index_fill_(0, self.rows, 0.0)
+        self.dense.index_copy_(0, rows, grad.values())
+        self.rows = rows
+        weight.grad = self.dense
+
+
+class CpuStepTrainer(Trainer):  # type: ignore[misc]
+    """A Trainer whose step, on the CPU with fused AdamW, passes over the gradients once less
+    for clipping and makes the word embeddings' gradient from the rows a batch touched."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.clip_folds: bool | None = None  # decided at the first clip, once the optimizer exists
+        self.sparse_embedding: SparseEmbeddingGrad | None = None
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        model: Any = self.model
+        embedding: Any = model.get_input_embeddings()
+        if not self.sparse_embedding_applies(embedding):
+            return super().train(*args, **kwargs)
+        self.sparse_embedding = SparseEmbeddingGrad(embedding)
+        embedding.sparse = True
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # the model goes on (evaluation, saving, scoring) as it came
+            embedding.sparse = False
+            self.sparse_embedding = None
+
+    def sparse_embedding_applies(self, embedding: Any) -> bool:
+        """Whether the word embeddings' gradient can be made sparse: an ``nn.Embedding`` on the
+        CPU, fused AdamW, clipping on (which turns it dense each step), one process, no loss
+        scaler, the setting on."""
+        return (
+            load_settings().sparse_embedding_grad
+            and isinstance(embedding, torch.nn.Embedding)
+            and not embedding.sparse
+            and embedding.weight.requires_grad
+            and self.args.device.type == "cpu"
+            and getattr(self.args.optim, "value", self.args.optim) == FUSED_ADAMW
+            and self.args.max_grad_norm > 0
+            and getattr(self.accelerator, "scaler", None) is None
+            and self.accelerator.num_processes == 1
+        )
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        optimizer: Any = getattr(self.optimizer, "optimizer", self.optimizer)  # Accelerate's
+        if self.clip_folds is None:
+            self.clip_folds = folds_into(optimizer, self.accelerator, self.args.device)
+        sparse = self.sparse_embedding
+        if not self.clip_folds:
+            if sparse is not None:
+                sparse.densify()
+            return super()._clip_grad_norm(model)
+        skip = sparse.embedding.weight if sparse is not None else None
+        grads = [p.grad for p in model.parameters() if p.grad is not None and p is not skip]
+        if sparse is not None and (rows := sparse.values()) is not None:
+            grads.append(rows)
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        if sparse is not None:
+            sparse.densify()
+        coefficient = clip_coefficient(float(norm), self.args.max_grad_norm)
+        # None: gradients within the norm pass unscaled, and the kernel writes nothing back
+        optimizer.grad_scale = torch.tensor(1.0 / coefficient) if coefficient < 1.0 else None
+        return norm
