@@ -39,7 +39,7 @@ class Rows(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 
 def train(
-    trainer_class: type, model_dir: Path, out: Path, max_grad_norm: float
+    trainer_class: type, model_dir: Path, out: Path, max_grad_norm: float, bf16: bool = False
 ) -> tuple[dict[str, torch.Tensor], list[float], Any]:
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     assert model.get_input_embeddings().padding_idx == 0
@@ -52,6 +52,7 @@ def train(
         max_grad_norm=max_grad_norm,
         optim="adamw_torch_fused",
         use_cpu=True,
+        bf16=bf16,  # autocast, as fine-tunes on a CPU with native bf16 train by default
         seed=0,
         logging_steps=1,
         save_strategy="no",
@@ -109,18 +110,20 @@ def test_the_lean_step_trains_as_the_trainers_step(
     assert not trainer.model.get_input_embeddings().sparse  # put back after training
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 def test_the_sparse_embedding_gradient_changes_no_update(
     tiny_model: Path,
     tmp_path: Path,
     sparse_steps: list[tuple[bool, list[int]]],
     monkeypatch: pytest.MonkeyPatch,
+    bf16: bool,
 ) -> None:
     """Against the same Trainer with the dense embedding backward: the same parameters, every
     embedding row (the decayed untouched ones too), and the same norms."""
-    sparse, sparse_norms, _ = train(CpuStepTrainer, tiny_model, tmp_path / "a", 0.05)
+    sparse, sparse_norms, _ = train(CpuStepTrainer, tiny_model, tmp_path / "a", 0.05, bf16)
     assert len(sparse_steps) == STEPS
     monkeypatch.setenv("TUNEQ_SPARSE_EMBEDDING_GRAD", "false")
-    dense, dense_norms, _ = train(CpuStepTrainer, tiny_model, tmp_path / "b", 0.05)
+    dense, dense_norms, _ = train(CpuStepTrainer, tiny_model, tmp_path / "b", 0.05, bf16)
     assert len(sparse_steps) == STEPS  # the dense run never densified
     name = "bert.embeddings.word_embeddings.weight"
     torch.testing.assert_close(sparse[name], dense[name], rtol=0, atol=1e-6)
