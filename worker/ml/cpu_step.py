@@ -37,16 +37,24 @@ from tuneq.schemas.settings import load_settings
 FUSED_ADAMW = "adamw_torch_fused"
 
 
-def folds_into(optimizer: Any, accelerator: Any, device: torch.device) -> bool:
-    """Whether the clip can ride on ``optimizer``'s step: torch's AdamW, fused, on the CPU,
-    with no loss scaler and no other process to reduce gradients with, the setting on."""
+def lone_cpu_process(accelerator: Any, device: torch.device) -> bool:
+    """Training on the CPU, with no loss scaler and no other process to reduce gradients with:
+    nothing but the step here touches the gradients between backward and optimizer."""
     return (
-        load_settings().clip_in_optimizer
-        and device.type == "cpu"
-        and isinstance(optimizer, torch.optim.AdamW)
-        and all(group.get("fused") for group in optimizer.param_groups)
+        device.type == "cpu"
         and getattr(accelerator, "scaler", None) is None
         and accelerator.num_processes == 1
+    )
+
+
+def folds_into(optimizer: Any, accelerator: Any, device: torch.device) -> bool:
+    """Whether the clip can ride on ``optimizer``'s step: torch's AdamW, fused, in a lone CPU
+    process, the setting on."""
+    return (
+        load_settings().clip_in_optimizer
+        and lone_cpu_process(accelerator, device)
+        and isinstance(optimizer, torch.optim.AdamW)
+        and all(group.get("fused") for group in optimizer.param_groups)
     )
 
 
@@ -103,7 +111,10 @@ class CpuStepTrainer(Trainer):  # type: ignore[misc]
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         model: Any = self.model
-        embedding: Any = model.get_input_embeddings()
+        try:
+            embedding: Any = model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):  # a model that names no word embeddings
+            embedding = None
         if not self.sparse_embedding_applies(embedding):
             return super().train(*args, **kwargs)
         self.sparse_embedding = SparseEmbeddingGrad(embedding)
@@ -115,19 +126,17 @@ class CpuStepTrainer(Trainer):  # type: ignore[misc]
             self.sparse_embedding = None
 
     def sparse_embedding_applies(self, embedding: Any) -> bool:
-        """Whether the word embeddings' gradient can be made sparse: an ``nn.Embedding`` on the
-        CPU, fused AdamW, clipping on (which turns it dense each step), one process, no loss
-        scaler, the setting on."""
+        """Whether the word embeddings' gradient can be made sparse: a trained
+        ``nn.Embedding`` in a lone CPU process, fused AdamW, clipping on (the clip turns it
+        dense each step), the setting on."""
         return (
             load_settings().sparse_embedding_grad
             and isinstance(embedding, torch.nn.Embedding)
             and not embedding.sparse
             and embedding.weight.requires_grad
-            and self.args.device.type == "cpu"
+            and lone_cpu_process(self.accelerator, self.args.device)
             and getattr(self.args.optim, "value", self.args.optim) == FUSED_ADAMW
             and self.args.max_grad_norm > 0
-            and getattr(self.accelerator, "scaler", None) is None
-            and self.accelerator.num_processes == 1
         )
 
     def _clip_grad_norm(self, model: Any) -> Any:
