@@ -58,14 +58,15 @@ def one_run(texts: str, rows: int) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF)
     run = tuneq_finetune(data, Path(tempfile.mkdtemp()), "fp32", kind.tuneq_max_length)
     after = resource.getrusage(resource.RUSAGE_SELF)
+    settings = load_settings()
     print(
         json.dumps(
             {
                 "freed_memory_kept": kept,
-                "dropout_kernel_setting": load_settings().dropout_kernel,
+                "dropout_kernel_setting": settings.dropout_kernel,
                 "dropout_kernel": run["dropout_kernel"],
-                "clip_in_optimizer_setting": load_settings().clip_in_optimizer,
-                "sparse_embedding_grad_setting": load_settings().sparse_embedding_grad,
+                "clip_in_optimizer_setting": settings.clip_in_optimizer,
+                "sparse_embedding_grad_setting": settings.sparse_embedding_grad,
                 "seconds_per_step": run["seconds_per_step"],
                 "steps": run["steps"],
                 "system_s": round(after.ru_stime - before.ru_stime, 2),

@@ -76,11 +76,11 @@ def sparse_steps(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, list[int]]
     seen: list[tuple[bool, list[int]]] = []
     densify = cpu_step.SparseEmbeddingGrad.densify
 
-    def spy(self: cpu_step.SparseEmbeddingGrad) -> None:
+    def spy(self: cpu_step.SparseEmbeddingGrad) -> torch.Tensor | None:
         grad = self.embedding.weight.grad
         rows = grad.coalesce().indices()[0].tolist() if grad.is_sparse else []
         seen.append((grad.is_sparse, rows))
-        densify(self)
+        return densify(self)
 
     monkeypatch.setattr(cpu_step.SparseEmbeddingGrad, "densify", spy)
     return seen

@@ -72,24 +72,15 @@ class SparseEmbeddingGrad:
         self.dense: torch.Tensor | None = None
         self.rows = torch.zeros(0, dtype=torch.long)  # the rows the last step wrote
 
-    def values(self) -> torch.Tensor | None:
-        """This step's touched rows' gradients (duplicates summed), or None before a backward."""
-        grad = self.embedding.weight.grad
-        if grad is None:
-            return None
-        if not grad.is_sparse:  # the weight is shared with a layer that made a dense gradient
-            return grad
-        grad = grad.coalesce()
-        self.embedding.weight.grad = grad
-        return grad.values()
-
-    def densify(self) -> None:
-        """Turn the sparse gradient into the kept dense one: last step's rows zeroed, this
-        step's written."""
+    def densify(self) -> torch.Tensor | None:
+        """Turn the sparse gradient into the kept dense one (last step's rows zeroed, this
+        step's written); returns what the norm must read: the touched rows' gradients
+        (duplicates summed), the gradient itself if it came dense (the weight shared with a
+        layer that made one), or None before a backward."""
         weight = self.embedding.weight
         grad = weight.grad
         if grad is None or not grad.is_sparse:
-            return
+            return grad
         grad = grad.coalesce()
         if self.dense is None:
             self.dense = torch.zeros_like(weight)
@@ -98,6 +89,7 @@ class SparseEmbeddingGrad:
         self.dense.index_copy_(0, rows, grad.values())
         self.rows = rows
         weight.grad = self.dense
+        return grad.values()
 
 
 class CpuStepTrainer(Trainer):  # type: ignore[misc]
@@ -115,15 +107,15 @@ class CpuStepTrainer(Trainer):  # type: ignore[misc]
             embedding: Any = model.get_input_embeddings()
         except (AttributeError, NotImplementedError):  # a model that names no word embeddings
             embedding = None
-        if not self.sparse_embedding_applies(embedding):
-            return super().train(*args, **kwargs)
-        self.sparse_embedding = SparseEmbeddingGrad(embedding)
-        embedding.sparse = True
+        if self.sparse_embedding_applies(embedding):
+            self.sparse_embedding = SparseEmbeddingGrad(embedding)
+            embedding.sparse = True
         try:
             return super().train(*args, **kwargs)
         finally:  # the model goes on (evaluation, saving, scoring) as it came
-            embedding.sparse = False
-            self.sparse_embedding = None
+            if self.sparse_embedding is not None:
+                embedding.sparse = False
+                self.sparse_embedding = None
 
     def sparse_embedding_applies(self, embedding: Any) -> bool:
         """Whether the word embeddings' gradient can be made sparse: a trained
@@ -144,17 +136,12 @@ class CpuStepTrainer(Trainer):  # type: ignore[misc]
         if self.clip_folds is None:
             self.clip_folds = folds_into(optimizer, self.accelerator, self.args.device)
         sparse = self.sparse_embedding
+        rows = sparse.densify() if sparse is not None else None  # before anything reads it
         if not self.clip_folds:
-            if sparse is not None:
-                sparse.densify()
             return super()._clip_grad_norm(model)
         skip = sparse.embedding.weight if sparse is not None else None
         grads = [p.grad for p in model.parameters() if p.grad is not None and p is not skip]
-        if sparse is not None and (rows := sparse.values()) is not None:
-            grads.append(rows)
-        norm = torch.nn.utils.get_total_norm(grads, 2.0)
-        if sparse is not None:
-            sparse.densify()
+        norm = torch.nn.utils.get_total_norm(grads if rows is None else [*grads, rows], 2.0)
         coefficient = clip_coefficient(float(norm), self.args.max_grad_norm)
         # None: gradients within the norm pass unscaled, and the kernel writes nothing back
         optimizer.grad_scale = torch.tensor(1.0 / coefficient) if coefficient < 1.0 else None
