@@ -54,11 +54,17 @@ def worker(
 ) -> None:
     """Start a worker that runs queued jobs until stopped (Ctrl-C).
 
+    Asked to stop (SIGTERM, Ctrl-C once), it takes no new work and finishes the job it runs;
+    with TUNEQ_HAND_BACK_ON_STOP=true a running fine-tune instead checkpoints at the end of
+    its step and goes back to the queue, for the next worker to resume (behind an
+    orchestrator that kills after a grace period). Ctrl-C twice stops at once.
+
     \b
     Examples:
       tuneq worker
       TUNEQ_BROKER_URL=redis://host:6379/0 tuneq worker --queues cpu --concurrency 2
       tuneq worker --queues gpu --gpu 0
+      TUNEQ_HAND_BACK_ON_STOP=true tuneq worker --queues cpu
     """
     from tuneq.worker.jobs.serve import run_worker
 

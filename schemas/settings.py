@@ -77,6 +77,13 @@ class Settings(BaseModel):
         "instead of returning it to the kernel (glibc only), and give it back after each job; "
         "false keeps glibc's defaults.",
     )
+    hand_back_on_stop: bool = Field(
+        False,
+        description="when the worker is asked to stop (SIGTERM, Ctrl-C once), a running "
+        "fine-tune saves a checkpoint at the end of its step and goes back to the queue, to "
+        "resume from it on the next worker, instead of training to its end first; for workers "
+        "that an orchestrator kills after a grace period.",
+    )
     kernel_cache: Path = Field(
         Path(),
         description="Folder where tuneq's C kernels are compiled once per machine; default: "

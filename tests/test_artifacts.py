@@ -224,7 +224,13 @@ def test_a_cancelled_or_failed_scoring_job_leaves_nothing_in_the_store(
             **fields,  # type: ignore[arg-type]
         )
         job_id = create_job(engine, spec=spec).id
-        runner.run_job(settings, job_id, worker="w", publish_shard=lambda *a: published.append(a))
+        runner.run_job(
+            settings,
+            job_id,
+            worker="w",
+            publish_shard=lambda *a: published.append(a),
+            publish_job=lambda *_: None,
+        )
         return job_id
 
     running = start()

@@ -67,6 +67,20 @@ def test_workers_share_artifacts_and_the_gpu_worker_reserves_a_gpu(
     assert command[command.index("--gpu") + 1] == "0"  # one GPU, a fresh process per job
 
 
+def test_stopped_workers_hand_fine_tunes_back_within_their_grace_period(
+    compose: dict[str, Any],
+) -> None:
+    """Docker kills a container 10 s after SIGTERM unless told otherwise: a worker hands its
+    fine-tune back (a step and a checkpoint's write) within a longer grace period."""
+    for name in ("worker-cpu", "worker-gpu"):
+        service = compose["services"][name]
+        assert service["environment"]["TUNEQ_HAND_BACK_ON_STOP"] == "true"
+        assert service["environment"]["TUNEQ_DATABASE_URL"].startswith("postgresql://")
+        minutes = re.fullmatch(r"(\d+)m", service["stop_grace_period"])
+        assert minutes and int(minutes.group(1)) >= 1
+    assert "TUNEQ_HAND_BACK_ON_STOP" not in compose["services"]["ui"]["environment"]
+
+
 def test_the_dashboard_needs_a_token_and_listens_on_loopback_only(compose: dict[str, Any]) -> None:
     ui = compose["services"]["ui"]
     assert ui["command"][:2] == ["tuneq", "ui"]

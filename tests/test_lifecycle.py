@@ -6,6 +6,7 @@ tests (kill -9, cancel on another machine) are in ``test_reliability_e2e.py``.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from tuneq.worker import store
 from tuneq.worker.jobs import lifecycle, runner, submit
 from tuneq.worker.jobs.app import send_job
 from tuneq.worker.jobs.lease import JobStopped
+from tuneq.worker.jobs.reaper import reap
 from tuneq.worker.store.db import get_engine
 
 
@@ -69,6 +71,32 @@ def test_a_stale_attempt_that_fails_deletes_nothing_of_the_new_attempt(
     assert (job.status, job.attempt, job.error) == ("running", 2, None)
 
 
+def test_a_handed_back_attempt_is_published_again_and_not_counted_as_lost(
+    settings: Settings, engine: Engine
+) -> None:
+    """A stopping worker hands its fine-tune back twice; the third attempt's worker dies. With
+    ``max_attempts`` 3 the reaper requeues it: one attempt was lost, not three."""
+    job_id, _ = running_job(engine)
+    published: list[tuple[str, ...]] = []
+    for attempt in (1, 2):
+        reason = f"handed back at step {attempt * 7} of 40 by w, which is stopping"
+        assert lifecycle.hand_back(engine, job_id, attempt, reason, lambda *a: published.append(a))
+        assert not lifecycle.hand_back(engine, job_id, attempt, reason, lambda *_: None), "fenced"
+        claim = lifecycle.claim(engine, job_id, worker="w")
+        assert claim is not None and (claim.attempt, claim.fresh) == (attempt + 1, False)
+    assert published == [(job_id, "q", "normal")] * 2
+    long_ago = store.get_job(engine, job_id).heartbeat_at - timedelta(hours=1)
+    with engine.begin() as conn:
+        conn.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=long_ago))
+    assert settings.max_attempts == 3
+    actions = reap(settings, publish_job=lambda *a: published.append(a), publish_shard=print)
+    assert actions == [f"requeued job {job_id} after attempt 3"]
+    job = store.get_job(engine, job_id)
+    assert (job.status, job.attempt, len(published)) == ("retrying", 3, 3)
+    kinds = [e.kind for e in store.list_events(engine, job_id)]
+    assert kinds.count(lifecycle.HANDED_BACK) == 2 and kinds.count("retrying") == 1
+
+
 def test_a_failure_that_lands_removes_the_jobs_files(settings: Settings, engine: Engine) -> None:
     job_id, attempt = running_job(engine)
     saved = checkpoint(settings, job_id)
@@ -85,7 +113,12 @@ def test_a_spec_this_worker_cannot_read_fails_at_claim(settings: Settings, engin
     with engine.begin() as conn:
         conn.execute(update(Job).where(Job.id == job.id).values(spec=newer))
 
-    assert runner.run_job(settings, job.id, worker="w", publish_shard=lambda *_: None) is None
+    assert (
+        runner.run_job(
+            settings, job.id, worker="w", publish_shard=lambda *_: None, publish_job=lambda *_: None
+        )
+        is None
+    )
 
     failed = store.get_job(engine, job.id)
     assert (failed.status, failed.attempt) == ("failed", 1)

@@ -28,7 +28,8 @@ from tests.conftest import (
 from tuneq.schemas.settings import load_settings
 from tuneq.schemas.tables import Worker
 from tuneq.worker.io.files import iter_batches
-from tuneq.worker.jobs.app import create_app, send_job, send_shard
+from tuneq.worker.jobs.app import create_app, send_job, send_shard, waiting_messages
+from tuneq.worker.ml.finetune import COMPLETE_MARKER
 from tuneq.worker.store import get_job, list_events, list_models, list_shards
 from tuneq.worker.store.db import get_engine
 
@@ -522,6 +523,54 @@ def test_a_worker_asked_to_stop_finishes_its_running_job_first(
     again = json.loads(invoke_cli(env, "show", job_id, "--json").stdout)
     assert (again["status"], again["attempt"]) == ("succeeded", 1), "not run a second time"
     assert [e.kind for e in list_events(engine, job_id)].count("running") == 1
+
+
+@pytest.mark.parametrize("broker", ["embedded", "redis"])
+def test_a_worker_that_hands_back_on_stop_checkpoints_and_the_next_one_resumes(
+    fast_env, start_worker, tiny_model, reviews_csv, broker
+):
+    """SIGTERM with ``TUNEQ_HAND_BACK_ON_STOP`` (a worker behind an orchestrator's grace
+    period): the running fine-tune saves a checkpoint at the end of its step, the job goes back
+    to the queue at once (its message published again) and the worker exits 0 without
+    training to the end; the next worker resumes from that step and trains to the planned
+    end, one model."""
+    env = {**broker_env(fast_env, broker), "TUNEQ_HAND_BACK_ON_STOP": "true"}
+    queue = queue_name()
+    worker = start_worker(env, queue)
+    args = finetune_args(queue, reviews_csv, tiny_model, epochs="32")
+    job_id = submit(env, *args, "--checkpoint-steps", "1000")  # no checkpoint but the last
+    engine = get_engine(env["TUNEQ_DATABASE_URL"])
+    wait_until_training(engine, job_id)
+    worker.ask_to_stop()
+    assert worker.process.wait(timeout=60) == 0, worker.log.read_text()
+
+    job = get_job(engine, job_id)
+    assert (job.status, job.attempt) == ("retrying", 1), worker.log.read_text()
+    handed = [e.message for e in list_events(engine, job_id) if e.kind == "handed_back"]
+    assert len(handed) == 1, handed
+    step = int(re.search(r"at step (\d+) of 320 ", handed[0]).group(1))
+    assert 0 < step < 320
+    checkpoints = Path(env["TUNEQ_DATA_DIR"]) / "artifacts" / "checkpoints" / job_id
+    assert [p.name for p in checkpoints.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+    assert (checkpoints / f"checkpoint-{step}" / COMPLETE_MARKER).is_file()
+    assert list_models(engine) == []
+    app = create_app(load_settings(env))
+    try:
+        # Celery's warm shutdown gives the running task's message back (both brokers), and
+        # the hand-back publishes one too, lest an ack got through first; a second delivery
+        # is refused at its claim, as the resumed attempt below shows (attempt 2, not 3).
+        assert waiting_messages(app, queue) == {("job", job_id)}, "back in the queue at once"
+    finally:
+        app.close()
+
+    start_worker(env, queue)
+    done = wait_for(env, job_id, finished, timeout_s=240)
+    assert (done["status"], done["attempt"]) == ("succeeded", 2), done
+    assert done["metrics"]["train_steps"] == 320
+    resumed = [e.message for e in list_events(engine, job_id) if e.kind == "resumed"]
+    assert resumed == [f"resumed from checkpoint-{step}"]
+    assert [m.job_id for m in list_models(engine)] == [job_id]
+    assert not checkpoints.exists(), "removed once the job succeeded"
 
 
 def test_a_cold_shutdown_exits_at_once_and_the_job_runs_again_later(

@@ -105,7 +105,16 @@ def create_app(settings: Settings) -> Celery:
         def publish_shard(index: int, queue: str, priority: str) -> None:
             send_shard(app, job_id, index, queue, priority)
 
-        return run(settings, job_id, worker=pool_process_name(), publish_shard=publish_shard)
+        def publish_job(job_id: str, queue: str, priority: str) -> None:
+            send_job(app, job_id, queue, priority)
+
+        return run(
+            settings,
+            job_id,
+            worker=pool_process_name(),
+            publish_shard=publish_shard,
+            publish_job=publish_job,
+        )
 
     @app.task(name=RUN_SHARD, ignore_result=True)
     def run_shard(job_id: str, index: int) -> str | None:

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 PublishJob = Callable[[str, str, str], None]  # job id, queue, priority
 PublishShard = Callable[[str, int, str, str], None]  # job id, shard index, queue, priority
 CHECKPOINTS, SCORING, STAGING = "checkpoints", "scoring", "staging"
+HANDED_BACK = "handed_back"  # the event of a job its stopping worker put back in the queue
 
 
 # Where a job's files are ------------------------------------------------------------------
@@ -245,6 +246,33 @@ def requeue_lost(engine: Engine, job: Job, publish: PublishJob) -> bool:
         return False
     publish(job.id, job.queue, store.priority_of(job))
     return True
+
+
+def hand_back(engine: Engine, job_id: str, attempt: int, reason: str, publish: PublishJob) -> bool:
+    """running → retrying: the attempt's worker is stopping and checkpointed the job to resume
+    there. Not a lost attempt: the reaper's ``max_attempts`` does not count it.
+
+    Celery's warm shutdown gives the running task's message back to the broker, but only
+    where its connection closed before the task ended; publishing again here means the job
+    never waits for the reaper. A second delivery is refused at its claim."""
+    if not store.requeue_job(
+        engine,
+        job_id=job_id,
+        from_statuses=[JobStatus.running.value],
+        attempt=attempt,
+        to_status=JobStatus.retrying,
+        reason=reason,
+        event=HANDED_BACK,
+    ):
+        return False
+    job = store.get_job(engine, job_id)
+    publish(job.id, job.queue, store.priority_of(job))
+    return True
+
+
+def lost_attempts(engine: Engine, job: Job) -> int:
+    """How many of a job's attempts ended without their worker handing the job back."""
+    return job.attempt - store.count_events(engine, job.id, HANDED_BACK)
 
 
 def claim_shard(engine: Engine, job_id: str, index: int, *, worker: str) -> int | None:

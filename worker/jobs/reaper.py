@@ -40,9 +40,9 @@ def reap(
     stale = now - timedelta(seconds=settings.lease_timeout_s)
     actions: list[str] = []
     for job in store.stale_jobs(engine, before=stale):
-        if job.attempt >= settings.max_attempts:
+        if (times := lifecycle.lost_attempts(engine, job)) >= settings.max_attempts:
             reason = (
-                f"worker lost {job.attempt} times (no heartbeat for "
+                f"worker lost {times} times (no heartbeat for "
                 f"{settings.lease_timeout_s:.0f}s); likely out of memory"
             )
             files = lifecycle.job_files(settings, job)

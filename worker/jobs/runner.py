@@ -27,6 +27,7 @@ from tuneq.worker.io import artifacts
 from tuneq.worker.jobs import lifecycle
 from tuneq.worker.jobs.lease import JobStopped, Lease
 from tuneq.worker.jobs.paths import confine_spec
+from tuneq.worker.jobs.stopping import hand_back_asked
 from tuneq.worker.ml.device import release_gpu_memory
 from tuneq.worker.ml.threads import REFIT_INTERVAL_S, fit_threads_to_host
 from tuneq.worker.store.db import get_engine
@@ -71,10 +72,16 @@ PublishOwnShard = Callable[[int, str, str], None]
 
 
 def run_job(
-    settings: Settings, job_id: str, *, worker: str, publish_shard: PublishOwnShard
+    settings: Settings,
+    job_id: str,
+    *,
+    worker: str,
+    publish_shard: PublishOwnShard,
+    publish_job: lifecycle.PublishJob,
 ) -> str | None:
     """Claim job ``job_id`` and run it; returns its state afterwards, or ``None`` when another
-    delivery owns the job. A scoring job stays ``running`` while its shards are scored."""
+    delivery owns the job. A scoring job stays ``running`` while its shards are scored; a
+    fine-tune that its stopping worker hands back is published again with ``publish_job``."""
     engine = get_engine(settings.database_url)
     fit_threads_to_host()
     claim = lifecycle.claim(engine, job_id, worker=worker)
@@ -98,7 +105,9 @@ def run_job(
     try:
         with lease, failures_recorded(engine, job_id, attempt, files):
             spec = artifacts.local_model(settings, confine_spec(settings, spec))
-            return run_finetune(settings, engine, job_id, claim, spec, staging, lease)
+            return run_finetune(
+                settings, engine, job_id, claim, spec, staging, lease, worker, publish_job
+            )
         return store.get_job(engine, job_id).status
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -140,8 +149,11 @@ def run_finetune(
     spec: FinetuneSpec,
     staging: Path,
     lease: Lease,
+    worker: str,
+    publish_job: lifecycle.PublishJob,
 ) -> str:
-    from tuneq.worker.ml.finetune import finetune  # torch and transformers load only here
+    # torch and transformers load only here
+    from tuneq.worker.ml.finetune import HandedBack, finetune
 
     attempt = claim.attempt
     shutil.rmtree(staging, ignore_errors=True)
@@ -154,13 +166,25 @@ def run_finetune(
 
     if claim.fresh and (discarded := lifecycle.remove_checkpoints(checkpoints)):
         event("fresh", f"started from the start; removed {', '.join(discarded)}")
-    result = finetune(
-        spec,
-        staging,
-        on_progress=recorder,
-        checkpoint_dir=checkpoints,
-        on_warning=lambda message: event("warning", message),
-    )
+    try:
+        result = finetune(
+            spec,
+            staging,
+            on_progress=recorder,
+            checkpoint_dir=checkpoints,
+            on_warning=lambda message: event("warning", message),
+            hand_back=hand_back_asked if settings.hand_back_on_stop else None,
+        )
+    except HandedBack as handed:
+        reason = (
+            f"handed back at step {handed.step} of {handed.total} by {worker}, which is "
+            f"stopping; resumes from {handed.checkpoint}"
+        )
+        if not lifecycle.hand_back(engine, job_id, attempt, reason, publish_job):
+            lease.lost = True
+            lease.check()  # cancelled meanwhile: stop as a cancel does
+        log.info("job %s %s", job_id, reason)
+        return store.get_job(engine, job_id).status
     lease.check()
     if result.resumed_from:
         event("resumed", f"resumed from {result.resumed_from}")

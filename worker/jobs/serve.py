@@ -21,6 +21,7 @@ from tuneq.worker.jobs.app import (
     waiting_messages,
 )
 from tuneq.worker.jobs.reaper import start_reaper
+from tuneq.worker.jobs.stopping import ask_for_hand_back
 from tuneq.worker.ml.allocator import keep_freed_memory, return_freed_memory
 from tuneq.worker.ml.device import nvidia_gpus
 from tuneq.worker.ml.threads import configure_torch, current_share, leave_host, share_of_cores
@@ -136,7 +137,13 @@ def run_worker(
             ),
         )
 
+    def on_shutting_down(how: str = "", **_kwargs: Any) -> None:
+        # In celery's signal handler: one byte written, nothing that takes a lock.
+        if how == "Warm" and settings.hand_back_on_stop:
+            ask_for_hand_back()
+
     signals.worker_ready.connect(on_ready, weak=False)
+    signals.worker_shutting_down.connect(on_shutting_down, weak=False)
     options: dict[str, Any] = {
         "queues": queues,
         "concurrency": concurrency,

@@ -86,13 +86,15 @@ def finetune(
     on_progress: Progress | None = None,
     checkpoint_dir: Path | None = None,
     on_warning: Callable[[str], None] | None = None,
+    hand_back: Callable[[], bool] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``spec.model`` on ``spec.data`` and save the classifier into ``out_dir``.
 
     With ``checkpoint_dir``, a checkpoint is saved there every ``spec.checkpoint_steps`` steps,
     and training resumes from the newest complete one found there (after a lost worker).
     ``on_warning`` hears about problems that do not stop the job (a vocabulary that does not
-    cover the data).
+    cover the data). Once ``hand_back()`` is true, training checkpoints at the end of its step
+    and stops there, raising :class:`HandedBack` (with checkpoints on; without, it trains on).
     """
     report = on_progress or (lambda _progress: None)
     check_trackers(spec.report_to)
@@ -134,8 +136,15 @@ def finetune(
     resume = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
     if resume is not None:
         report({"phase": "resuming", "checkpoint": resume.name})
+    pause = None
+    if hand_back and checkpoint_dir and spec.checkpoint_steps is not None:
+        pause = HandBackAtStepEnd(hand_back)
+        trainer.add_callback(pause)
     with timer.phase("train"):
         train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if pause and pause.step is not None and checkpoint_dir:
+        saved = latest_checkpoint(checkpoint_dir)
+        raise HandedBack(pause.step, trainer.state.max_steps, saved.name if saved else None)
     final_step = int(train_output.global_step)
     last_loss = curves.train[-1]["loss"] if curves.train else float(train_output.training_loss)
     if eval_set is None:  # every row trained: the last weights are the model
@@ -491,6 +500,30 @@ class CheckpointMarker(TrainerCallback):  # type: ignore[misc]
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             (folder / COMPLETE_MARKER).write_text(f"{state.global_step}\n")
+
+
+class HandedBack(Exception):  # noqa: N818 - an outcome, not an error
+    """Training stopped at ``step`` of ``total`` because its worker is stopping; it resumes
+    from ``checkpoint`` (the one saved at that step) on the next worker."""
+
+    def __init__(self, step: int, total: int, checkpoint: str | None) -> None:
+        super().__init__(f"stopped at step {step} of {total}; checkpoint {checkpoint}")
+        self.step, self.total, self.checkpoint = step, total, checkpoint
+
+
+class HandBackAtStepEnd(TrainerCallback):  # type: ignore[misc]
+    """Once ``asked()``, saves a checkpoint at the end of the current step and stops training
+    there (the Trainer saves after ``on_step_end``, then leaves its loop). The last step is
+    left to finish: the job is done then."""
+
+    def __init__(self, asked: Callable[[], bool]) -> None:
+        self.asked = asked
+        self.step: int | None = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.step is None and state.global_step < state.max_steps and self.asked():
+            self.step = state.global_step
+            control.should_save = control.should_training_stop = True
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

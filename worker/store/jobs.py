@@ -123,6 +123,12 @@ def list_events(engine: Engine, job_id: str) -> list[JobEvent]:
         return list(session.scalars(query))
 
 
+def count_events(engine: Engine, job_id: str, kind: str) -> int:
+    with Session(engine) as session:
+        query = select(func.count()).where(JobEvent.job_id == job_id, JobEvent.kind == kind)
+        return int(session.scalar(query) or 0)
+
+
 def jobs_with_ids(engine: Engine, job_ids: list[str]) -> list[Job]:
     """The jobs among ``job_ids`` that exist."""
     if not job_ids:
@@ -285,8 +291,10 @@ def requeue_job(
     to_status: JobStatus,
     reason: str,
     attempt: int | None = None,
+    event: str | None = None,
 ) -> bool:
-    """Put a job back in the queue (a retry, or a job whose worker was lost) and note why."""
+    """Put a job back in the queue (a retry, a job whose worker was lost or handed it back)
+    and note why, in an event of kind ``event`` (default: the new status)."""
     now = utcnow()
     conditions = [Job.id == job_id, Job.status.in_(from_statuses)]
     if attempt is not None:
@@ -311,8 +319,9 @@ def requeue_job(
         conn.execute(delete(Shard).where(Shard.job_id == job_id))
         current = conn.execute(select(Job.attempt).where(Job.id == job_id)).scalar_one()
         add_event_in(
-            conn, job_id=job_id, at=now, attempt=current, kind=to_status.value, message=reason
-        )
+            conn, job_id=job_id, at=now, attempt=current, kind=event or to_status.value,
+            message=reason,
+        )  # fmt: skip
         return True
 
 
