@@ -252,9 +252,10 @@ def hand_back(engine: Engine, job_id: str, attempt: int, reason: str, publish: P
     """running → retrying: the attempt's worker is stopping and checkpointed the job to resume
     there. Not a lost attempt: the reaper's ``max_attempts`` does not count it.
 
-    Celery's warm shutdown gives the running task's message back to the broker, but only
-    where its connection closed before the task ended; publishing again here means the job
-    never waits for the reaper. A second delivery is refused at its claim."""
+    Celery's warm shutdown also gave the running task's message back to the broker in the
+    tests, on Redis and on the embedded broker (the task's late ack did not land); publishing
+    here too means the job never waits for the reaper should that ack land. A second delivery
+    is refused at its claim."""
     if not store.requeue_job(
         engine,
         job_id=job_id,

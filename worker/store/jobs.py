@@ -319,9 +319,13 @@ def requeue_job(
         conn.execute(delete(Shard).where(Shard.job_id == job_id))
         current = conn.execute(select(Job.attempt).where(Job.id == job_id)).scalar_one()
         add_event_in(
-            conn, job_id=job_id, at=now, attempt=current, kind=event or to_status.value,
+            conn,
+            job_id=job_id,
+            at=now,
+            attempt=current,
+            kind=event or to_status.value,
             message=reason,
-        )  # fmt: skip
+        )
         return True
 
 
