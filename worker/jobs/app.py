@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from functools import partial
 from queue import Empty
 from typing import Any
 
@@ -105,15 +106,12 @@ def create_app(settings: Settings) -> Celery:
         def publish_shard(index: int, queue: str, priority: str) -> None:
             send_shard(app, job_id, index, queue, priority)
 
-        def publish_job(job_id: str, queue: str, priority: str) -> None:
-            send_job(app, job_id, queue, priority)
-
         return run(
             settings,
             job_id,
             worker=pool_process_name(),
             publish_shard=publish_shard,
-            publish_job=publish_job,
+            publish_job=partial(send_job, app),
         )
 
     @app.task(name=RUN_SHARD, ignore_result=True)
