@@ -206,11 +206,12 @@ int tuneq_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v
 }
 
 /* The same attention with both products in AMX tiles (Intel Sapphire Rapids and later): one
-   task per (batch row, head), 16 query rows at a time; Q·Kᵀ as 16×16 fp32 tiles from the keys
-   in the pair-interleaved layout above (the query rows loaded from q itself), the softmax in
-   AVX-512 with the 16 rows' maxima and sums gathered by tree_max and tree_add, P·V as 16×16
-   tiles from the values' pair layout. Tiles: 0-3 the output (16 dims each), 4 the
-   probabilities, 5 keys or values, 6-7 the query rows (32 dims each).
+   task per (batch row, head), 16 query rows at a time (32 for heads of 32, two blocks sharing
+   each key and value tile); Q·Kᵀ as 16×16 fp32 tiles from the keys in the pair-interleaved
+   layout above (the query rows loaded from q itself), the softmax in AVX-512 (softmax16), P·V
+   as 16×16 tiles from the values' pair layout. Tiles: 0-3 the output (16 dims each, or 2 × 32
+   for two blocks), 4 (and 6) the probabilities, 5 (and 7) keys or values, 6-7 the query rows
+   (32 dims each, or one block each).
 
    On the Xeon (2 cores, 12 heads of 32, 15 × 270 tokens) the products and the softmax take
    about equal parts of the time; a 23-bit exp and per-row reductions had made the softmax
@@ -222,12 +223,78 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
+/* Query rows for a tile load: straight from q for a full block of 16, or copied into qt with
+   zero rows after the last; *stride is set in elements. */
+static inline const uint16_t *query_rows(const uint16_t *q, long qs, int rows, const int D,
+                                         uint16_t *qt, long *stride) {
+    if (rows == 16) {
+        *stride = qs;
+        return q;
+    }
+    for (int r = 0; r < 16; r++) {
+        if (r < rows) memcpy(qt + r * D, q + r * qs, D * 2);
+        else memset(qt + r * D, 0, D * 2);
+    }
+    *stride = D;
+    return qt;
+}
+
+/* The softmax of 16 rows of scores (fp32, row stride ss), in base 2 with the scale sc folded
+   in, into probabilities as bf16 key pairs (row stride ps); returns the rows' sums, row r's
+   in lane LANE(r). The 16 rows' maxima are taken side by side (16 independent chains) and
+   gathered by tree_max, their sums by tree_add: no row waits on its own reduction. */
+static inline __attribute__((always_inline)) __m512 softmax16(
+    const float *scores, long ss, long blocks, const __mmask16 *live, __m512 sc,
+    uint32_t *probs, long ps) {
+    __m512 part[16];
+    for (int r = 0; r < 16; r++) part[r] = _mm512_set1_ps(MASKED);
+    for (long b = 0; b < blocks; b++)
+        for (int r = 0; r < 16; r++)
+            part[r] = _mm512_mask_max_ps(part[r], live[b], part[r],
+                                         _mm512_loadu_ps(scores + r * ss + b * 16));
+    const __m512 tops = _mm512_mul_ps(tree_max(part), sc);
+    for (int r = 0; r < 16; r++) {
+        const __m512 top = _mm512_permutexvar_ps(_mm512_set1_epi32(LANE(r)), tops);
+        const float *s = scores + r * ss;
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+        for (long b = 0; b < blocks; b += 2) {
+            const __m512 e0 = pow2_live(
+                live[b], _mm512_fmsub_ps(_mm512_loadu_ps(s + b * 16), sc, top));
+            const __m512 e1 = pow2_live(
+                live[b + 1], _mm512_fmsub_ps(_mm512_loadu_ps(s + b * 16 + 16), sc, top));
+            s0 = _mm512_add_ps(s0, e0);
+            s1 = _mm512_add_ps(s1, e1);
+            _mm512_storeu_si512(probs + r * ps + b * 8,
+                                (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+        }
+        part[r] = _mm512_add_ps(s0, s1);
+    }
+    return tree_add(part);
+}
+
+/* rows of output (D dims, row stride os) from fp32 sums (row stride 64) over the rows' totals */
+static inline void write_rows(const float *sums, __m512 totals, int rows, const int D,
+                              uint16_t *out, long os) {
+    float total[16];
+    _mm512_storeu_ps(total, totals);
+    for (int r = 0; r < rows; r++) {
+        const __m512 inv = _mm512_set1_ps(1.0f / total[LANE(r)]);
+        for (int c = 0; c < D / 16; c++) {
+            const __m512 o = _mm512_mul_ps(_mm512_loadu_ps(sums + r * 64 + c * 16), inv);
+            _mm256_storeu_si256((__m256i *)(out + r * os + c * 16), (__m256i)_mm512_cvtneps_pbh(o));
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) void head_block_amx(
     const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, const uint8_t *keep,
     long lq, long lk, long qs, long ks, long vs, long os, float scale, const int D,
     uint32_t *kp, uint32_t *vp, float *scores, uint32_t *probs, uint16_t *qt, float *ot) {
     const long width = (lk + 31) / 32 * 32, blocks = width / 16, pairs = width / 2;
-    const int half = D / 2, chunks = D / 16;
+    /* rows of scores and of probabilities one cache line longer than they need: at 512 keys
+       a power-of-two stride put 32 rows' lines in 2 of L1's sets */
+    const long ss = width + 16, ps = pairs + 16;
+    const int half = D / 2;
     pack_keys_values(k, v, lk, width, ks, vs, D, kp, vp);
     __mmask16 live[blocks];
     for (long b = 0; b < blocks; b++) {
@@ -236,19 +303,56 @@ static inline __attribute__((always_inline)) void head_block_amx(
                                             _mm_set1_epi8(-1))
                        : in;
     }
-    for (long i0 = 0; i0 < lq; i0 += 16) {
-        const int rows = i0 + 16 <= lq ? 16 : (int)(lq - i0);
-        if (rows == 16) { /* the query rows straight from q; the last, short block by a copy */
+    const __m512 sc = _mm512_set1_ps(scale * LOG2E);
+    float *scores2 = scores + 16 * ss;
+    uint32_t *probs2 = probs + 16 * ps;
+    long stride;
+    const uint16_t *rows_q;
+    for (long i0 = 0; i0 < lq;) {
+        const int rows = lq - i0 < 16 ? (int)(lq - i0) : 16;
+        if (D == 32 && lq - i0 > 16) {
+            /* heads of 32: two blocks of 16 query rows share each key and value tile */
+            const int rows2 = lq - i0 - 16 < 16 ? (int)(lq - i0 - 16) : 16;
             _tile_loadd(6, q + i0 * qs, qs * 2);
-            if (D == 64) _tile_loadd(7, q + i0 * qs + 32, qs * 2);
-        } else {
-            for (int r = 0; r < 16; r++) {
-                if (r < rows) memcpy(qt + r * D, q + (i0 + r) * qs, D * 2);
-                else memset(qt + r * D, 0, D * 2);
+            rows_q = query_rows(q + (i0 + 16) * qs, qs, rows2, 32, qt, &stride);
+            _tile_loadd(7, rows_q, stride * 2);
+            for (long b = 0; b < blocks; b++) {
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_loadd(5, kp + b * 16 * 16, 64);
+                _tile_dpbf16ps(0, 6, 5);
+                _tile_dpbf16ps(1, 7, 5);
+                _tile_stored(0, scores + b * 16, ss * 4);
+                _tile_stored(1, scores2 + b * 16, ss * 4);
             }
-            _tile_loadd(6, qt, D * 2);
-            if (D == 64) _tile_loadd(7, qt + 32, D * 2);
+            const __m512 totals = softmax16(scores, ss, blocks, live, sc, probs, ps);
+            const __m512 totals2 = softmax16(scores2, ss, blocks, live, sc, probs2, ps);
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (long p0 = 0; p0 < pairs; p0 += 16) {
+                _tile_loadd(4, probs + p0, ps * 4);
+                _tile_loadd(6, probs2 + p0, ps * 4);
+                _tile_loadd(5, vp + p0 * 32, 32 * 4);
+                _tile_loadd(7, vp + p0 * 32 + 16, 32 * 4);
+                _tile_dpbf16ps(0, 4, 5);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 6, 5);
+                _tile_dpbf16ps(3, 6, 7);
+            }
+            _tile_stored(0, ot, 64 * 4);
+            _tile_stored(1, ot + 16, 64 * 4);
+            _tile_stored(2, ot + 32, 64 * 4);
+            _tile_stored(3, ot + 48, 64 * 4);
+            write_rows(ot, totals, rows, 32, out + i0 * os, os);
+            write_rows(ot + 32, totals2, rows2, 32, out + (i0 + 16) * os, os);
+            i0 += 32;
+            continue;
         }
+        rows_q = query_rows(q + i0 * qs, qs, rows, D, qt, &stride);
+        _tile_loadd(6, rows_q, stride * 2);
+        if (D == 64) _tile_loadd(7, rows_q + 32, stride * 2);
         for (long b = 0; b < blocks; b++) {
             _tile_zero(0);
             _tile_loadd(5, kp + b * half * 16, 64);
@@ -257,46 +361,15 @@ static inline __attribute__((always_inline)) void head_block_amx(
                 _tile_loadd(5, kp + (b * half + 16) * 16, 64);
                 _tile_dpbf16ps(0, 7, 5);
             }
-            _tile_stored(0, scores + b * 16, width * 4);
+            _tile_stored(0, scores + b * 16, ss * 4);
         }
-        const __m512 sc = _mm512_set1_ps(scale * LOG2E);
-        float total[16];
-        /* 16 rows' maxima side by side (16 independent chains), then each row's exponentials
-           and sums; the rows' maxima and sums are gathered across rows by tree_max/tree_add */
-        __m512 part[16];
-        for (int r = 0; r < 16; r++) part[r] = _mm512_set1_ps(MASKED);
-        for (long b = 0; b < blocks; b++)
-            for (int r = 0; r < 16; r++)
-                part[r] = _mm512_mask_max_ps(part[r], live[b], part[r],
-                                             _mm512_loadu_ps(scores + r * width + b * 16));
-        const __m512 tops = _mm512_mul_ps(tree_max(part), sc);
-        for (int r = 0; r < 16; r++) {
-            const __m512 top = _mm512_permutexvar_ps(_mm512_set1_epi32(LANE(r)), tops);
-            const float *s = scores + r * width;
-            __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-            for (long b = 0; b < blocks; b += 2) {
-                const __m512 e0 = pow2_live(
-                    live[b], _mm512_fmsub_ps(_mm512_loadu_ps(s + b * 16), sc, top));
-                const __m512 e1 = pow2_live(
-                    live[b + 1], _mm512_fmsub_ps(_mm512_loadu_ps(s + b * 16 + 16), sc, top));
-                s0 = _mm512_add_ps(s0, e0);
-                s1 = _mm512_add_ps(s1, e1);
-                _mm512_storeu_si512(probs + r * pairs + b * 8,
-                                    (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-            }
-            part[r] = _mm512_add_ps(s0, s1);
-        }
-        _mm512_storeu_ps(total, tree_add(part));
-        for (int c = 0; c < chunks; c++) {
-            switch (c) {
-                case 0: _tile_zero(0); break;
-                case 1: _tile_zero(1); break;
-                case 2: _tile_zero(2); break;
-                default: _tile_zero(3); break;
-            }
-        }
+        const __m512 totals = softmax16(scores, ss, blocks, live, sc, probs, ps);
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
         for (long p0 = 0; p0 < pairs; p0 += 16) {
-            _tile_loadd(4, probs + p0, pairs * 4);
+            _tile_loadd(4, probs + p0, ps * 4);
             _tile_loadd(5, vp + p0 * D, D * 4);
             _tile_dpbf16ps(0, 4, 5);
             _tile_loadd(5, vp + p0 * D + 16, D * 4);
@@ -308,20 +381,12 @@ static inline __attribute__((always_inline)) void head_block_amx(
                 _tile_dpbf16ps(3, 4, 5);
             }
         }
-        _tile_stored(0, ot, D * 4);
-        _tile_stored(1, ot + 16, D * 4);
-        if (D == 64) {
-            _tile_stored(2, ot + 32, D * 4);
-            _tile_stored(3, ot + 48, D * 4);
-        }
-        for (int r = 0; r < rows; r++) {
-            __m512 inv = _mm512_set1_ps(1.0f / total[LANE(r)]);
-            uint16_t *o = out + (i0 + r) * os;
-            for (int c = 0; c < chunks; c++) {
-                __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(ot + r * D + c * 16), inv));
-                _mm256_storeu_si256((__m256i *)(o + c * 16), (__m256i)h);
-            }
-        }
+        _tile_stored(0, ot, 64 * 4);
+        _tile_stored(1, ot + 16, 64 * 4);
+        _tile_stored(2, ot + 32, 64 * 4);
+        _tile_stored(3, ot + 48, 64 * 4);
+        write_rows(ot, totals, rows, D, out + i0 * os, os);
+        i0 += 16;
     }
 }
 
@@ -347,8 +412,9 @@ int tuneq_attention_bf16_amx(const uint16_t *q, const uint16_t *k, const uint16_
         }
         _tile_loadconfig(&config);
         uint32_t *kp = malloc(width * D * 2), *vp = malloc(width * D * 2);
-        float *scores = malloc(16 * width * sizeof(float)), *ot = malloc(16 * D * sizeof(float));
-        uint32_t *probs = malloc(16 * width * 2);
+        float *scores = malloc(32 * (width + 16) * sizeof(float));
+        float *ot = malloc(16 * 64 * sizeof(float));
+        uint32_t *probs = malloc(32 * (width / 2 + 16) * sizeof(uint32_t));
         uint16_t *qt = malloc(16 * D * 2);
         if (!kp || !vp || !scores || !probs || !qt || !ot) {
 #pragma omp atomic write
