@@ -36,7 +36,8 @@ from common import (  # noqa: E402
 KINDS = {
     "dense products": ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "tuneq::attention_bf16"),
-    "layer norm": ("aten::native_layer_norm",),
+    # with the residual add before it where tuneq's kernel fuses the two (worker/ml/cpu_norm.py)
+    "layer norm": ("aten::native_layer_norm", "tuneq::add_layer_norm_bf16"),
     "residual adds": ("aten::add",),
     "padding mask": ("aten::where", "aten::bitwise_and", "aten::all", "aten::index"),
 }

@@ -54,6 +54,11 @@ class Settings(BaseModel):
         description="bf16 scoring on a CPU with AVX512-BF16 uses tuneq's own attention kernel "
         "where, timed at start, it beats torch's; false keeps torch's everywhere.",
     )
+    norm_kernel: bool = Field(
+        True,
+        description="bf16 scoring on a CPU with AVX512-BF16 computes each BERT-family block's "
+        "residual add and LayerNorm in one pass with tuneq's own kernel; false keeps torch's.",
+    )
     dropout_kernel: bool = Field(
         True,
         description="fine-tunes on a CPU with AVX2 draw dropout with tuneq's own kernel (the "

@@ -3,9 +3,10 @@
 Why: in bf16 scoring torch's CPU attention kernel (``_scaled_dot_product_flash_attention_for_cpu``)
 took 39 % of the time on the AMD EPYC with AVX512-BF16 and 45 % on the AMX Xeon, for an eighth
 of the model's FLOPs; at MiniLM's heads of 32 it runs at 5-14 % of the bf16 matmul rate. The
-kernel in ``cpu_attention_bf16.c`` does the two products with vdpbf16ps straight from registers,
-four query rows per key load, and an exact fp32 softmax in between; on the EPYC it took 8.9 ms
-where torch took 22.3 for 15 reviews of 270 tokens (``bench/attention.py`` measures both).
+kernel in ``cpu_attention_bf16.c`` does the two products with vdpbf16ps straight from registers
+(or in AMX tiles where the CPU has them), four query rows per key load, and an fp32 softmax in
+between; on the EPYC it took 8.9 ms where torch took 22.3 for 15 reviews of 270 tokens
+(``bench/attention.py`` measures both).
 
 How it runs: the C file is compiled once per machine by the system's C compiler into a cache
 folder (``TUNEQ_KERNEL_CACHE``, else ``$TUNEQ_DATA_DIR/kernels``) and loaded with ctypes. It is
