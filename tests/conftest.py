@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,19 @@ def unavailable(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (required in CI)")
     pytest.skip(reason)
+
+
+def needs_cpu_kernel(
+    what: str, unavailable_here: Callable[[], str | None], load: Callable[[], object]
+) -> None:
+    """A CPU that cannot run one of tuneq's C kernels (``unavailable_here`` says why) skips,
+    with the reason; on one that can, a kernel that fails to build or load (``load`` returns
+    None) is a failure in CI."""
+    reason = unavailable_here()
+    if reason is not None:
+        pytest.skip(f"tuneq's {what} kernel cannot run here: {reason}")
+    if load() is None:
+        unavailable(f"tuneq's {what} kernel did not build or load (see the log)")
 
 
 def synthetic_reviews(n: int, seed: int = 0) -> list[tuple[str, str]]:

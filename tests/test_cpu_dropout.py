@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import LEARNS, unavailable
+from tests.conftest import LEARNS, needs_cpu_kernel, unavailable
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.worker.ml import cpu_dropout, kernels
 from tuneq.worker.ml.cpu_dropout import KernelDropout, apply, use_for
@@ -22,13 +22,8 @@ SSE_ONLY = "flags : fpu sse2 sse4_2"
 
 
 def needs_kernel() -> None:
-    """A CPU without AVX2 cannot run the kernel (a skip, with the reason); on one that has it,
-    a kernel that fails to build or load is a failure in CI."""
-    reason = cpu_dropout.unavailable()
-    if reason is not None:
-        pytest.skip(f"tuneq's dropout kernel cannot run here: {reason}")
-    if cpu_dropout.library() is None:
-        unavailable("tuneq's dropout kernel did not build or load (see the log)")
+    """Skips where the CPU lacks AVX2 (see :func:`needs_cpu_kernel`)."""
+    needs_cpu_kernel("dropout", cpu_dropout.unavailable, cpu_dropout.library)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import SHARED_DATA, save_tiny_bert, unavailable
+from tests.conftest import SHARED_DATA, needs_cpu_kernel, save_tiny_bert, unavailable
 from tuneq.worker.ml import cpu_norm
 from tuneq.worker.ml.cpu_norm import add_layer_norm, handles, is_bert_residual_block, use_for
 
@@ -19,13 +19,8 @@ AVX512_BF16 = "flags : fpu sse2 avx avx2 fma avx512f avx512bw avx512vl avx512_bf
 
 
 def needs_kernel() -> None:
-    """A CPU without AVX512-BF16 cannot run the kernel (a skip, with the reason); on one that
-    has it, a kernel that fails to build or load is a failure in CI."""
-    reason = cpu_norm.unavailable()
-    if reason is not None:
-        pytest.skip(f"tuneq's norm kernel cannot run here: {reason}")
-    if cpu_norm.kernel() is None:
-        unavailable("tuneq's norm kernel did not build or load (see the log)")
+    """Skips where the CPU lacks AVX512-BF16 (see :func:`needs_cpu_kernel`)."""
+    needs_cpu_kernel("norm", cpu_norm.unavailable, cpu_norm.kernel)
 
 
 def layer_norm(width: int, seed: int) -> torch.nn.LayerNorm:

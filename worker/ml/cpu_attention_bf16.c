@@ -286,6 +286,21 @@ static inline void write_rows(const float *sums, __m512 totals, int rows, const 
     }
 }
 
+/* The P·V sums in tiles 0-3, zeroed before and stored after (16 rows of 64 floats) */
+static inline void zero_sums(void) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
+
+static inline void store_sums(float *ot) {
+    _tile_stored(0, ot, 64 * 4);
+    _tile_stored(1, ot + 16, 64 * 4);
+    _tile_stored(2, ot + 32, 64 * 4);
+    _tile_stored(3, ot + 48, 64 * 4);
+}
+
 static inline __attribute__((always_inline)) void head_block_amx(
     const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, const uint8_t *keep,
     long lq, long lk, long qs, long ks, long vs, long os, float scale, const int D,
@@ -327,10 +342,7 @@ static inline __attribute__((always_inline)) void head_block_amx(
             }
             const __m512 totals = softmax16(scores, ss, blocks, live, sc, probs, ps);
             const __m512 totals2 = softmax16(scores2, ss, blocks, live, sc, probs2, ps);
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
+            zero_sums();
             for (long p0 = 0; p0 < pairs; p0 += 16) {
                 _tile_loadd(4, probs + p0, ps * 4);
                 _tile_loadd(6, probs2 + p0, ps * 4);
@@ -341,10 +353,7 @@ static inline __attribute__((always_inline)) void head_block_amx(
                 _tile_dpbf16ps(2, 6, 5);
                 _tile_dpbf16ps(3, 6, 7);
             }
-            _tile_stored(0, ot, 64 * 4);
-            _tile_stored(1, ot + 16, 64 * 4);
-            _tile_stored(2, ot + 32, 64 * 4);
-            _tile_stored(3, ot + 48, 64 * 4);
+            store_sums(ot);
             write_rows(ot, totals, rows, 32, out + i0 * os, os);
             write_rows(ot + 32, totals2, rows2, 32, out + (i0 + 16) * os, os);
             i0 += 32;
@@ -364,10 +373,7 @@ static inline __attribute__((always_inline)) void head_block_amx(
             _tile_stored(0, scores + b * 16, ss * 4);
         }
         const __m512 totals = softmax16(scores, ss, blocks, live, sc, probs, ps);
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        zero_sums();
         for (long p0 = 0; p0 < pairs; p0 += 16) {
             _tile_loadd(4, probs + p0, ps * 4);
             _tile_loadd(5, vp + p0 * D, D * 4);
@@ -381,10 +387,7 @@ static inline __attribute__((always_inline)) void head_block_amx(
                 _tile_dpbf16ps(3, 4, 5);
             }
         }
-        _tile_stored(0, ot, 64 * 4);
-        _tile_stored(1, ot + 16, 64 * 4);
-        _tile_stored(2, ot + 32, 64 * 4);
-        _tile_stored(3, ot + 48, 64 * 4);
+        store_sums(ot);
         write_rows(ot, totals, rows, D, out + i0 * os, os);
         i0 += 16;
     }
