@@ -114,16 +114,16 @@ def add_layer_norm(
 
 
 @cache
-def bert_residual_forwards() -> frozenset[tuple[bytes, tuple[str, ...], tuple[str, ...]]]:
-    """The instructions and names of BERT's residual blocks' forwards, which the fused forward
-    stands in for."""
+def bert_residual_forwards() -> frozenset[tuple[Any, ...]]:
+    """The instructions, names and constants of BERT's residual blocks' forwards, which the
+    fused forward stands in for."""
     from transformers.models.bert.modeling_bert import BertOutput, BertSelfOutput
 
     return frozenset(signature(block.forward.__code__) for block in (BertSelfOutput, BertOutput))
 
 
-def signature(code: types.CodeType) -> tuple[bytes, tuple[str, ...], tuple[str, ...]]:
-    return code.co_code, code.co_names, code.co_varnames
+def signature(code: types.CodeType) -> tuple[Any, ...]:
+    return code.co_code, code.co_names, code.co_varnames, code.co_consts
 
 
 def is_bert_residual_block(module: torch.nn.Module) -> bool:
