@@ -182,5 +182,6 @@ def test_the_image_build_step_builds_every_kernel(tmp_path: Path, monkeypatch):
     assert sorted(Path(path).name.split("-")[0] for path in built) == [
         "cpu_attention_bf16",
         "cpu_dropout",
+        "cpu_norm_bf16",
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(p).name for p in built)
