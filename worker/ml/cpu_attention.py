@@ -40,11 +40,11 @@ NAME = "tuneq_cpu_bf16"
 SOURCE = Path(__file__).with_name("cpu_attention_bf16.c")
 FLAGS = (
     "-O3",
-    *("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"),
+    *kernels.AVX512_BF16,
     *("-mamx-tile", "-mamx-bf16"),  # only the AMX entry point runs AMX instructions
-    *("-fopenmp", "-fPIC", "-shared"),
+    *kernels.LIBRARY,
 )
-CPU_FLAGS = ("avx512f", "avx512_bf16")
+CPU_FLAGS = kernels.AVX512_BF16_CPU
 AMX_FLAGS = ("amx_tile", "amx_bf16")
 # the kernel's two entry points: both products by vdpbf16ps from registers, or in AMX tiles
 ENTRY_POINTS = {"avx512": "tuneq_attention_bf16", "amx": "tuneq_attention_bf16_amx"}

@@ -19,6 +19,9 @@
 #define ROWS 4        /* query rows sharing each key/value load */
 #define BLOCK 64      /* query rows per task */
 #define MASKED -1e30f
+/* AMX entry point: rows of scores (floats) and of probabilities (key pairs) are this much longer
+   than they need: at 512 keys a power-of-two stride put 32 rows' lines in 2 of L1's sets */
+#define ROW_PAD 16
 #define LOG2E 1.44269504088896341f /* scores are taken in base 2: exp(x) = 2^(x log2 e) */
 
 /* 2^t for the softmax: 2^floor(t) times a cubic in t - floor(t) (relative error 7.5e-5 at
@@ -306,9 +309,7 @@ static inline __attribute__((always_inline)) void head_block_amx(
     long lq, long lk, long qs, long ks, long vs, long os, float scale, const int D,
     uint32_t *kp, uint32_t *vp, float *scores, uint32_t *probs, uint16_t *qt, float *ot) {
     const long width = (lk + 31) / 32 * 32, blocks = width / 16, pairs = width / 2;
-    /* rows of scores and of probabilities one cache line longer than they need: at 512 keys
-       a power-of-two stride put 32 rows' lines in 2 of L1's sets */
-    const long ss = width + 16, ps = pairs + 16;
+    const long ss = width + ROW_PAD, ps = pairs + ROW_PAD; /* row strides (see ROW_PAD) */
     const int half = D / 2;
     pack_keys_values(k, v, lk, width, ks, vs, D, kp, vp);
     __mmask16 live[blocks];
@@ -415,9 +416,9 @@ int tuneq_attention_bf16_amx(const uint16_t *q, const uint16_t *k, const uint16_
         }
         _tile_loadconfig(&config);
         uint32_t *kp = malloc(width * D * 2), *vp = malloc(width * D * 2);
-        float *scores = malloc(32 * (width + 16) * sizeof(float));
+        float *scores = malloc(32 * (width + ROW_PAD) * sizeof(float));
         float *ot = malloc(16 * 64 * sizeof(float));
-        uint32_t *probs = malloc(32 * (width / 2 + 16) * sizeof(uint32_t));
+        uint32_t *probs = malloc(32 * (width / 2 + ROW_PAD) * sizeof(uint32_t));
         uint16_t *qt = malloc(16 * D * 2);
         if (!kp || !vp || !scores || !probs || !qt || !ot) {
 #pragma omp atomic write

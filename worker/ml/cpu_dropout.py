@@ -30,7 +30,7 @@ from tuneq.worker.ml import kernels
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_dropout.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
+FLAGS = ("-O3", "-mavx2", "-mfma", *kernels.LIBRARY)
 CPU_FLAGS = ("avx2",)
 ENTRY_POINTS = {torch.float32: "tuneq_dropout_f32", torch.bfloat16: "tuneq_dropout_bf16"}
 MAX_ELEMENTS = 2**32  # the hash counts elements in 32 bits

@@ -33,12 +33,8 @@ from tuneq.worker.ml import kernels
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_norm_bf16.c")
-FLAGS = (
-    "-O3",
-    *("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"),
-    *("-fopenmp", "-fPIC", "-shared"),
-)
-CPU_FLAGS = ("avx512f", "avx512_bf16")
+FLAGS = ("-O3", *kernels.AVX512_BF16, *kernels.LIBRARY)
+CPU_FLAGS = kernels.AVX512_BF16_CPU
 WIDEST = 4096  # the C file's WIDEST
 
 

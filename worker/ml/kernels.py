@@ -22,6 +22,10 @@ import torch
 from tuneq.schemas.settings import load_settings
 
 X86 = ("x86_64", "amd64")
+# What the AVX512-BF16 kernels (attention, norm) are compiled with, and need of the CPU
+AVX512_BF16 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma")
+AVX512_BF16_CPU = ("avx512f", "avx512_bf16")
+LIBRARY = ("-fopenmp", "-fPIC", "-shared")  # every kernel: a shared library on torch's OpenMP
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
