@@ -76,6 +76,12 @@ class Settings(BaseModel):
         "from the rows a batch touched, not the whole vocabulary's; false keeps the dense "
         "backward.",
     )
+    first_token_only: bool = Field(
+        True,
+        description="a BERT-family classifier whose head reads only the first token ([CLS]) "
+        "computes its last layer for that token alone, in fine-tunes and scoring (the same "
+        "logits and gradients); false computes every position.",
+    )
     keep_freed_memory: bool = Field(
         True,
         description="worker processes keep the memory a fine-tune step frees for the next step "

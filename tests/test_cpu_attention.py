@@ -114,6 +114,8 @@ def test_calls_it_does_not_handle_go_to_sdpa() -> None:
     assert not cpu_attention.handles(q, k, v, full, causal=False, dropout=0.0)
     assert not cpu_attention.handles(q, k, v, None, causal=True, dropout=0.0)
     assert not cpu_attention.handles(q, k, v, None, causal=False, dropout=0.1)
+    # one query over every key (a first-token last layer): the kernel is tested on as many
+    assert not cpu_attention.handles(q[:, :, :1], k, v, keep, causal=False, dropout=0.0)
     assert not cpu_attention.handles(q.float(), k.float(), v.float(), None, False, 0.0)
     q48, k48, v48 = bert_like(2, 10, 2, 48)
     assert not cpu_attention.handles(q48, k48, v48, None, causal=False, dropout=0.0)

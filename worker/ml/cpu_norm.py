@@ -29,6 +29,7 @@ import torch
 
 from tuneq.schemas.settings import load_settings
 from tuneq.worker.ml import kernels
+from tuneq.worker.ml.models import forward_signature
 
 log = logging.getLogger(__name__)
 
@@ -115,20 +116,16 @@ def bert_residual_forwards() -> frozenset[tuple[Any, ...]]:
     fused forward stands in for."""
     from transformers.models.bert.modeling_bert import BertOutput, BertSelfOutput
 
-    return frozenset(signature(block.forward.__code__) for block in (BertSelfOutput, BertOutput))
-
-
-def signature(code: types.CodeType) -> tuple[Any, ...]:
-    return code.co_code, code.co_names, code.co_varnames, code.co_consts
+    return frozenset(forward_signature(block) for block in (BertSelfOutput, BertOutput))
 
 
 def is_bert_residual_block(module: torch.nn.Module) -> bool:
     """Whether ``module``'s forward is BERT's ``LayerNorm(dropout(dense(h)) + input)``, compared
     instruction by instruction (a block that does anything else keeps its own)."""
-    forward = getattr(type(module).forward, "__code__", None)
+    forward = forward_signature(type(module))
     return (
         forward is not None
-        and signature(forward) in bert_residual_forwards()
+        and forward in bert_residual_forwards()
         and isinstance(getattr(module, "LayerNorm", None), torch.nn.LayerNorm)
     )
 

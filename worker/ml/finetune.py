@@ -20,7 +20,7 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from tuneq.schemas.errors import ConfigError
 from tuneq.schemas.specs import DEFAULT_ATTENTION_DROPOUT, FinetuneSpec, default_learning_rate
-from tuneq.worker.ml import cpu_dropout
+from tuneq.worker.ml import cpu_dropout, first_token
 from tuneq.worker.ml.best_model import (
     BestModel,
     Evaluation,
@@ -201,6 +201,7 @@ def finetune(
             "learning_rate": spec.learning_rate,
             "attention_dropout": spec.attention_dropout,  # None: the model has no such setting
             "dropout_kernel": cpu_dropout.in_use(trainer.model),
+            "first_token_only": first_token.in_use(trainer.model),
         },
         loss_curve=curves.train,
         eval_curve=curves.eval,
@@ -270,6 +271,7 @@ def new_model(spec: FinetuneSpec, source: str, label_names: list[str]) -> Any:
         ),
     )
     cpu_dropout.use_for(model)
+    first_token.use_for(model)
     return model
 
 

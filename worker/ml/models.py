@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,16 @@ def attention_dropout_override(
             f"model {name!r} has no attention dropout setting; leave attention_dropout unset"
         )
     return dict.fromkeys(keys, value)
+
+
+def forward_signature(kind: type) -> tuple[Any, ...] | None:
+    """The instructions, names and constants of a module class's own ``forward`` (under
+    Transformers' decorators), to tell BERT's code from a block that does something else."""
+    forward = getattr(kind, "forward", None)
+    code = getattr(inspect.unwrap(forward), "__code__", None) if callable(forward) else None
+    if code is None:
+        return None
+    return code.co_code, code.co_names, code.co_varnames, code.co_consts
 
 
 def quiet_transformers() -> None:

@@ -70,6 +70,7 @@ def load_for_inference(
     """The classifier in ``folder``, loaded once per process and precision."""
     import torch
 
+    from tuneq.worker.ml import first_token
     from tuneq.worker.ml.models import load_classifier, load_tokenizer, quiet_transformers
 
     quiet_transformers()
@@ -102,6 +103,7 @@ def load_for_inference(
             cpu_attention.use_for(model)
             cpu_norm.use_for(model)
         onednn.pack_linear_layers(model, dtype)
+    first_token.use_for(model)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     log.info("loaded %s for %s scoring on %s", folder, precision, device)
     manifest = read_manifest(folder)
