@@ -115,9 +115,12 @@ def onednn_linear_flops_per_second(
     return 2 * rows * features[0] * features[1] * repeats / best
 
 
-def encoder_flops(model: Any, lengths: list[int]) -> float:
+def encoder_flops(model: Any, lengths: list[int], first_token_only: bool = False) -> float:
     """Forward FLOPs of a BERT-style encoder on texts of ``lengths`` tokens, padding excluded:
-    2 per weight per token for the dense layers, plus the attention score and mix products."""
+    2 per weight per token for the dense layers, plus the attention score and mix products.
+    ``first_token_only``: what tuneq computes where the last layer runs for the first token
+    alone (``tuneq.worker.ml.first_token``): that layer's keys and values for every token, the
+    rest of it, attention included, for one."""
     config = model.config
     dense = sum(
         p.numel()
@@ -126,7 +129,17 @@ def encoder_flops(model: Any, lengths: list[int]) -> float:
     )
     tokens = sum(lengths)
     attention = 4 * config.num_hidden_layers * config.hidden_size * sum(n * n for n in lengths)
-    return 2 * dense * tokens + attention
+    flops = 2 * dense * tokens + attention
+    if first_token_only:
+        last = model.base_model.encoder.layer[-1]
+        skipped = sum(
+            p.numel()
+            for name, p in last.named_parameters()
+            if p.dim() == 2 and not name.startswith(("attention.self.key", "attention.self.value"))
+        )
+        flops -= 2 * skipped * (tokens - len(lengths))
+        flops -= 4 * config.hidden_size * sum(n * n - n for n in lengths)
+    return flops
 
 
 def machine() -> dict[str, Any]:

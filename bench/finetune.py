@@ -47,11 +47,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tuneq_fp32": {"precision": "fp32"},
     "tuneq_model_attention_dropout": {"attention_dropout": 0.1},  # MiniLM's own, the old default
     "tuneq_torch_dropout": {},  # the defaults, with torch's dropout instead of tuneq's kernel
+    "tuneq_whole_last_layer": {},  # the defaults, the last layer for every token
     # A job of about a minute, to show what the queue, database and registration cost.
     "tuneq_one_minute": {"train_size": 150, "eval_size": 100},
 }
 # tuneq runs: the worker's environment, where a variant changes a setting rather than the spec.
-WORKER_ENV: dict[str, dict[str, str]] = {"tuneq_torch_dropout": {"TUNEQ_DROPOUT_KERNEL": "false"}}
+WORKER_ENV: dict[str, dict[str, str]] = {
+    "tuneq_torch_dropout": {"TUNEQ_DROPOUT_KERNEL": "false"},
+    "tuneq_whole_last_layer": {"TUNEQ_FIRST_TOKEN_ONLY": "false"},
+}
 
 
 def minilm_path() -> str:
@@ -201,6 +205,7 @@ def tuneq_run(work: Path, variant: str) -> dict[str, Any]:
         "spec_changes": VARIANTS[variant],
         "worker_env": env,
         "dropout_kernel": metrics["training"].get("dropout_kernel"),
+        "first_token_only": metrics["training"].get("first_token_only", False),
         "eval_size": spec.eval_size,
         # the Trainer evaluates at the end of each epoch inside the train phase; an evaluation
         # in the eval phase (of final weights not evaluated in training) is counted apart
@@ -246,11 +251,14 @@ def token_lengths() -> tuple[list[int], list[int]]:
 def utilisation(run: dict[str, Any], flops: dict[str, float], ceiling: dict[str, float]) -> None:
     """Model FLOPs a second of the train phase, and their share of ``matmul``'s rate: the
     training FLOPs, and for tuneq's runs those of the evaluations made inside that phase (files
-    written before this counted the training FLOPs alone, which understated tuneq's rate)."""
+    written before this counted the training FLOPs alone, which understated tuneq's rate). The
+    FLOPs the run computes: with the last layer for the first token only, fewer (the file's
+    ``model_flops`` has both counts)."""
     rate = ceiling[run["dtype"]]
-    train_flops = flops["train"] * run.get("train_size", TRAIN) / TRAIN
+    suffix = "_first_token" if run.get("first_token_only") else ""
+    train_flops = flops["train" + suffix] * run.get("train_size", TRAIN) / TRAIN
     evaluations = run.get("evaluations_in_train", 0)
-    train_flops += evaluations * flops["eval"] * run.get("eval_size", EVAL) / EVAL
+    train_flops += evaluations * flops["eval" + suffix] * run.get("eval_size", EVAL) / EVAL
     run["model_flops_per_s_train"] = train_flops / run["phases_s"]["train"]
     run["utilisation_of_matmul_train"] = run["model_flops_per_s_train"] / rate
 
@@ -287,6 +295,8 @@ def main() -> None:
     flops = {
         "train": 3 * encoder_flops(model, train_lengths),
         "eval": encoder_flops(model, eval_lengths),
+        "train_first_token": 3 * encoder_flops(model, train_lengths, first_token_only=True),
+        "eval_first_token": encoder_flops(model, eval_lengths, first_token_only=True),
     }
     size, device = (8192, "cuda") if GPU else (2048, "cpu")
     dtypes = ("fp32", "bf16") if GPU else timed_dtypes()
