@@ -128,8 +128,9 @@ def test_only_berts_own_layer_under_a_first_token_head_changes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Unchanged: a head that reads every token (token classification), a last layer with
-    another forward, relative position embeddings, a decoder, and any model with the setting
-    off; each keeps the last layer's full output."""
+    another forward, relative position embeddings, a decoder, a layer under gradient
+    checkpointing, and any model with the setting off; each keeps the last layer's full
+    output."""
     token_classifier = BertForTokenClassification(BertConfig(**SIZES))
     assert not first_token.use_for(token_classifier)
     other = tiny("bert-sdpa")
@@ -138,6 +139,13 @@ def test_only_berts_own_layer_under_a_first_token_head_changes(
     assert not first_token.use_for(other)
     assert not first_token.use_for(tiny("bert-sdpa", position_embedding_type="relative_key"))
     assert not first_token.use_for(tiny("bert-sdpa", is_decoder=True))
+    # with gradient checkpointing the layer's recomputation runs after the call: every position
+    checkpointed = tiny("bert-sdpa")
+    assert first_token.use_for(checkpointed)
+    checkpointed.gradient_checkpointing_enable({"use_reentrant": False})
+    recomputed = last_layer_positions(checkpointed)
+    checkpointed(**padded_batch()).loss.backward()
+    assert recomputed == [20]
     monkeypatch.setenv("TUNEQ_FIRST_TOKEN_ONLY", "false")
     plain = tiny("bert-sdpa")
     assert not first_token.use_for(plain)

@@ -103,7 +103,13 @@ def first_token_forward(
 ) -> torch.Tensor:
     """BERT's layer forward for the first position only, while the model's call reads nothing
     else (see :func:`use_for`); the layer's own forward otherwise."""
-    if not self.first_token_only or encoder_hidden_states is not None or cache is not None:
+    checkpointed = self.training and getattr(self, "gradient_checkpointing", False)
+    if (
+        not self.first_token_only
+        or checkpointed  # its recomputation would run after the call, on the whole layer
+        or encoder_hidden_states is not None
+        or cache is not None
+    ):
         return type(self).forward(
             self,
             hidden_states,
