@@ -15,7 +15,9 @@ the setting on (tuneq's default) and off, alternating, ``--pairs`` times:
 - ``clip_in_optimizer``: gradient clipping inside fused AdamW's pass
   (``tuneq.worker.ml.cpu_step``), off meaning the Trainer's own clipping;
 - ``sparse_embedding_grad``: the word embeddings' gradient made from the rows a batch touched
-  (``tuneq.worker.ml.cpu_step``), off meaning the embedding's dense backward.
+  (``tuneq.worker.ml.cpu_step``), off meaning the embedding's dense backward;
+- ``first_token_only``: the last layer computed for the first token only
+  (``tuneq.worker.ml.first_token``), off meaning every position.
 
 Per run: seconds a step, the process's system and user CPU seconds, minor page faults, and its
 peak resident memory. Writes bench/results/setting.json (or NAME.json). Files written before
@@ -38,7 +40,13 @@ from typing import Any
 from common import machine, write_result
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = ("keep_freed_memory", "dropout_kernel", "clip_in_optimizer", "sparse_embedding_grad")
+SETTINGS = (
+    "keep_freed_memory",
+    "dropout_kernel",
+    "clip_in_optimizer",
+    "sparse_embedding_grad",
+    "first_token_only",
+)
 
 
 def one_run(texts: str, rows: int) -> None:
@@ -67,6 +75,7 @@ def one_run(texts: str, rows: int) -> None:
                 "dropout_kernel": run["dropout_kernel"],
                 "clip_in_optimizer_setting": settings.clip_in_optimizer,
                 "sparse_embedding_grad_setting": settings.sparse_embedding_grad,
+                "first_token_only_setting": settings.first_token_only,
                 "seconds_per_step": run["seconds_per_step"],
                 "steps": run["steps"],
                 "system_s": round(after.ru_stime - before.ru_stime, 2),
