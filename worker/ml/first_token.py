@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from tuneq.schemas.settings import load_settings
+from tuneq.worker.ml import cpu_attention
 from tuneq.worker.ml.models import forward_signature
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ FIRST_TOKEN_HEADS = frozenset(
     }
 )
 # Attention implementations whose masks are ``(batch, 1, queries or 1, keys)`` tensors or None.
-MASKED_ATTENTION = ("sdpa", "eager", "tuneq_cpu_bf16")
+MASKED_ATTENTION = ("sdpa", "eager", cpu_attention.NAME)
 ASKS_FOR_ALL_POSITIONS = ("output_hidden_states", "output_attentions")
 
 
