@@ -142,7 +142,7 @@ def test_only_berts_own_layer_under_a_first_token_head_changes(
     # with gradient checkpointing the layer's recomputation runs after the call: every position
     checkpointed = tiny("bert-sdpa")
     assert first_token.use_for(checkpointed)
-    checkpointed.gradient_checkpointing_enable({"use_reentrant": False})
+    checkpointed.activation_checkpointing_enable({"use_reentrant": False})
     recomputed = last_layer_positions(checkpointed)
     checkpointed(**padded_batch()).loss.backward()
     assert recomputed == [20]
