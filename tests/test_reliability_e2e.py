@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tuneq.schemas.settings import load_settings
 from tuneq.schemas.tables import Worker
 from tuneq.worker.io.files import iter_batches
 from tuneq.worker.jobs.app import create_app, send_job, send_shard, waiting_messages
+from tuneq.worker.jobs.serve import COLD_STOP_GRACE_S
 from tuneq.worker.ml.finetune import COMPLETE_MARKER
 from tuneq.worker.store import get_job, list_events, list_models, list_shards
 from tuneq.worker.store.db import get_engine
@@ -600,3 +602,38 @@ def test_a_cold_shutdown_exits_at_once_and_the_job_runs_again_later(
         assert (job["status"], job["attempt"]) == ("succeeded", 2), job
         assert job["metrics"]["train_steps"] == 32 * 10
     assert sorted(m.job_id for m in list_models(engine)) == sorted(jobs.values())
+
+
+def test_a_cold_shutdown_that_hangs_ends_after_its_grace(
+    fast_env, start_worker, tiny_model, reviews_csv
+):
+    """A job's pool process that does not die on celery's SIGTERM (stopped here; stuck in the
+    kernel, or killed while it held the result queue's lock, as 3 cold stops of about
+    100 under load were) holds celery's cold shutdown for ever: the worker leaves after
+    ``serve.COLD_STOP_GRACE_S`` anyway, unregistered, its pool process dies with it, and the job
+    runs again on the next worker."""
+    engine = get_engine(fast_env["TUNEQ_DATABASE_URL"])
+    queue = queue_name()
+    worker = start_worker(fast_env, queue)
+    job_id = submit(fast_env, *finetune_args(queue, reviews_csv, tiny_model, epochs="32"))
+    wait_until_training(engine, job_id)
+    (pool_process,) = psutil.Process(worker.process.pid).children()
+    pool_process.send_signal(signal.SIGSTOP)
+    began = time.monotonic()
+    worker.process.send_signal(signal.SIGQUIT)
+    try:
+        worker.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pool_process.kill()  # lest the failed test leave it stopped
+        raise
+    assert time.monotonic() - began >= COLD_STOP_GRACE_S, "celery's own shutdown cannot end"
+    assert worker.process.returncode == 1
+    assert "the cold shutdown did not end in 10 s" in worker.log.read_text()
+    _, alive = psutil.wait_procs([pool_process], timeout=10)  # killed as its parent exited
+    assert all(p.status() == psutil.STATUS_ZOMBIE for p in alive), "the pool process lives on"
+    with Session(engine) as session:
+        assert session.scalars(select(Worker.name)).all() == [], "it unregistered"
+
+    start_worker(fast_env, queue)  # the job's lease has expired: requeued, it runs again
+    job = wait_for(fast_env, job_id, finished, timeout_s=240)
+    assert (job["status"], job["attempt"]) == ("succeeded", 2), job

@@ -6,10 +6,13 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from celery import signals
+from celery.platforms import EX_FAILURE
 
 from tuneq.schemas.errors import TuneqError
 from tuneq.schemas.settings import Settings
@@ -30,6 +33,9 @@ from tuneq.worker.store.db import get_engine
 from tuneq.worker.store.workers import worker_name
 
 log = logging.getLogger(__name__)
+
+COLD_STOP_GRACE_S = 10.0
+"""How long a cold shutdown may take before the worker leaves without finishing it."""
 
 
 def visible_devices(gpu: int | None, environ: Mapping[str, str]) -> str:
@@ -136,6 +142,7 @@ def run_worker(
                 engine, name=name, threads=settings.worker_threads or current_share()
             ),
         )
+        bound_cold_stop(lambda: workers.unregister_worker(engine, name=name))
 
     def on_shutting_down(how: str = "", **_kwargs: Any) -> None:
         # In celery's signal handler: one byte written, nothing that takes a lock.
@@ -164,6 +171,35 @@ def run_worker(
     if stopped_cold():
         leave_now(code)
     return code
+
+
+def bound_cold_stop(unregister: Callable[[], None], grace_s: float = COLD_STOP_GRACE_S) -> None:
+    """End this process ``grace_s`` after a cold shutdown begins, if celery has not by then.
+
+    Celery's cold shutdown runs in its signal handler: it kills the running job's pool process,
+    then joins the pool. A pool process that does not die on SIGTERM (stopped, or stuck in the
+    kernel) is joined for ever; one killed while it held the lock of the pool's result queue
+    leaves billiard's task handler blocked on that lock, and the join with it (3 cold stops of
+    about 100 under load). A thread that watches celery's state then unregisters the worker
+    and ends the process; the pool processes die with it (celery sets their parent-death
+    signal to SIGKILL), the job is left to its lease as after any cold stop. Its message goes
+    to stderr with ``os.write``: the stuck main thread may hold the logging handler's lock."""
+
+    def watch() -> None:
+        while not stopped_cold():
+            time.sleep(0.25)
+        time.sleep(grace_s)
+        os.write(
+            2,
+            f"worker: the cold shutdown did not end in {grace_s:g} s (a pool process that "
+            "does not die, or a lock a killed one held); leaving without it\n".encode(),
+        )
+        try:
+            unregister()
+        finally:
+            os._exit(EX_FAILURE)
+
+    threading.Thread(target=watch, name="tuneq cold-stop watch", daemon=True).start()
 
 
 def leave_now(code: int) -> NoReturn:
