@@ -609,7 +609,7 @@ def test_a_cold_shutdown_that_hangs_ends_after_its_grace(
 ):
     """A job's pool process that does not die on celery's SIGTERM (stopped here; stuck in the
     kernel, or killed while it held the result queue's lock, as 3 cold stops of about
-    100 under load were) holds celery's cold shutdown for ever: the worker leaves after
+    80 under load were) holds celery's cold shutdown for ever: the worker leaves after
     ``serve.COLD_STOP_GRACE_S`` anyway, unregistered, its pool process dies with it, and the job
     runs again on the next worker."""
     engine = get_engine(fast_env["TUNEQ_DATABASE_URL"])
