@@ -164,7 +164,7 @@ def test_the_dashboard_shows_the_queue_live_and_guards_its_actions(
         return status in finished
 
     watch(page, status_moves)
-    assert seen == ["queued", "running", "succeeded"], seen
+    assert seen == ["queued", "running", "succeeded"], (seen, get_job(engine, first).error)
     curve = page.locator("svg.chart polyline[data-series='training loss']")
     assert len((curve.get_attribute("points") or "").split()) >= 5
     assert page.evaluate("window.stillTheSamePage") is True  # never reloaded
