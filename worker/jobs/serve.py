@@ -180,7 +180,7 @@ def bound_cold_stop(unregister: Callable[[], None], grace_s: float = COLD_STOP_G
     then joins the pool. A pool process that does not die on SIGTERM (stopped, or stuck in the
     kernel) is joined for ever; one killed while it held the lock of the pool's result queue
     leaves billiard's task handler blocked on that lock, and the join with it (3 cold stops of
-    about 80 under load). A thread that watches celery's state then unregisters the worker
+    about 90 under load). A thread that watches celery's state then unregisters the worker
     and ends the process; the pool processes die with it (celery sets their parent-death
     signal to SIGKILL), the job is left to its lease as after any cold stop. Its message goes
     to stderr with ``os.write``: the stuck main thread may hold the logging handler's lock."""
