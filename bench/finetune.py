@@ -48,6 +48,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tuneq_model_attention_dropout": {"attention_dropout": 0.1},  # MiniLM's own, the old default
     "tuneq_torch_dropout": {},  # the defaults, with torch's dropout instead of tuneq's kernel
     "tuneq_whole_last_layer": {},  # the defaults, the last layer for every token
+    "tuneq_torch_attention": {},  # the defaults, with torch's attention instead of tuneq's kernels
     # A job of about a minute, to show what the queue, database and registration cost.
     "tuneq_one_minute": {"train_size": 150, "eval_size": 100},
 }
@@ -55,6 +56,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 WORKER_ENV: dict[str, dict[str, str]] = {
     "tuneq_torch_dropout": {"TUNEQ_DROPOUT_KERNEL": "false"},
     "tuneq_whole_last_layer": {"TUNEQ_FIRST_TOKEN_ONLY": "false"},
+    "tuneq_torch_attention": {"TUNEQ_ATTENTION_KERNEL": "false"},
 }
 
 
@@ -205,6 +207,7 @@ def tuneq_run(work: Path, variant: str) -> dict[str, Any]:
         "spec_changes": VARIANTS[variant],
         "worker_env": env,
         "dropout_kernel": metrics["training"].get("dropout_kernel"),
+        "attention_kernel": metrics["training"].get("attention_kernel", False),
         "first_token_only": metrics["training"].get("first_token_only", False),
         "eval_size": spec.eval_size,
         # the Trainer evaluates at the end of each epoch inside the train phase; an evaluation

@@ -17,7 +17,10 @@ the setting on (tuneq's default) and off, alternating, ``--pairs`` times:
 - ``sparse_embedding_grad``: the word embeddings' gradient made from the rows a batch touched
   (``tuneq.worker.ml.cpu_step``), off meaning the embedding's dense backward;
 - ``first_token_only``: the last layer computed for the first token only
-  (``tuneq.worker.ml.first_token``), off meaning every position.
+  (``tuneq.worker.ml.first_token``), off meaning every position;
+- ``attention_kernel``: tuneq's attention kernels (in an fp32 fine-tune, the fp32 one of
+  ``tuneq.worker.ml.cpu_attention_f32``, where it wins its race with torch's), off meaning
+  torch's SDPA.
 
 Per run: seconds a step, the process's system and user CPU seconds, minor page faults, and its
 peak resident memory. Writes bench/results/setting.json (or NAME.json). Files written before
@@ -46,6 +49,7 @@ SETTINGS = (
     "clip_in_optimizer",
     "sparse_embedding_grad",
     "first_token_only",
+    "attention_kernel",
 )
 
 
@@ -76,6 +80,8 @@ def one_run(texts: str, rows: int) -> None:
                 "clip_in_optimizer_setting": settings.clip_in_optimizer,
                 "sparse_embedding_grad_setting": settings.sparse_embedding_grad,
                 "first_token_only_setting": settings.first_token_only,
+                "attention_kernel_setting": settings.attention_kernel,
+                "attention_kernel": run["attention_kernel"],
                 "seconds_per_step": run["seconds_per_step"],
                 "steps": run["steps"],
                 "system_s": round(after.ru_stime - before.ru_stime, 2),

@@ -264,6 +264,7 @@ def tuneq_finetune(
         "train_samples_per_second": metrics.get("train_samples_per_second"),
         "max_length": metrics["training"]["max_length"],
         "dropout_kernel": metrics["training"]["dropout_kernel"],
+        "attention_kernel": metrics["training"].get("attention_kernel", False),
         "first_token_only": metrics["training"].get("first_token_only", False),
     }
 

