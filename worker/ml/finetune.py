@@ -275,7 +275,7 @@ def new_model(spec: FinetuneSpec, source: str, label_names: list[str]) -> Any:
     )
     cpu_dropout.use_for(model)
     if not torch.cuda.is_available() and not training_bf16(spec.precision):
-        cpu_attention.use_for_training(model)  # before first_token, which checks the attention
+        cpu_attention.use_fp32_kernel(model, training=True)  # before first_token reads it
     first_token.use_for(model)
     return model
 

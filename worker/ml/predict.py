@@ -102,6 +102,10 @@ def load_for_inference(
             model = model.to(dtype)
             cpu_attention.use_for(model)
             cpu_norm.use_for(model)
+        elif dtype == torch.float32:
+            # 400 IMDB reviews on the AVX2 EPYC, alternating: 19.2-19.6 rows/s against
+            # 17.4-19.2 with torch's attention, the same probabilities to 6e-8
+            cpu_attention.use_fp32_kernel(model, training=False)
         onednn.pack_linear_layers(model, dtype)
     first_token.use_for(model)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
