@@ -51,7 +51,9 @@ PARTS = ("collate", "forward", "backward", "clip", "optimizer", "zero")
 KINDS = {
     "products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
-                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+                  "tuneq::attention_f32", "tuneq::attention_f32_backward",  # tuneq's kernel
+                  "_Attention", "_AttentionBackward"),
     "optimizer (fused AdamW)": ("aten::_fused_adamw_",),
     "gradient norm (clipping)": ("aten::linalg_vector_norm", "aten::_foreach_norm"),
     "zero-filling new tensors (the embedding gradient's mostly)": ("aten::fill_", "aten::zero_"),
