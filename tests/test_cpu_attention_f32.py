@@ -126,6 +126,11 @@ def test_calls_it_does_not_handle_go_to_sdpa() -> None:
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     got, _ = cpu_attention.attention_forward(module, *leaves, keep)
     assert got.grad_fn is not None and "_Attention" in type(got.grad_fn).__name__
+    # a mask per query row, expanded (not contiguous) as Transformers' SDPA masks can be
+    expanded = keep.expand(2, 1, 10, 10)
+    got, _ = cpu_attention.attention_forward(module, q, k, v, expanded)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, expanded)
+    torch.testing.assert_close(got, expected.transpose(1, 2))
     module.is_causal = True  # type: ignore[assignment]
     got, _ = cpu_attention.attention_forward(module, q, k, v, None)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)

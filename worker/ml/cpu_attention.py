@@ -172,6 +172,11 @@ def handles(
     )
 
 
+def keys_kept(mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:
+    """A ``(batch, 1, 1, keys)`` padding mask, the kernels' take, as ``(batch, keys)``."""
+    return None if mask is None else mask.view(query.shape[0], -1)
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -190,15 +195,15 @@ def attention_forward(
 
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
     plain = not any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux"))
-    keep = None if attention_mask is None else attention_mask.view(query.shape[0], -1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if (
         plain
         and kernel() is not None
         and handles(query, key, value, attention_mask, causal, dropout)
     ):
-        return attention(query, key, value, keep, scale), None
+        return attention(query, key, value, keys_kept(attention_mask, query), scale), None
     if plain and cpu_attention_f32.handles(query, key, value, attention_mask, causal, dropout):
+        keep = keys_kept(attention_mask, query)
         return cpu_attention_f32.attention(query, key, value, keep, scale), None
     return sdpa_attention_forward(
         module,
