@@ -174,7 +174,7 @@ def handles(
 
 def keys_kept(mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:
     """A ``(batch, 1, 1, keys)`` padding mask, the kernels' take, as ``(batch, keys)``."""
-    return None if mask is None else mask.view(query.shape[0], -1)
+    return None if mask is None else mask.reshape(query.shape[0], -1)
 
 
 def attention_forward(

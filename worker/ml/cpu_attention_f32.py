@@ -125,6 +125,7 @@ class _Attention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative: an error, not a wrong one
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         query, key, value, out, lse, keep = ctx.saved_tensors
         loaded = library()
