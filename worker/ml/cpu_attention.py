@@ -147,6 +147,33 @@ def attention(
     return out
 
 
+def padding_call(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    dropout: float,
+    dtype: torch.dtype,
+) -> bool:
+    """Whether a call is of the kind tuneq's kernels compute: bidirectional attention without
+    dropout over at most a key-padding mask, on ``dtype`` CPU tensors in
+    ``[batch, head, row, dim]`` views with heads of 32 or 64."""
+    tensors = (query, key, value)
+    batch, keys = query.shape[0], key.shape[2]
+    return (
+        not causal
+        and dropout == 0.0
+        and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors)
+        and all(t.dim() == 4 and t.stride(-1) == 1 for t in tensors)
+        and query.shape[-1] in HEAD_SIZES
+        and key.shape == value.shape
+        and key.shape[:2] == query.shape[:2]
+        and key.shape[-1] == query.shape[-1]
+        and (mask is None or (mask.dtype == torch.bool and mask.shape == (batch, 1, 1, keys)))
+    )
+
+
 def handles(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -155,20 +182,27 @@ def handles(
     causal: bool,
     dropout: float,
 ) -> bool:
-    """Whether the kernel computes this call exactly as SDPA would."""
-    tensors = (query, key, value)
-    batch, keys = query.shape[0], key.shape[2]
+    """Whether the bf16 kernel computes this call exactly as SDPA would."""
     return (
-        not causal
-        and dropout == 0.0
-        and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
-        and all(t.dim() == 4 and t.stride(-1) == 1 for t in tensors)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and query.shape[-1] in HEAD_SIZES
-        and key.shape == value.shape
-        and key.shape[:3] == query.shape[:3]  # as many queries as keys, as tested
-        and key.shape[-1] == query.shape[-1]
-        and (mask is None or (mask.dtype == torch.bool and mask.shape == (batch, 1, 1, keys)))
+        padding_call(query, key, value, mask, causal, dropout, torch.bfloat16)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+        and key.shape[2] == query.shape[2]  # as many queries as keys, as tested
+    )
+
+
+def handles_fp32(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    dropout: float,
+) -> bool:
+    """Whether the fp32 kernel (:mod:`cpu_attention_f32`) computes this call as SDPA would, to
+    fp32's rounding (any number of queries, gradients included)."""
+    return (
+        padding_call(query, key, value, mask, causal, dropout, torch.float32)
+        and cpu_attention_f32.library() is not None
     )
 
 
@@ -189,8 +223,8 @@ def attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Transformers' attention interface: this kernel where it :func:`handles` the call, the
-    fp32 kernel where :func:`cpu_attention_f32.handles` it, torch's SDPA (Transformers' own
-    function) for everything else."""
+    fp32 kernel where :func:`handles_fp32` says so, torch's SDPA (Transformers' own function)
+    for everything else."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
@@ -202,7 +236,7 @@ def attention_forward(
         and handles(query, key, value, attention_mask, causal, dropout)
     ):
         return attention(query, key, value, keys_kept(attention_mask, query), scale), None
-    if plain and cpu_attention_f32.handles(query, key, value, attention_mask, causal, dropout):
+    if plain and handles_fp32(query, key, value, attention_mask, causal, dropout):
         keep = keys_kept(attention_mask, query)
         return cpu_attention_f32.attention(query, key, value, keep, scale), None
     return sdpa_attention_forward(

@@ -40,7 +40,6 @@ FLAGS = ("-O3", "-mavx2", "-mfma", *kernels.LIBRARY)
 CPU_FLAGS = ("avx2", "fma")
 FORWARD, BACKWARD = "tuneq_attention_f32_forward", "tuneq_attention_f32_backward"
 FAILURES = {1: "a head size other than 32 or 64", 2: "its buffers could not be allocated"}
-HEAD_SIZES = (32, 64)
 
 
 def unavailable(cpuinfo: str | None = None) -> str | None:
@@ -95,7 +94,7 @@ def forward(
     ``[batch, row, head, dim]``, and each query row's log-sum-exp ``[batch, head, row]`` where
     ``with_lse`` (what the backward needs)."""
     loaded = library()
-    assert loaded is not None, "forward() is for what handles() accepts"
+    assert loaded is not None, "forward() is for what cpu_attention.handles_fp32() accepts"
     batch, heads, rows, size = query.shape
     out = torch.empty(batch, rows, heads, size)
     lse = torch.empty(batch, heads, rows) if with_lse else None
@@ -161,31 +160,6 @@ def attention(
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         return _Attention.apply(query, key, value, keep, scale)  # type: ignore[no-any-return]
     return forward(query, key, value, keep, scale, with_lse=False)[0]
-
-
-def handles(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    causal: bool,
-    dropout: float,
-) -> bool:
-    """Whether the kernel computes this call as SDPA would (to fp32's rounding)."""
-    tensors = (query, key, value)
-    batch, keys = query.shape[0], key.shape[2]
-    return (
-        not causal
-        and dropout == 0.0
-        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-        and all(t.dim() == 4 and t.stride(-1) == 1 for t in tensors)
-        and query.shape[-1] in HEAD_SIZES
-        and key.shape == value.shape
-        and key.shape[:2] == query.shape[:2]
-        and key.shape[-1] == query.shape[-1]
-        and (mask is None or (mask.dtype == torch.bool and mask.shape == (batch, 1, 1, keys)))
-        and library() is not None
-    )
 
 
 @cache
