@@ -10,7 +10,8 @@
    and makes dQ, dK and dV from them without storing anything of the size of the scores:
      dP = dO·Vᵀ, dS = P ∘ (dP − rowsum(dO ∘ O)), dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO.
    Threads: the OpenMP pool of the process, torch's own (its libgomp is loaded first and this
-   library takes it by soname).
+   library takes it by soname), as many as torch's thread budget (the caller passes it: a
+   backward may run on a thread whose OpenMP setting torch never set).
 
    Built and loaded at run time by cpu_attention_f32.py, which says why it is here. */
 #include <immintrin.h>
@@ -253,11 +254,11 @@ static inline __attribute__((always_inline)) void backward_head(
 int tuneq_attention_f32_forward(const float *q, const float *k, const float *v, float *out,
                                 float *lse, const unsigned char *keep, long batch, long heads,
                                 long lq, long lk, long D, const long *qst, const long *kst,
-                                const long *vst, float scale) {
+                                const long *vst, float scale, int threads) {
     if (D != 32 && D != 64) return 1;
     const long width = (lk + 15) / 16 * 16, tasks = batch * heads;
     int failed = 0;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
         float *kt = malloc(width * D * sizeof(float)), *bias = malloc(width * sizeof(float));
         float *s = malloc(BLOCK * width * sizeof(float));
@@ -294,11 +295,12 @@ int tuneq_attention_f32_backward(const float *q, const float *k, const float *v,
                                  const float *out, const float *dout, const float *lse,
                                  float *dq, float *dk, float *dv, const unsigned char *keep,
                                  long batch, long heads, long lq, long lk, long D,
-                                 const long *qst, const long *kst, const long *vst, float scale) {
+                                 const long *qst, const long *kst, const long *vst, float scale,
+                                 int threads) {
     if (D != 32 && D != 64) return 1;
     const long width = (lk + 15) / 16 * 16, tasks = batch * heads;
     int failed = 0;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
         float *kt = malloc(width * D * sizeof(float)), *vt = malloc(width * D * sizeof(float));
         float *bias = malloc(width * sizeof(float));

@@ -65,6 +65,7 @@ def library() -> ctypes.CDLL | None:
     for name, pointers in ((FORWARD, 6), (BACKWARD, 10)):
         run = getattr(loaded, name)  # getattr keeps the function object; loaded[name] does not
         run.argtypes = [*[pointer] * pointers, *[size] * 5, *[strides] * 3, ctypes.c_float]
+        run.argtypes += [ctypes.c_int]  # threads
         run.restype = ctypes.c_int
     return loaded
 
@@ -102,7 +103,7 @@ def forward(
         failed = getattr(loaded, FORWARD)(
             query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), _pointer(lse),
             _pointer(keep), batch, heads, rows, key.shape[2], size,
-            _strides(query), _strides(key), _strides(value), scale,
+            _strides(query), _strides(key), _strides(value), scale, torch.get_num_threads(),
         )  # fmt: skip
     _check(failed)
     return out, lse
@@ -140,6 +141,7 @@ class _Attention(torch.autograd.Function):
                 grad.data_ptr(), lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
                 _pointer(keep), batch, heads, rows, keys, size,
                 _strides(query), _strides(key), _strides(value), ctx.scale,
+                torch.get_num_threads(),
             )  # fmt: skip
         _check(failed)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None
