@@ -10,8 +10,8 @@
    and makes dQ, dK and dV from them without storing anything of the size of the scores:
      dP = dO·Vᵀ, dS = P ∘ (dP − rowsum(dO ∘ O)), dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO.
    Threads: the OpenMP pool of the process, torch's own (its libgomp is loaded first and this
-   library takes it by soname), as many as torch's thread budget (the caller passes it: a
-   backward may run on a thread whose OpenMP setting torch never set).
+   library takes it by soname), as many as torch's thread budget, which the caller passes (as
+   to the dropout kernel) rather than leaving it to OpenMP's per-thread setting.
 
    Built and loaded at run time by cpu_attention_f32.py, which says why it is here. */
 #include <immintrin.h>
