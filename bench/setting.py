@@ -1,9 +1,10 @@
 """What one tuneq setting changes in a fine-tune, in one run: each way, in fresh processes.
 
     .venv/bin/python bench/setting.py [--setting SETTING]
-        [--texts sst2|imdb] [--rows N] [--pairs N] [--name NAME]
+        [--texts sst2|imdb] [--rows N] [--precision fp32|auto|bf16] [--pairs N] [--name NAME]
 
-tuneq's ``finetune`` (one epoch, batch 8, fp32, the packaged MiniLM; no evaluation) on 2,000
+tuneq's ``finetune`` (one epoch, batch 8, fp32 unless ``--precision`` says otherwise (``auto``:
+tuneq's default), the packaged MiniLM; no evaluation) on 2,000
 SST-2 sentences (``--texts imdb``: 200 IMDB training reviews truncated to 512 tokens), each run
 in a fresh process that starts as a worker's pool process does (``keep_freed_memory()``), with
 the setting on (tuneq's default) and off, alternating, ``--pairs`` times:
@@ -18,9 +19,9 @@ the setting on (tuneq's default) and off, alternating, ``--pairs`` times:
   (``tuneq.worker.ml.cpu_step``), off meaning the embedding's dense backward;
 - ``first_token_only``: the last layer computed for the first token only
   (``tuneq.worker.ml.first_token``), off meaning every position;
-- ``attention_kernel``: tuneq's attention kernels (in an fp32 fine-tune, the fp32 one of
-  ``tuneq.worker.ml.cpu_attention_f32``, where it wins its race with torch's), off meaning
-  torch's SDPA.
+- ``attention_kernel``: tuneq's attention kernels (in a fine-tune, fp32 or under bf16
+  autocast, the fp32 one of ``tuneq.worker.ml.cpu_attention_f32``, where it wins its race with
+  torch's), off meaning torch's SDPA.
 
 Per run: seconds a step, the process's system and user CPU seconds, minor page faults, and its
 peak resident memory. Writes bench/results/setting.json (or NAME.json). Files written before
@@ -53,7 +54,7 @@ SETTINGS = (
 )
 
 
-def one_run(texts: str, rows: int) -> None:
+def one_run(texts: str, rows: int, precision: str) -> None:
     """The child: fine-tune once, print what it measured as one JSON line."""
     import resource
 
@@ -68,7 +69,7 @@ def one_run(texts: str, rows: int) -> None:
     kind = TEXTS[texts]
     data = kind.load(rows)
     before = resource.getrusage(resource.RUSAGE_SELF)
-    run = tuneq_finetune(data, Path(tempfile.mkdtemp()), "fp32", kind.tuneq_max_length)
+    run = tuneq_finetune(data, Path(tempfile.mkdtemp()), precision, kind.tuneq_max_length)
     after = resource.getrusage(resource.RUSAGE_SELF)
     settings = load_settings()
     print(
@@ -82,6 +83,7 @@ def one_run(texts: str, rows: int) -> None:
                 "first_token_only_setting": settings.first_token_only,
                 "attention_kernel_setting": settings.attention_kernel,
                 "attention_kernel": run["attention_kernel"],
+                "precision": run["precision"],
                 "seconds_per_step": run["seconds_per_step"],
                 "steps": run["steps"],
                 "system_s": round(after.ru_stime - before.ru_stime, 2),
@@ -93,9 +95,10 @@ def one_run(texts: str, rows: int) -> None:
     )
 
 
-def child(setting: str, texts: str, rows: int, on: bool) -> dict[str, Any]:
+def child(setting: str, texts: str, rows: int, precision: str, on: bool) -> dict[str, Any]:
     env = {**os.environ, f"TUNEQ_{setting.upper()}": "true" if on else "false"}
     command = [sys.executable, __file__, "--child", "--texts", texts, "--rows", str(rows)]
+    command += ["--precision", precision]
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=HERE)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
@@ -107,19 +110,20 @@ def main() -> None:
     parser.add_argument("--setting", choices=SETTINGS, default="keep_freed_memory")
     parser.add_argument("--texts", choices=("sst2", "imdb"), default="sst2")
     parser.add_argument("--rows", type=int, help="default: 2,000 sentences or 200 reviews")
+    parser.add_argument("--precision", choices=("fp32", "auto", "bf16"), default="fp32")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--name", default="setting", help="results file, bench/results/NAME.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     rows = args.rows or (2000 if args.texts == "sst2" else 200)
     if args.child:
-        one_run(args.texts, rows)
+        one_run(args.texts, rows, args.precision)
         return
     runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
     for pair in range(args.pairs):
         # alternate which goes first, so that a drift of the machine's speed hits both
         for on in (True, False) if pair % 2 == 0 else (False, True):
-            run = child(args.setting, args.texts, rows, on)
+            run = child(args.setting, args.texts, rows, args.precision, on)
             runs["on" if on else "off"].append(run)
             print(args.setting, "on" if on else "off", run, flush=True)
 
@@ -138,6 +142,7 @@ def main() -> None:
         "setting": args.setting,
         "texts": args.texts,
         "rows": rows,
+        "precision": args.precision,
         "pairs": args.pairs,
         "medians": summary,
         "runs": runs,

@@ -265,6 +265,7 @@ def tuneq_finetune(
         "seconds_per_step": (train_s or wall) / steps,
         "train_samples_per_second": metrics.get("train_samples_per_second"),
         "max_length": metrics["training"]["max_length"],
+        "precision": metrics["precision"],
         "dropout_kernel": metrics["training"]["dropout_kernel"],
         "attention_kernel": metrics["training"].get("attention_kernel", False),
         "first_token_only": metrics["training"].get("first_token_only", False),
