@@ -156,9 +156,7 @@ def test_bf16_inputs_are_computed_in_fp32_and_returned_in_bf16() -> None:
     mask = keep[:, None, None, :]
     grad = torch.randn(4, 70, 12, 32, generator=torch.Generator().manual_seed(2)).bfloat16()
 
-    def run(
-        dtype: torch.dtype, call: str
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    def run(dtype: torch.dtype, call: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
         if call == "tuneq":
             out, _ = cpu_attention.attention_forward(torch.nn.Module(), *leaves, mask)
@@ -166,16 +164,16 @@ def test_bf16_inputs_are_computed_in_fp32_and_returned_in_bf16() -> None:
             sdpa = torch.nn.functional.scaled_dot_product_attention
             out = sdpa(*leaves, mask).transpose(1, 2)
         out.backward(grad.to(dtype))
-        return out, [t.grad for t in leaves], leaves
+        return out, [t.grad for t in leaves]
 
-    ours, our_grads, _ = run(torch.bfloat16, "tuneq")
+    ours, our_grads = run(torch.bfloat16, "tuneq")
     assert ours.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in our_grads)
-    fp32, fp32_grads, _ = run(torch.float32, "tuneq")  # the fp32 kernel on the same values
+    fp32, fp32_grads = run(torch.float32, "tuneq")  # the fp32 kernel on the same values
     assert torch.equal(ours, fp32.bfloat16())
     for got, expected in zip(our_grads, fp32_grads, strict=True):
         assert torch.equal(got, expected.bfloat16())
-    exact, exact_grads, _ = run(torch.float64, "sdpa")
-    torchs, torch_grads, _ = run(torch.bfloat16, "sdpa")
+    exact, exact_grads = run(torch.float64, "sdpa")
+    torchs, torch_grads = run(torch.bfloat16, "sdpa")
     for got, theirs, expected in zip(
         [ours, *our_grads], [torchs, *torch_grads], [exact, *exact_grads], strict=True
     ):
