@@ -183,10 +183,26 @@ def test_bf16_inputs_are_computed_in_fp32_and_returned_in_bf16() -> None:
 
 
 @pytest.mark.parametrize("inputs", [torch.float32, torch.bfloat16], ids=str)
-def test_the_race_times_both_kernels(inputs: torch.dtype) -> None:
+def test_the_race_times_both_kernels(inputs: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both sides get ``inputs``: torch's attention runs in that dtype, tuneq's kernel is handed
+    it (and computes in fp32)."""
     needs_kernel()
-    faster, ours, torchs = beats_torch(12, 32, inputs=inputs)
+    seen: dict[str, set[torch.dtype]] = {"torch": set(), "tuneq": set()}
+    sdpa, ours_call = torch.nn.functional.scaled_dot_product_attention, cpu_attention_f32.attention
+
+    def torch_side(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        seen["torch"].add(q.dtype)
+        return sdpa(q, *args, **kwargs)  # type: ignore[arg-type]
+
+    def our_side(q: torch.Tensor, *args: object) -> torch.Tensor:
+        seen["tuneq"].add(q.dtype)
+        return ours_call(q, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", torch_side)
+    monkeypatch.setattr(cpu_attention_f32, "attention", our_side)
+    faster, ours, torchs = beats_torch.__wrapped__(12, 32, inputs=inputs)  # not the cached one
     assert ours > 0 and torchs > 0 and faster == (ours < torchs)
+    assert seen == {"torch": {inputs}, "tuneq": {inputs}}
 
 
 def test_minilm_trains_on_the_kernel_as_on_sdpa() -> None:
