@@ -21,7 +21,10 @@ the setting on (tuneq's default) and off, alternating, ``--pairs`` times:
   (``tuneq.worker.ml.first_token``), off meaning every position;
 - ``attention_kernel``: tuneq's attention kernels (in a fine-tune, fp32 or under bf16
   autocast, the fp32 one of ``tuneq.worker.ml.cpu_attention_f32``, where it wins its race with
-  torch's), off meaning torch's SDPA.
+  torch's), off meaning torch's SDPA;
+- ``embedding_rows_adamw``: the word embeddings' AdamW update in tuneq's kernel, the rows no
+  batch has touched yet decayed only (``tuneq.worker.ml.cpu_adamw_rows``), off meaning torch's
+  fused AdamW over every row.
 
 Per run: seconds a step, the process's system and user CPU seconds, minor page faults, and its
 peak resident memory. Writes bench/results/setting.json (or NAME.json). Files written before
@@ -51,6 +54,7 @@ SETTINGS = (
     "sparse_embedding_grad",
     "first_token_only",
     "attention_kernel",
+    "embedding_rows_adamw",
 )
 
 
@@ -82,6 +86,8 @@ def one_run(texts: str, rows: int, precision: str) -> None:
                 "sparse_embedding_grad_setting": settings.sparse_embedding_grad,
                 "first_token_only_setting": settings.first_token_only,
                 "attention_kernel_setting": settings.attention_kernel,
+                "embedding_rows_adamw_setting": settings.embedding_rows_adamw,
+                "embedding_rows_adamw": run["embedding_rows_adamw"],
                 "attention_kernel": run["attention_kernel"],
                 "precision": run["precision"],
                 "seconds_per_step": run["seconds_per_step"],

@@ -54,7 +54,7 @@ KINDS = {
                   "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
                   "tuneq::attention_f32", "tuneq::attention_f32_backward",  # tuneq's kernel
                   "_Attention", "_AttentionBackward"),
-    "optimizer (fused AdamW)": ("aten::_fused_adamw_",),
+    "optimizer (fused AdamW)": ("aten::_fused_adamw_", "tuneq::adamw_rows"),  # torch's, tuneq's
     "gradient norm (clipping)": ("aten::linalg_vector_norm", "aten::_foreach_norm"),
     "zero-filling new tensors (the embedding gradient's mostly)": ("aten::fill_", "aten::zero_"),
     "dropout masks": ("aten::bernoulli_", "_Dropout", "_DropoutBackward"),  # torch's, tuneq's
@@ -268,6 +268,7 @@ def tuneq_finetune(
         "precision": metrics["precision"],
         "dropout_kernel": metrics["training"]["dropout_kernel"],
         "attention_kernel": metrics["training"].get("attention_kernel", False),
+        "embedding_rows_adamw": metrics["training"].get("embedding_rows_adamw", False),
         "first_token_only": metrics["training"].get("first_token_only", False),
     }
 

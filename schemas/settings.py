@@ -76,6 +76,12 @@ class Settings(BaseModel):
         "from the rows a batch touched, not the whole vocabulary's; false keeps the dense "
         "backward.",
     )
+    embedding_rows_adamw: bool = Field(
+        True,
+        description="where the word embeddings' gradient comes as the rows a batch touched, "
+        "tuneq's AdamW kernel updates the rows no batch has touched yet by their weight decay "
+        "alone, as torch's AdamW would; false updates every row with torch's.",
+    )
     first_token_only: bool = Field(
         True,
         description="a BERT-family classifier whose head reads only the first token ([CLS]) "

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
-from tuneq.worker.ml import cpu_step
+from tuneq.worker.ml import cpu_adamw_rows, cpu_step
 from tuneq.worker.ml.cpu_step import CpuStepTrainer, clip_coefficient, folds_into
 
 STEPS = 6
@@ -163,3 +163,48 @@ def test_elsewhere_the_trainer_clips_as_always(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("TUNEQ_CLIP_IN_OPTIMIZER")
     Accelerator.scaler = object()
     assert not folds_into(torch.optim.AdamW([weight], fused=True), Accelerator(), cpu)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_the_embedding_rows_kernel_changes_no_update(
+    tiny_model: Path,
+    tmp_path: Path,
+    sparse_steps: list[tuple[bool, list[int]]],
+    monkeypatch: pytest.MonkeyPatch,
+    bf16: bool,
+) -> None:
+    """The word embeddings updated by tuneq's kernel every step, against torch's AdamW
+    updating them (``TUNEQ_EMBEDDING_ROWS_ADAMW=false``): the same parameters, every embedding
+    row included; the rows with moments are exactly those the steps touched."""
+    if cpu_adamw_rows.library() is None:
+        pytest.skip(f"the kernel cannot run here: {cpu_adamw_rows.unavailable()}")
+    updated: list[int] = []
+    update = cpu_adamw_rows.update
+
+    def spy(param: torch.Tensor, *args: Any) -> None:
+        updated.append(param.shape[0])
+        update(param, *args)
+
+    monkeypatch.setattr(cpu_adamw_rows, "update", spy)
+    ours, our_norms, trainer = train(CpuStepTrainer, tiny_model, tmp_path / "a", 0.05, bf16)
+    vocabulary = trainer.model.get_input_embeddings().weight.shape[0]
+    assert updated == [vocabulary] * STEPS
+    assert trainer.embedding_step is None  # its hooks removed after training
+    optimizer = trainer.optimizer.optimizer
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+    state = optimizer.state[trainer.model.get_input_embeddings().weight]
+    assert float(state["step"]) == STEPS
+    with_moments = set(cpu_adamw_rows.live_rows(state).nonzero()[:, 0].tolist())
+    assert with_moments == {row for _, rows in sparse_steps for row in rows}
+
+    monkeypatch.setenv("TUNEQ_EMBEDDING_ROWS_ADAMW", "false")
+    cpu_adamw_rows.library.cache_clear()
+    try:
+        theirs, their_norms, _ = train(CpuStepTrainer, tiny_model, tmp_path / "b", 0.05, bf16)
+    finally:
+        cpu_adamw_rows.library.cache_clear()
+    assert len(updated) == STEPS  # torch's AdamW did the second run's
+    name = "bert.embeddings.word_embeddings.weight"
+    torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6)
+    assert largest_difference(ours, theirs) < 1e-6
+    assert max(abs(a - b) / b for a, b in zip(our_norms, their_norms, strict=True)) < 1e-5

@@ -19,10 +19,17 @@ kept from step to step, whose rows of the step before are zeroed first. Fused Ad
 the same dense gradient as before (every other row zero), so the update is unchanged (its
 decay of every row's moments included).
 
+**The word embeddings' update.** A row no batch has touched yet has a zero gradient and zero
+moments, so AdamW's update of it is its weight decay alone; torch's fused AdamW reads and writes
+its gradient and moments all the same. Where the gradient comes as the touched rows, torch's
+step skips the embedding matrix and tuneq's kernel (``cpu_adamw_rows``) updates it: the rows
+any step has touched in full, the others by their decay, as torch's would to the bit.
+
 Only where nothing else owns ``grad_scale`` or the gradients: the CPU (measured there), torch's
 fused AdamW, no loss scaler, one process, clipping on. Elsewhere, or with
-``TUNEQ_CLIP_IN_OPTIMIZER=false`` and ``TUNEQ_SPARSE_EMBEDDING_GRAD=false``, the Trainer clips
-and the embedding makes its gradient as they always have.
+``TUNEQ_CLIP_IN_OPTIMIZER=false``, ``TUNEQ_SPARSE_EMBEDDING_GRAD=false`` and
+``TUNEQ_EMBEDDING_ROWS_ADAMW=false``, the Trainer clips, the embedding makes its gradient and
+torch's AdamW updates it as they always have.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import torch
 from transformers import Trainer
 
 from tuneq.schemas.settings import load_settings
+from tuneq.worker.ml import cpu_adamw_rows
 
 FUSED_ADAMW = "adamw_torch_fused"
 
@@ -71,6 +79,7 @@ class SparseEmbeddingGrad:
         self.embedding = embedding
         self.dense: torch.Tensor | None = None
         self.rows = torch.zeros(0, dtype=torch.long)  # the rows the last step wrote
+        self.came_sparse = False  # whether the last step's gradient did (else it was dense)
 
     def densify(self) -> torch.Tensor | None:
         """Turn the sparse gradient into the kept dense one (last step's rows zeroed, this
@@ -79,6 +88,7 @@ class SparseEmbeddingGrad:
         layer that made one), or None before a backward."""
         weight = self.embedding.weight
         grad = weight.grad
+        self.came_sparse = grad is not None and grad.is_sparse
         if grad is None or not grad.is_sparse:
             return grad
         grad = grad.coalesce()
@@ -92,6 +102,62 @@ class SparseEmbeddingGrad:
         return grad.values()
 
 
+class EmbeddingRowsStep:
+    """The word embeddings' AdamW step in tuneq's kernel: torch's fused step runs without the
+    matrix (its gradient set aside for it, by the optimizer's step hooks), then the kernel
+    updates the matrix in full where a step has touched a row, by its decay elsewhere."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, sparse: SparseEmbeddingGrad) -> None:
+        self.optimizer, self.sparse = optimizer, sparse
+        self.weight = sparse.embedding.weight
+        self.group = groups_of(optimizer, self.weight)[0]
+        self.live: torch.Tensor | None = None  # rows any step has touched (moments not zero)
+        self.grad: torch.Tensor | None = None
+        self.hooks = [
+            optimizer.register_step_pre_hook(self.set_grad_aside),
+            optimizer.register_step_post_hook(self.step),
+        ]
+
+    @staticmethod
+    def applies(optimizer: torch.optim.Optimizer, weight: torch.Tensor) -> bool:
+        """torch's AdamW with the matrix in one group, whose step the kernel computes."""
+        groups = groups_of(optimizer, weight)
+        return (
+            isinstance(optimizer, torch.optim.AdamW)
+            and len(groups) == 1
+            and cpu_adamw_rows.handles(groups[0], weight)
+        )
+
+    def set_grad_aside(self, *_: Any) -> None:
+        self.grad, self.weight.grad = self.weight.grad, None
+
+    def step(self, *_: Any) -> None:
+        grad, self.grad = self.grad, None
+        self.weight.grad = grad
+        if grad is None:  # as torch's step skips a parameter without a gradient
+            return
+        state = self.optimizer.state[self.weight]
+        if not state:
+            state.update(cpu_adamw_rows.new_state(self.weight))
+            self.live = torch.zeros(self.weight.shape[0], dtype=torch.bool)
+        elif self.live is None:  # a resumed optimizer's moments
+            self.live = cpu_adamw_rows.live_rows(state)
+        if self.sparse.came_sparse:
+            self.live[self.sparse.rows] = True
+        else:  # a dense gradient may touch any row
+            self.live.fill_(True)
+        scale = getattr(self.optimizer, "grad_scale", None)
+        cpu_adamw_rows.update(self.weight, grad, state, self.group, self.live, scale)
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def groups_of(optimizer: torch.optim.Optimizer, weight: torch.Tensor) -> list[dict[str, Any]]:
+    return [g for g in optimizer.param_groups if any(p is weight for p in g["params"])]
+
+
 class CpuStepTrainer(Trainer):  # type: ignore[misc]
     """A Trainer whose step, on the CPU with fused AdamW, passes over the gradients once less
     for clipping and makes the word embeddings' gradient from the rows a batch touched."""
@@ -100,6 +166,8 @@ class CpuStepTrainer(Trainer):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self.clip_folds: bool | None = None  # decided at the first clip, once the optimizer exists
         self.sparse_embedding: SparseEmbeddingGrad | None = None
+        self.embedding_step: EmbeddingRowsStep | None = None  # attached at the first clip
+        self.embedding_rows_adamw = False  # whether it was, for the job's record
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         model: Any = self.model
@@ -112,7 +180,10 @@ class CpuStepTrainer(Trainer):  # type: ignore[misc]
             embedding.sparse = True
         try:
             return super().train(*args, **kwargs)
-        finally:  # the model goes on (evaluation, saving, scoring) as it came
+        finally:  # the model and optimizer go on (evaluation, saving, scoring) as they came
+            if self.embedding_step is not None:
+                self.embedding_step.remove()
+                self.embedding_step = None
             if self.sparse_embedding is not None:
                 embedding.sparse = False
                 self.sparse_embedding = None
@@ -133,9 +204,12 @@ class CpuStepTrainer(Trainer):  # type: ignore[misc]
 
     def _clip_grad_norm(self, model: Any) -> Any:
         optimizer: Any = getattr(self.optimizer, "optimizer", self.optimizer)  # Accelerate's
+        sparse = self.sparse_embedding
         if self.clip_folds is None:
             self.clip_folds = folds_into(optimizer, self.accelerator, self.args.device)
-        sparse = self.sparse_embedding
+            if sparse is not None and EmbeddingRowsStep.applies(optimizer, sparse.embedding.weight):
+                self.embedding_step = EmbeddingRowsStep(optimizer, sparse)
+                self.embedding_rows_adamw = True
         rows = sparse.densify() if sparse is not None else None  # before anything reads it
         if not self.clip_folds:
             return super()._clip_grad_norm(model)

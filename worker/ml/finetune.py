@@ -201,6 +201,7 @@ def finetune(
             "learning_rate": spec.learning_rate,
             "attention_dropout": spec.attention_dropout,  # None: the model has no such setting
             "dropout_kernel": cpu_dropout.in_use(trainer.model),
+            "embedding_rows_adamw": trainer.embedding_rows_adamw,
             "attention_kernel": cpu_attention.in_use(trainer.model),
             "first_token_only": first_token.in_use(trainer.model),
         },

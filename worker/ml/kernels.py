@@ -1,11 +1,11 @@
 """tuneq's C kernels: compiled once per machine by the system's C compiler into a cache folder
 (``TUNEQ_KERNEL_CACHE``, else ``$TUNEQ_DATA_DIR/kernels``) and loaded with ctypes.
 
-Each kernel's module (``cpu_attention``, ``cpu_attention_f32``, ``cpu_norm``, ``cpu_dropout``)
-says what it computes and where it runs; this one owns what they share: reading the CPU's flags
-and building a source file into a shared library. ``python -m tuneq.worker.ml.kernels`` builds
-every kernel, whichever this CPU runs (the image's build step, so that a slim image needs no
-compiler at run time).
+Each kernel's module (``cpu_attention``, ``cpu_attention_f32``, ``cpu_norm``, ``cpu_dropout``,
+``cpu_adamw_rows``) says what it computes and where it runs; this one owns what they share:
+reading the CPU's flags and building a source file into a shared library. ``python -m
+tuneq.worker.ml.kernels`` builds every kernel, whichever this CPU runs (the image's build step,
+so that a slim image needs no compiler at run time).
 """
 
 from __future__ import annotations
@@ -106,9 +106,16 @@ def load(source: Path, flags: tuple[str, ...], reason: str | None) -> ctypes.CDL
 
 
 if __name__ == "__main__":  # the image's build step: every kernel, into TUNEQ_KERNEL_CACHE
-    from tuneq.worker.ml import cpu_attention, cpu_attention_f32, cpu_dropout, cpu_norm
+    from tuneq.worker.ml import (
+        cpu_adamw_rows,
+        cpu_attention,
+        cpu_attention_f32,
+        cpu_dropout,
+        cpu_norm,
+    )
 
     print(cpu_attention.build())
     print(cpu_attention_f32.build())
     print(cpu_dropout.build())
     print(cpu_norm.build())
+    print(cpu_adamw_rows.build())
