@@ -49,6 +49,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tuneq_torch_dropout": {},  # the defaults, with torch's dropout instead of tuneq's kernel
     "tuneq_whole_last_layer": {},  # the defaults, the last layer for every token
     "tuneq_torch_attention": {},  # the defaults, with torch's attention instead of tuneq's kernels
+    "tuneq_torch_embedding_adamw": {},  # the defaults, torch's AdamW for every embedding row
     # A job of about a minute, to show what the queue, database and registration cost.
     "tuneq_one_minute": {"train_size": 150, "eval_size": 100},
 }
@@ -57,6 +58,7 @@ WORKER_ENV: dict[str, dict[str, str]] = {
     "tuneq_torch_dropout": {"TUNEQ_DROPOUT_KERNEL": "false"},
     "tuneq_whole_last_layer": {"TUNEQ_FIRST_TOKEN_ONLY": "false"},
     "tuneq_torch_attention": {"TUNEQ_ATTENTION_KERNEL": "false"},
+    "tuneq_torch_embedding_adamw": {"TUNEQ_EMBEDDING_ROWS_ADAMW": "false"},
 }
 
 
