@@ -10,8 +10,9 @@ COPY worker ./worker
 COPY schemas ./schemas
 COPY ui ./ui
 RUN pip install --no-cache-dir .
-# tuneq's kernels (bf16 attention, dropout) are C, compiled once per machine; build them into the
-# image so the slim image needs no compiler at run time (a worker ignores those its CPU cannot run).
+# tuneq's kernels (attention, norm, dropout, the embeddings' AdamW) are C, compiled once per
+# machine; build them into the image so the slim image needs no compiler at run time (a worker
+# ignores those its CPU cannot run).
 ENV TUNEQ_KERNEL_CACHE=/opt/tuneq/kernels
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && python -m tuneq.worker.ml.kernels \

@@ -211,6 +211,7 @@ def tuneq_run(work: Path, variant: str) -> dict[str, Any]:
         "dropout_kernel": metrics["training"].get("dropout_kernel"),
         "attention_kernel": metrics["training"].get("attention_kernel", False),
         "first_token_only": metrics["training"].get("first_token_only", False),
+        "embedding_rows_adamw": metrics["training"].get("embedding_rows_adamw", False),
         "eval_size": spec.eval_size,
         # the Trainer evaluates at the end of each epoch inside the train phase; an evaluation
         # in the eval phase (of final weights not evaluated in training) is counted apart

@@ -180,6 +180,7 @@ def test_the_image_build_step_builds_every_kernel(tmp_path: Path, monkeypatch):
         timeout=600,
     ).stdout.split()
     assert sorted(Path(path).name.split("-")[0] for path in built) == [
+        "cpu_adamw_rows",
         "cpu_attention_bf16",
         "cpu_attention_f32",
         "cpu_dropout",

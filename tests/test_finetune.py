@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tests.conftest import LEARNS
 from tuneq.schemas.specs import FinetuneSpec, default_learning_rate
+from tuneq.worker.ml import cpu_adamw_rows
 from tuneq.worker.ml.finetune import MANIFEST, finetune
 from tuneq.worker.ml.predict import predict_texts
 
@@ -52,6 +53,8 @@ def test_finetune_saves_a_labelled_safetensors_model(
     assert metrics["eval_curve"][-1]["loss"] == round(metrics["eval_loss"], 5)
     assert metrics["plots"] == ["loss.png", "confusion.png"]
     assert metrics["loss_curve"][0]["loss"] > metrics["loss_curve"][-1]["loss"]
+    # the word embeddings' update ran in tuneq's kernel where it runs (the CPU has AVX2)
+    assert metrics["training"]["embedding_rows_adamw"] is (cpu_adamw_rows.library() is not None)
     assert set(result.phases) == {
         "load_data",
         "load_model",
