@@ -1,5 +1,6 @@
 """A fine-tune step's passes over the gradients on the CPU, fewer of them: the Trainer's clip
-inside fused AdamW's pass, and the word embeddings' gradient made as the rows a batch touched.
+inside fused AdamW's pass, the word embeddings' gradient made as the rows a batch touched, and
+their update reading only the moments of rows a batch has touched.
 
 **Clipping inside the optimizer.** The Trainer clips every step in two passes over all the
 gradients before the optimizer's own: their norm, then a rescale in place (``clip_grad_norm_``'s
@@ -160,7 +161,8 @@ def groups_of(optimizer: torch.optim.Optimizer, weight: torch.Tensor) -> list[di
 
 class CpuStepTrainer(Trainer):  # type: ignore[misc]
     """A Trainer whose step, on the CPU with fused AdamW, passes over the gradients once less
-    for clipping and makes the word embeddings' gradient from the rows a batch touched."""
+    for clipping, makes the word embeddings' gradient from the rows a batch touched and updates
+    the word embeddings in tuneq's kernel."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
