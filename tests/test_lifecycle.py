@@ -97,6 +97,37 @@ def test_a_handed_back_attempt_is_published_again_and_not_counted_as_lost(
     assert kinds.count(lifecycle.HANDED_BACK) == 2 and kinds.count("retrying") == 1
 
 
+def test_a_users_retry_starts_the_count_of_lost_attempts_again(
+    settings: Settings, engine: Engine
+) -> None:
+    """A fine-tune fails twice on an error and a user retries it each time; then its workers
+    are lost. With ``max_attempts`` 3 the reaper requeues the third and fourth attempts (one
+    and two lost since the retry, not three and four) and fails the fifth, the third lost."""
+    job_id, attempt = running_job(engine)
+    for _ in range(2):
+        assert lifecycle.fail(engine, job_id, attempt, "a bad row")
+        lifecycle.retry(engine, job_id, resume=False, publish=lambda *_: None)
+        claim = lifecycle.claim(engine, job_id, worker="w")
+        assert claim is not None
+        attempt = claim.attempt
+
+    def lose_the_worker() -> list[str]:
+        long_ago = store.get_job(engine, job_id).heartbeat_at - timedelta(hours=1)
+        with engine.begin() as conn:
+            conn.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=long_ago))
+        return reap(settings, publish_job=lambda *_: None, publish_shard=print)
+
+    assert settings.max_attempts == 3 and attempt == 3
+    for lost in (3, 4):
+        assert lose_the_worker() == [f"requeued job {job_id} after attempt {lost}"]
+        claim = lifecycle.claim(engine, job_id, worker="w")
+        assert claim is not None and claim.attempt == lost + 1
+    (action,) = lose_the_worker()
+    assert action.startswith(f"failed job {job_id}: worker lost 3 times")
+    job = store.get_job(engine, job_id)
+    assert (job.status, job.attempt) == ("failed", 5)
+
+
 def test_a_failure_that_lands_removes_the_jobs_files(settings: Settings, engine: Engine) -> None:
     job_id, attempt = running_job(engine)
     saved = checkpoint(settings, job_id)
@@ -147,9 +178,9 @@ def test_retry_starts_from_scratch_unless_asked_to_resume(
     assert [event for event in events if event[0] != "running"] == [
         ("queued", "job queued"),
         ("failed", "boom"),
-        ("queued", "retried by user, from the start"),
+        ("retried", "retried by user, from the start"),
         ("failed", "boom again"),
-        ("retrying", "retried by user, to resume from its newest checkpoint"),
+        ("retried", "retried by user, to resume from its newest checkpoint"),
     ]
 
 

@@ -44,6 +44,7 @@ PublishJob = Callable[[str, str, str], None]  # job id, queue, priority
 PublishShard = Callable[[str, int, str, str], None]  # job id, shard index, queue, priority
 CHECKPOINTS, SCORING, STAGING = "checkpoints", "scoring", "staging"
 HANDED_BACK = "handed_back"  # the event of a job its stopping worker put back in the queue
+RETRIED = "retried"  # the event of a failed or cancelled job a user put back in the queue
 
 
 # Where a job's files are ------------------------------------------------------------------
@@ -225,6 +226,7 @@ def retry(engine: Engine, job_id: str, *, resume: bool, publish: PublishJob) -> 
         from_statuses=values(RETRYABLE),
         to_status=JobStatus.retrying if resume else JobStatus.queued,
         reason=f"retried by user, {how}",
+        event=RETRIED,
     ):
         current = store.get_job(engine, job.id).status
         raise JobStateError(f"job {job.id} is {current}; only failed or cancelled jobs retry")
@@ -272,8 +274,13 @@ def hand_back(engine: Engine, job_id: str, attempt: int, reason: str, publish: P
 
 
 def lost_attempts(engine: Engine, job: Job) -> int:
-    """How many of a job's attempts ended without their worker handing the job back."""
-    return job.attempt - store.count_events(engine, job.id, HANDED_BACK)
+    """How many of a job's attempts since a user last retried it (or since it was submitted)
+    ended without their worker handing the job back: a retry starts the count again, as the
+    attempts before it ended in a failure or a cancel, not in a lost worker."""
+    events = store.list_events(engine, job.id)
+    since = max((e.attempt for e in events if e.kind == RETRIED), default=0)
+    handed_back = sum(1 for e in events if e.kind == HANDED_BACK and e.attempt > since)
+    return job.attempt - since - handed_back
 
 
 def claim_shard(engine: Engine, job_id: str, index: int, *, worker: str) -> int | None:

@@ -123,12 +123,6 @@ def list_events(engine: Engine, job_id: str) -> list[JobEvent]:
         return list(session.scalars(query))
 
 
-def count_events(engine: Engine, job_id: str, kind: str) -> int:
-    with Session(engine) as session:
-        query = select(func.count()).where(JobEvent.job_id == job_id, JobEvent.kind == kind)
-        return int(session.scalar(query) or 0)
-
-
 def jobs_with_ids(engine: Engine, job_ids: list[str]) -> list[Job]:
     """The jobs among ``job_ids`` that exist."""
     if not job_ids:
