@@ -20,7 +20,6 @@ has AVX2 and a compiler is there (or the kernel was built in advance).
 from __future__ import annotations
 
 import ctypes
-import logging
 import math
 from functools import cache
 from pathlib import Path
@@ -28,34 +27,24 @@ from typing import Any
 
 import torch
 
-from tuneq.schemas.settings import load_settings
 from tuneq.worker.ml import kernels
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("cpu_adamw_rows.c")
-# -ffp-contract=off: the live rows' arithmetic is torch's, rounding for rounding
-FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-math-errno", *kernels.LIBRARY)
-CPU_FLAGS = ("avx2", "fma")
-
-
-def unavailable(cpuinfo: str | None = None) -> str | None:
-    """Why the kernel cannot run in this process, or None where it can."""
-    enabled = load_settings().embedding_rows_adamw
-    return kernels.cannot_run("embedding_rows_adamw", enabled, CPU_FLAGS, cpuinfo)
-
-
-def build(folder: Path | None = None) -> Path:
-    """The compiled kernel (see :func:`tuneq.worker.ml.kernels.build`)."""
-    return kernels.build(SOURCE, FLAGS, folder)
+KERNEL = kernels.Kernel(
+    source=Path(__file__).with_name("cpu_adamw_rows.c"),
+    # -ffp-contract=off: the live rows' arithmetic is torch's, rounding for rounding
+    flags=("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-math-errno", *kernels.LIBRARY),
+    cpu_flags=("avx2", "fma"),
+    setting="embedding_rows_adamw",
+    instead="the word embeddings on torch's AdamW",
+)
+unavailable, build = KERNEL.unavailable, KERNEL.build
 
 
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, loaded; None (logged once, with the reason) where it cannot run."""
-    loaded = kernels.load(SOURCE, FLAGS, unavailable())
-    if isinstance(loaded, str):
-        log.info("the word embeddings on torch's AdamW: tuneq's kernel is off here (%s)", loaded)
+    loaded = KERNEL.load()
+    if loaded is None:
         return None
     run = loaded.tuneq_adamw_rows
     run.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 2 + [ctypes.c_float] * 7

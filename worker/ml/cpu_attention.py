@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from tuneq.schemas.settings import load_settings
 from tuneq.worker.ml import cpu_attention_f32, kernels
 from tuneq.worker.ml.kernels import cpu_flags
 from tuneq.worker.ml.models import ATTENTION_DROPOUT_KEYS
@@ -42,14 +41,19 @@ from tuneq.worker.ml.models import ATTENTION_DROPOUT_KEYS
 log = logging.getLogger(__name__)
 
 NAME = "tuneq_cpu"  # the bf16 scoring kernel, the fp32 training one, or SDPA
-SOURCE = Path(__file__).with_name("cpu_attention_bf16.c")
-FLAGS = (
-    "-O3",
-    *kernels.AVX512_BF16,
-    *("-mamx-tile", "-mamx-bf16"),  # only the AMX entry point runs AMX instructions
-    *kernels.LIBRARY,
+KERNEL = kernels.Kernel(
+    source=Path(__file__).with_name("cpu_attention_bf16.c"),
+    flags=(
+        "-O3",
+        *kernels.AVX512_BF16,
+        *("-mamx-tile", "-mamx-bf16"),  # only the AMX entry point runs AMX instructions
+        *kernels.LIBRARY,
+    ),
+    cpu_flags=kernels.AVX512_BF16_CPU,
+    setting="attention_kernel",
+    instead="bf16 attention on torch's kernel",
 )
-CPU_FLAGS = kernels.AVX512_BF16_CPU
+unavailable, build = KERNEL.unavailable, KERNEL.build
 AMX_FLAGS = ("amx_tile", "amx_bf16")
 # the kernel's two entry points: both products by vdpbf16ps from registers, or in AMX tiles
 ENTRY_POINTS = {"avx512": "tuneq_attention_bf16", "amx": "tuneq_attention_bf16_amx"}
@@ -61,17 +65,6 @@ FAILURES = {
 HEAD_SIZES = (32, 64)
 
 
-def unavailable(cpuinfo: str | None = None) -> str | None:
-    """Why the kernel cannot run in this process, or None where it can."""
-    enabled = load_settings().attention_kernel
-    return kernels.cannot_run("attention_kernel", enabled, CPU_FLAGS, cpuinfo)
-
-
-def build(folder: Path | None = None) -> Path:
-    """The compiled kernel (see :func:`tuneq.worker.ml.kernels.build`)."""
-    return kernels.build(SOURCE, FLAGS, folder)
-
-
 def variants(cpuinfo: str | None = None) -> tuple[str, ...]:
     """The entry points this CPU runs, best first: AMX where it has AMX-BF16, then AVX-512."""
     flags = cpu_flags(cpuinfo)
@@ -81,11 +74,7 @@ def variants(cpuinfo: str | None = None) -> tuple[str, ...]:
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, loaded; None (logged once, with the reason) where it cannot run."""
-    loaded = kernels.load(SOURCE, FLAGS, unavailable())
-    if isinstance(loaded, str):
-        log.info("bf16 attention on torch's kernel: tuneq's is off here (%s)", loaded)
-        return None
-    return loaded
+    return KERNEL.load()
 
 
 @cache

@@ -29,7 +29,6 @@ or torch's SDPA as before.
 from __future__ import annotations
 
 import ctypes
-import logging
 import time
 from collections.abc import Callable
 from functools import cache
@@ -38,35 +37,25 @@ from typing import Any
 
 import torch
 
-from tuneq.schemas.settings import load_settings
 from tuneq.worker.ml import kernels
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("cpu_attention_f32.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", *kernels.LIBRARY)
-CPU_FLAGS = ("avx2", "fma")
+KERNEL = kernels.Kernel(
+    source=Path(__file__).with_name("cpu_attention_f32.c"),
+    flags=("-O3", "-mavx2", "-mfma", *kernels.LIBRARY),
+    cpu_flags=("avx2", "fma"),
+    setting="attention_kernel",
+    instead="fp32 attention on torch's kernel",
+)
+unavailable, build = KERNEL.unavailable, KERNEL.build
 FORWARD, BACKWARD = "tuneq_attention_f32_forward", "tuneq_attention_f32_backward"
 FAILURES = {1: "a head size other than 32 or 64", 2: "its buffers could not be allocated"}
-
-
-def unavailable(cpuinfo: str | None = None) -> str | None:
-    """Why the kernel cannot run in this process, or None where it can."""
-    enabled = load_settings().attention_kernel
-    return kernels.cannot_run("attention_kernel", enabled, CPU_FLAGS, cpuinfo)
-
-
-def build(folder: Path | None = None) -> Path:
-    """The compiled kernel (see :func:`tuneq.worker.ml.kernels.build`)."""
-    return kernels.build(SOURCE, FLAGS, folder)
 
 
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, loaded; None (logged once, with the reason) where it cannot run."""
-    loaded = kernels.load(SOURCE, FLAGS, unavailable())
-    if isinstance(loaded, str):
-        log.info("fp32 attention on torch's kernel: tuneq's is off here (%s)", loaded)
+    loaded = KERNEL.load()
+    if loaded is None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_long
     strides = ctypes.POINTER(ctypes.c_long)

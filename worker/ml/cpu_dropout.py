@@ -17,42 +17,31 @@ or 1) goes to torch's dropout. A model's attention dropout stays with torch's at
 from __future__ import annotations
 
 import ctypes
-import logging
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tuneq.schemas.settings import load_settings
 from tuneq.worker.ml import kernels
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("cpu_dropout.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", *kernels.LIBRARY)
-CPU_FLAGS = ("avx2",)
+KERNEL = kernels.Kernel(
+    source=Path(__file__).with_name("cpu_dropout.c"),
+    flags=("-O3", "-mavx2", "-mfma", *kernels.LIBRARY),
+    cpu_flags=("avx2",),
+    setting="dropout_kernel",
+    instead="dropout on torch's kernel",
+)
+unavailable, build = KERNEL.unavailable, KERNEL.build
 ENTRY_POINTS = {torch.float32: "tuneq_dropout_f32", torch.bfloat16: "tuneq_dropout_bf16"}
 MAX_ELEMENTS = 2**32  # the hash counts elements in 32 bits
-
-
-def unavailable(cpuinfo: str | None = None) -> str | None:
-    """Why the kernel cannot run in this process, or None where it can."""
-    enabled = load_settings().dropout_kernel
-    return kernels.cannot_run("dropout_kernel", enabled, CPU_FLAGS, cpuinfo)
-
-
-def build(folder: Path | None = None) -> Path:
-    """The compiled kernel (see :func:`tuneq.worker.ml.kernels.build`)."""
-    return kernels.build(SOURCE, FLAGS, folder)
 
 
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, loaded; None (logged once, with the reason) where it cannot run."""
-    loaded = kernels.load(SOURCE, FLAGS, unavailable())
-    if isinstance(loaded, str):
-        log.info("dropout on torch's kernel: tuneq's is off here (%s)", loaded)
+    loaded = KERNEL.load()
+    if loaded is None:
         return None
     for name in ENTRY_POINTS.values():
         run = getattr(loaded, name)

@@ -27,35 +27,27 @@ from typing import Any
 
 import torch
 
-from tuneq.schemas.settings import load_settings
 from tuneq.worker.ml import kernels
 from tuneq.worker.ml.models import forward_signature
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_norm_bf16.c")
-FLAGS = ("-O3", *kernels.AVX512_BF16, *kernels.LIBRARY)
-CPU_FLAGS = kernels.AVX512_BF16_CPU
+KERNEL = kernels.Kernel(
+    source=Path(__file__).with_name("cpu_norm_bf16.c"),
+    flags=("-O3", *kernels.AVX512_BF16, *kernels.LIBRARY),
+    cpu_flags=kernels.AVX512_BF16_CPU,
+    setting="norm_kernel",
+    instead="residual add and LayerNorm on torch's kernels",
+)
+unavailable, build = KERNEL.unavailable, KERNEL.build
 WIDEST = 4096  # the C file's WIDEST
-
-
-def unavailable(cpuinfo: str | None = None) -> str | None:
-    """Why the kernel cannot run in this process, or None where it can."""
-    enabled = load_settings().norm_kernel
-    return kernels.cannot_run("norm_kernel", enabled, CPU_FLAGS, cpuinfo)
-
-
-def build(folder: Path | None = None) -> Path:
-    """The compiled kernel (see :func:`tuneq.worker.ml.kernels.build`)."""
-    return kernels.build(SOURCE, FLAGS, folder)
 
 
 @cache
 def kernel() -> Any:
     """The kernel's entry point, or None (logged once, with the reason) where it cannot run."""
-    loaded = kernels.load(SOURCE, FLAGS, unavailable())
-    if isinstance(loaded, str):
-        log.info("residual add and LayerNorm on torch's kernels: tuneq's is off here (%s)", loaded)
+    loaded = KERNEL.load()
+    if loaded is None:
         return None
     run = loaded.tuneq_add_layer_norm_bf16
     pointer, size = ctypes.c_void_p, ctypes.c_long

@@ -2,8 +2,9 @@
 (``TUNEQ_KERNEL_CACHE``, else ``$TUNEQ_DATA_DIR/kernels``) and loaded with ctypes.
 
 Each kernel's module (``cpu_attention``, ``cpu_attention_f32``, ``cpu_norm``, ``cpu_dropout``,
-``cpu_adamw_rows``) says what it computes and where it runs; this one owns what they share:
-reading the CPU's flags and building a source file into a shared library. ``python -m
+``cpu_adamw_rows``) says what it computes and where it runs, and describes its C file as a
+:class:`Kernel`; this one owns what they share: reading the CPU's flags, deciding whether a
+kernel can run in this process, and building a source file into a shared library. ``python -m
 tuneq.worker.ml.kernels`` builds every kernel, whichever this CPU runs (the image's build step,
 so that a slim image needs no compiler at run time).
 """
@@ -12,15 +13,19 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tuneq.schemas.settings import load_settings
+
+log = logging.getLogger(__name__)
 
 X86 = ("x86_64", "amd64")
 # What the AVX512-BF16 kernels (attention, norm) are compiled with, and need of the CPU
@@ -105,6 +110,38 @@ def load(source: Path, flags: tuple[str, ...], reason: str | None) -> ctypes.CDL
         return f"building or loading it failed: {error}"
 
 
+@dataclass(frozen=True)
+class Kernel:
+    """One of tuneq's C kernels: its ``source`` file, compiled with ``flags``, runs where the
+    CPU has ``cpu_flags`` and the boolean setting ``setting`` (``TUNEQ_<SETTING>``) is on;
+    elsewhere ``instead`` runs (what the log says, e.g. "dropout on torch's kernel")."""
+
+    source: Path
+    flags: tuple[str, ...]
+    cpu_flags: tuple[str, ...]
+    setting: str
+    instead: str
+
+    def unavailable(self, cpuinfo: str | None = None) -> str | None:
+        """Why the kernel cannot run in this process (``cpuinfo``: /proc/cpuinfo's text, by
+        default this machine's), or None where it can."""
+        enabled = getattr(load_settings(), self.setting)
+        return cannot_run(self.setting, enabled, self.cpu_flags, cpuinfo)
+
+    def build(self, folder: Path | None = None) -> Path:
+        """The compiled kernel (see :func:`build`)."""
+        return build(self.source, self.flags, folder)
+
+    def load(self) -> ctypes.CDLL | None:
+        """The compiled kernel, loaded; None, logged with the reason, where it cannot run or
+        does not build. Each module caches what it loads (and declares its entry points)."""
+        loaded = load(self.source, self.flags, self.unavailable())
+        if isinstance(loaded, str):
+            log.info("%s: tuneq's kernel is off here (%s)", self.instead, loaded)
+            return None
+        return loaded
+
+
 if __name__ == "__main__":  # the image's build step: every kernel, into TUNEQ_KERNEL_CACHE
     from tuneq.worker.ml import (
         cpu_adamw_rows,
@@ -114,8 +151,5 @@ if __name__ == "__main__":  # the image's build step: every kernel, into TUNEQ_K
         cpu_norm,
     )
 
-    print(cpu_attention.build())
-    print(cpu_attention_f32.build())
-    print(cpu_dropout.build())
-    print(cpu_norm.build())
-    print(cpu_adamw_rows.build())
+    for module in (cpu_attention, cpu_attention_f32, cpu_dropout, cpu_norm, cpu_adamw_rows):
+        print(module.KERNEL.build())
