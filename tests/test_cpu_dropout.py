@@ -14,7 +14,7 @@ import torch
 from tests.conftest import LEARNS, needs_cpu_kernel, unavailable
 from tuneq.schemas.specs import FinetuneSpec
 from tuneq.worker.ml import cpu_dropout, kernels
-from tuneq.worker.ml.cpu_dropout import KernelDropout, apply, use_for
+from tuneq.worker.ml.cpu_dropout import KernelDropout, apply, new_seed, use_for
 from tuneq.worker.ml.finetune import MANIFEST, finetune
 
 AVX2 = "flags : fpu sse2 avx avx2 fma bmi2"
@@ -112,6 +112,29 @@ def test_the_backward_pass_uses_the_forward_mask_and_torch_seeds_it():
     torch.manual_seed(0)
     assert torch.equal(dropout(x.detach()), y.detach())  # reseeded: the same mask
     assert not torch.equal(dropout(x.detach()), y.detach())  # the next call: another
+
+
+def test_a_profiler_recording_shapes_runs_it_with_every_seed():
+    """torch's profiler with ``record_shapes`` records the autograd Function's arguments, the
+    seed among them, as C++ integers: a seed of 2**63 or more failed to convert and stopped the
+    fine-tune being profiled. The masks stay those of the seed's 64 bits."""
+    needs_kernel()
+    dropout = KernelDropout(0.1).train()
+    x = torch.randn(8, 20, 64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    torch.manual_seed(0)
+    seeds = [new_seed() for _ in range(16)]
+    assert any(seed % 2**64 >= 2**63 for seed in seeds)  # one with its top bit set
+    torch.manual_seed(0)
+    with torch.profiler.profile(record_shapes=True) as profiler:
+        outputs = []
+        for _ in seeds:
+            y = dropout(x)
+            y.sum().backward()
+            outputs.append(y.detach())
+    recorded = {event.key for event in profiler.key_averages(group_by_input_shape=True)}
+    assert {"_Dropout", "_DropoutBackward"} <= recorded
+    for seed, y in zip(seeds, outputs, strict=True):
+        assert torch.equal(y, apply(x.detach(), 0.1, seed % 2**64))
 
 
 def test_what_it_does_not_handle_goes_to_torch(monkeypatch: pytest.MonkeyPatch):

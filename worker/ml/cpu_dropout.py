@@ -63,7 +63,8 @@ def handles(x: torch.Tensor, p: float) -> bool:
 
 def apply(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """``x`` with each element kept with probability ``1 - p`` (and scaled by ``1 / (1 - p)``)
-    or zeroed, as drawn from ``seed``: the same seed and shape give the same mask."""
+    or zeroed, as drawn from ``seed`` (its 64 bits; signed or not): the same seed and shape give
+    the same mask."""
     loaded = library()
     assert loaded is not None, "apply() is for what handles() accepts"
     x = x.contiguous()
@@ -71,7 +72,7 @@ def apply(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     threshold = min(round(p * 2.0**32), 2**32 - 1)
     run = getattr(loaded, ENTRY_POINTS[x.dtype])
     scale, threads = 1.0 / (1.0 - p), torch.get_num_threads()
-    run(x.data_ptr(), y.data_ptr(), x.numel(), threshold, scale, seed, threads)
+    run(x.data_ptr(), y.data_ptr(), x.numel(), threshold, scale, seed % 2**64, threads)
     return y
 
 
@@ -87,8 +88,11 @@ class _Dropout(torch.autograd.Function):
 
 
 def new_seed() -> int:
-    """A 64-bit seed from torch's default generator (so ``set_seed`` makes it reproducible)."""
-    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) % 2**64
+    """A 64-bit seed from torch's default generator (so ``set_seed`` makes it reproducible),
+    signed: the autograd Function takes it as an argument, and a profiler recording its
+    arguments (``record_shapes``) can hold a signed 64-bit integer, not an unsigned one above
+    2**63."""
+    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
 
 
 class KernelDropout(torch.nn.Dropout):
