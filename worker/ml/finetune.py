@@ -137,7 +137,7 @@ def finetune(
     if resume is not None:
         report({"phase": "resuming", "checkpoint": resume.name})
     pause = None
-    if hand_back and checkpoint_dir and spec.checkpoint_steps is not None:
+    if hand_back and checkpoints_into(spec, checkpoint_dir) is not None:
         pause = HandBackAtStepEnd(hand_back)
         trainer.add_callback(pause)
     with timer.phase("train"):
@@ -377,6 +377,12 @@ class LossCurves:
     eval: list[dict[str, float]] = field(default_factory=list)
 
 
+def checkpoints_into(spec: FinetuneSpec, checkpoint_dir: Path | None) -> Path | None:
+    """Where the Trainer saves checkpoints: ``checkpoint_dir`` where the job gives one and
+    ``spec.checkpoint_steps`` is set; None where it saves none."""
+    return checkpoint_dir if spec.checkpoint_steps is not None else None
+
+
 def build_trainer(
     spec: FinetuneSpec,
     model: Any,
@@ -398,9 +404,9 @@ def build_trainer(
     from transformers import DataCollatorWithPadding, TrainingArguments
 
     steps_per_epoch = -(-len(train_set) // spec.batch_size)
-    checkpoints = checkpoint_dir is not None and spec.checkpoint_steps is not None
+    checkpoints = checkpoints_into(spec, checkpoint_dir)
     args = TrainingArguments(
-        output_dir=str(checkpoint_dir if checkpoints else out_dir / TRAINER_DIR),
+        output_dir=str(checkpoints or out_dir / TRAINER_DIR),
         per_device_train_batch_size=spec.batch_size,
         per_device_eval_batch_size=spec.batch_size * 2,
         num_train_epochs=spec.epochs,
@@ -411,7 +417,7 @@ def build_trainer(
         data_seed=spec.seed,
         train_sampling_strategy="group_by_length",
         eval_strategy="no",  # EvalSchedule decides when
-        save_strategy="steps" if checkpoints else "no",
+        save_strategy="no" if checkpoints is None else "steps",
         save_steps=spec.checkpoint_steps or 500,
         save_total_limit=2,
         logging_strategy="steps",
