@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from tuneq.schemas.settings import load_settings
 from tuneq.schemas.tables import Worker
 from tuneq.worker.io.files import iter_batches
 from tuneq.worker.jobs.app import create_app, send_job, send_shard, waiting_messages
-from tuneq.worker.jobs.serve import COLD_STOP_GRACE_S
+from tuneq.worker.jobs.serve import COLD_STOP_GRACE_S, UNREGISTER_WAIT_S
 from tuneq.worker.ml.finetune import COMPLETE_MARKER
 from tuneq.worker.store import get_job, list_events, list_models, list_shards
 from tuneq.worker.store.db import get_engine
@@ -637,3 +639,43 @@ def test_a_cold_shutdown_that_hangs_ends_after_its_grace(
     start_worker(fast_env, queue)  # the job's lease has expired: requeued, it runs again
     job = wait_for(fast_env, job_id, finished, timeout_s=240)
     assert (job["status"], job["attempt"]) == ("succeeded", 2), job
+
+
+LEAVING_ON_A_COLD_STOP = """
+import sys, time
+from celery.worker import state
+from tuneq.worker.jobs import serve
+from tuneq.worker.store import workers
+from tuneq.worker.store.db import create_database_engine
+
+engine = create_database_engine(sys.argv[1])  # connects on first use: here, the unregister
+serve.bound_cold_stop(lambda: workers.unregister_worker(engine, name="w"), grace_s=0.5)
+state.should_terminate = 1  # what SIGQUIT sets: a cold shutdown that, here, never ends
+time.sleep(300)
+"""
+
+
+def test_a_hung_cold_shutdown_leaves_even_when_the_database_does_not_answer() -> None:
+    """The watch that ends a hung cold shutdown unregisters the worker first: with the
+    database's host cut off (a listener that takes the connection and never answers, as a
+    network cut looks to the driver, not a refusal) that waited for ever, and the worker with
+    it. It leaves ``UNREGISTER_WAIT_S`` later, saying so."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nothing reads or answers
+        url = f"postgresql+psycopg://tuneq@127.0.0.1:{silent.getsockname()[1]}/tuneq"
+        began = time.monotonic()
+        try:
+            left = subprocess.run(
+                [sys.executable, "-c", LEAVING_ON_A_COLD_STOP, url],
+                capture_output=True,
+                text=True,
+                timeout=90,
+            )
+        except subprocess.TimeoutExpired as hung:
+            raise AssertionError(f"the worker did not leave: {hung.stderr!r}") from None
+        took = time.monotonic() - began
+    assert left.returncode == 1, left.stderr
+    assert "the cold shutdown did not end in 0.5 s" in left.stderr
+    assert f"the database did not answer in {UNREGISTER_WAIT_S:g} s" in left.stderr
+    assert took >= 0.5 + UNREGISTER_WAIT_S

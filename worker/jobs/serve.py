@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 COLD_STOP_GRACE_S = 10.0
 """How long a cold shutdown may take before the worker leaves without finishing it."""
+UNREGISTER_WAIT_S = 5.0
+"""How long a worker leaving so waits for the database to remove its registry row."""
 
 
 def visible_devices(gpu: int | None, environ: Mapping[str, str]) -> str:
@@ -182,8 +184,17 @@ def bound_cold_stop(unregister: Callable[[], None], grace_s: float = COLD_STOP_G
     leaves billiard's task handler blocked on that lock, and the join with it (3 cold stops of
     about 90 under load). A thread that watches celery's state then unregisters the worker
     and ends the process; the pool processes die with it (celery sets their parent-death
-    signal to SIGKILL), the job is left to its lease as after any cold stop. Its message goes
-    to stderr with ``os.write``: the stuck main thread may hold the logging handler's lock."""
+    signal to SIGKILL), the job is left to its lease as after any cold stop. A database that
+    does not answer (a network cut, not a refusal) would hold the unregistering for ever: the
+    worker waits ``UNREGISTER_WAIT_S`` for it, then leaves registered, and its row goes stale
+    as its heartbeat stops. Messages go to stderr with ``os.write``: the stuck main thread may
+    hold the logging handler's lock."""
+
+    def unregister_or_say_why() -> None:
+        try:
+            unregister()
+        except Exception as error:
+            os.write(2, f"worker: unregistering failed: {error!r}\n".encode())
 
     def watch() -> None:
         while not stopped_cold():
@@ -194,10 +205,17 @@ def bound_cold_stop(unregister: Callable[[], None], grace_s: float = COLD_STOP_G
             f"worker: the cold shutdown did not end in {grace_s:g} s (a pool process that "
             "does not die, or a lock a killed one held); leaving without it\n".encode(),
         )
-        try:
-            unregister()
-        finally:
-            os._exit(EX_FAILURE)
+        leaving = threading.Thread(target=unregister_or_say_why, name="tuneq unregister")
+        leaving.daemon = True
+        leaving.start()
+        leaving.join(UNREGISTER_WAIT_S)
+        if leaving.is_alive():
+            os.write(
+                2,
+                f"worker: the database did not answer in {UNREGISTER_WAIT_S:g} s; leaving "
+                "still registered (the row goes stale as the heartbeat stops)\n".encode(),
+            )
+        os._exit(EX_FAILURE)
 
     threading.Thread(target=watch, name="tuneq cold-stop watch", daemon=True).start()
 
