@@ -11,7 +11,9 @@ from typing import Any
 
 import kombu.transport
 from celery import Celery
+from kombu.transport.sqlalchemy import Channel as SQLAlchemyChannel
 from kombu.transport.sqlalchemy import Transport as SQLAlchemyTransport
+from sqlalchemy.exc import OperationalError
 
 from tuneq.schemas.settings import Settings
 from tuneq.schemas.specs import PRIORITY_LEVELS
@@ -28,14 +30,39 @@ PRIORITY_STEPS = [0, 3, 6]
 PRIORITIES = dict(zip(PRIORITY_LEVELS, PRIORITY_STEPS, strict=True))
 
 
+class EmbeddedChannel(SQLAlchemyChannel):  # type: ignore[misc]
+    """kombu's SQLAlchemy channel, removing the rows of the messages it has delivered.
+
+    kombu marks a delivered message's row invisible and keeps it for ever (the message itself
+    stays in the worker's memory until acked, and a warm shutdown publishes it again as a new
+    row), so the embedded broker's table grew by a row for every job and shard ever run.
+    Nothing reads an invisible row again; the clean-up is its own transaction after the
+    delivery, and where the database is too busy for it the rows go at the next one.
+    """
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:  # kombu passes none here
+        payload = super()._get(queue)  # marks the row invisible and commits; Empty where none
+        message = self.message_cls
+        try:
+            self.session.query(message).filter(
+                message.queue_id == self._get_or_create(queue).id, message.visible.is_(False)
+            ).delete(synchronize_session=False)
+            self.session.commit()
+        except OperationalError:
+            self.session.rollback()  # the delivery stands; the rows go at the next one
+        return payload
+
+
 class EmbeddedTransport(SQLAlchemyTransport):  # type: ignore[misc]
-    """kombu's SQLAlchemy transport, polling every 0.1 s instead of every second.
+    """kombu's SQLAlchemy transport, polling every 0.1 s instead of every second, on
+    :class:`EmbeddedChannel`.
 
     With late acks and a prefetch of one, a worker fetches its next message only at the next
     poll: at 1 s that caps it at one job or shard a second. The interval cannot be passed as a
     transport option: this transport hands its options to ``create_engine``.
     """
 
+    Channel = EmbeddedChannel
     polling_interval = 0.1
 
     def drain_events(self, connection: Any, timeout: float | None = None, **_: Any) -> None:
@@ -146,8 +173,8 @@ Waiting = set[tuple[str, ...]]  # ("job", id) and ("shard", id, index) of waitin
 def waiting_messages(app: Celery, queue: str) -> Waiting | None:
     """The jobs and shards whose messages wait in ``queue`` (not yet delivered to a worker),
     or ``None`` where the broker cannot be asked. The reaper republishes only what is missing
-    from here. Redis keeps a list per priority; the embedded broker a table, whose delivered
-    rows are marked invisible."""
+    from here. Redis keeps a list per priority; the embedded broker a table (its delivered rows
+    invisible until :class:`EmbeddedChannel` removes them)."""
     with app.connection_for_write() as connection:
         channel = connection.default_channel
         if connection.transport.driver_type == "redis":
