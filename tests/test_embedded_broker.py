@@ -1,4 +1,5 @@
-"""The embedded (SQLite) broker's transport: how it waits for messages and for a stop."""
+"""The embedded (SQLite) broker's transport: how it waits for messages and for a stop, and
+what it keeps of the messages it has delivered."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ from typing import Any
 import pytest
 from celery.worker import state
 from kombu import Connection, Consumer, Exchange, Producer, Queue
+from sqlalchemy import create_engine, text
 
-from tuneq.worker.jobs.app import EmbeddedTransport
+from tests.conftest import queue_name
+from tuneq.schemas.settings import load_settings
+from tuneq.schemas.specs import FinetuneSpec
+from tuneq.worker import store
+from tuneq.worker.jobs.app import EmbeddedTransport, create_app, send_job, waiting_messages
+from tuneq.worker.store.db import get_engine
 
 
 @pytest.fixture
@@ -72,3 +79,30 @@ def test_an_idle_drain_returns_at_once_when_the_worker_is_asked_to_stop(
         connection.drain_events(timeout=2.0)
     assert polls[0] == 1, f"{polls[0]} polls after the stop was asked for"
     assert received == []
+
+
+def test_the_embedded_broker_keeps_no_row_of_a_delivered_message(env) -> None:
+    """kombu's SQLAlchemy transport marks a delivered message's row invisible and keeps it for
+    ever: a row for every job and shard ever run. Delivered (and acked) through the real
+    transport, a message leaves no row; the one still waiting keeps its row and stays
+    waiting."""
+    queue = queue_name()
+    settings = load_settings(env)
+    app = create_app(settings)
+    engine = get_engine(settings.database_url)
+    jobs = [store.create_job(engine, spec=FinetuneSpec(data="imdb", queue=queue)) for _ in "ab"]
+    for job in jobs:
+        send_job(app, job.id, queue, "normal")
+    broker = create_engine(settings.broker_url.removeprefix("sqla+"))
+    try:
+        with app.connection_for_write() as connection:
+            delivered = connection.default_channel.basic_get(queue, no_ack=False)
+            assert delivered is not None
+            delivered.ack()
+        with broker.connect() as conn:
+            rows = conn.execute(text("SELECT visible FROM kombu_message")).scalars().all()
+        assert [bool(visible) for visible in rows] == [True]
+        assert waiting_messages(app, queue) == {("job", jobs[1].id)}
+    finally:
+        broker.dispose()
+        app.close()

@@ -79,30 +79,3 @@ def test_a_waiting_message_is_left_alone_and_a_lost_one_published_once(env, brok
         with app.connection_for_write() as connection:
             connection.default_channel.queue_purge(queue)
         app.close()
-
-
-def test_the_embedded_broker_keeps_no_row_of_a_delivered_message(env) -> None:
-    """kombu's SQLAlchemy transport marks a delivered message's row invisible and keeps it for
-    ever: a row for every job and shard ever run. Delivered (and acked) through the real
-    transport, a message leaves no row; the one still waiting keeps its row and stays
-    waiting."""
-    queue = queue_name()
-    settings = load_settings(env)
-    app = create_app(settings)
-    engine = get_engine(settings.database_url)
-    jobs = [store.create_job(engine, spec=FinetuneSpec(data="imdb", queue=queue)) for _ in "ab"]
-    for job in jobs:
-        send_job(app, job.id, queue, "normal")
-    broker = create_engine(settings.broker_url.removeprefix("sqla+"))
-    try:
-        with app.connection_for_write() as connection:
-            delivered = connection.default_channel.basic_get(queue, no_ack=False)
-            assert delivered is not None
-            delivered.ack()
-        with broker.connect() as conn:
-            rows = conn.execute(text("SELECT visible FROM kombu_message")).scalars().all()
-        assert [bool(visible) for visible in rows] == [True]
-        assert waiting_messages(app, queue) == {("job", jobs[1].id)}
-    finally:
-        broker.dispose()
-        app.close()
