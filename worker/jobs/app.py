@@ -31,7 +31,7 @@ PRIORITIES = dict(zip(PRIORITY_LEVELS, PRIORITY_STEPS, strict=True))
 
 
 class EmbeddedChannel(SQLAlchemyChannel):  # type: ignore[misc]
-    """kombu's SQLAlchemy channel, removing the rows of the messages it has delivered.
+    """kombu's SQLAlchemy channel, removing the rows of delivered messages as it delivers one.
 
     kombu marks a delivered message's row invisible and keeps it for ever (the message itself
     stays in the worker's memory until acked, and a warm shutdown publishes it again as a new
@@ -43,10 +43,10 @@ class EmbeddedChannel(SQLAlchemyChannel):  # type: ignore[misc]
     def _get(self, queue: str, timeout: float | None = None) -> Any:  # kombu passes none here
         payload = super()._get(queue)  # marks the row invisible and commits; Empty where none
         message = self.message_cls
-        try:
-            self.session.query(message).filter(
-                message.queue_id == self._get_or_create(queue).id, message.visible.is_(False)
-            ).delete(synchronize_session=False)
+        try:  # every queue's: no invisible row is read again, and no queue lookup is needed
+            self.session.query(message).filter(message.visible.is_(False)).delete(
+                synchronize_session=False
+            )
             self.session.commit()
         except OperationalError:
             self.session.rollback()  # the delivery stands; the rows go at the next one

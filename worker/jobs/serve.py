@@ -205,8 +205,9 @@ def bound_cold_stop(unregister: Callable[[], None], grace_s: float = COLD_STOP_G
             f"worker: the cold shutdown did not end in {grace_s:g} s (a pool process that "
             "does not die, or a lock a killed one held); leaving without it\n".encode(),
         )
-        leaving = threading.Thread(target=unregister_or_say_why, name="tuneq unregister")
-        leaving.daemon = True
+        leaving = threading.Thread(
+            target=unregister_or_say_why, name="tuneq unregister", daemon=True
+        )
         leaving.start()
         leaving.join(UNREGISTER_WAIT_S)
         if leaving.is_alive():
